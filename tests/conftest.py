@@ -20,9 +20,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # The same keys as uad.SAM_ARCHS, so every code path that names a model type works unchanged.
 TINY_ARCHS = {
-    "vit_b": dict(embed_dim=64, depth=8, num_heads=2, global_attn_indexes=(3, 7)),
-    "vit_l": dict(embed_dim=96, depth=8, num_heads=2, global_attn_indexes=(3, 7)),
-    "vit_h": dict(embed_dim=128, depth=8, num_heads=4, global_attn_indexes=(3, 7)),
+    "vit_b": dict(embed_dim=64, depth=8, num_heads=2, global_attn_indexes=()),
+    "vit_l": dict(embed_dim=96, depth=8, num_heads=2, global_attn_indexes=()),
+    "vit_h": dict(embed_dim=128, depth=8, num_heads=4, global_attn_indexes=()),
 }
 
 
@@ -82,4 +82,4 @@ def small_photo(size=(96, 64)) -> np.ndarray:
     from PIL import Image
 
     with Image.open(EXAMPLES / "chelsea.png") as im:
-        return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+        return np.array(im.convert("RGB").resize(size, Image.BILINEAR))

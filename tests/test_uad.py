@@ -1,0 +1,316 @@
+"""uad.py: the attack, the library entry point and the command line, on tiny random-init SAMs."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import uad
+from conftest import EXAMPLES, build_tiny_sam, small_photo
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "3", "--deform-steps", "2", "--proxy-steps", "2", "--quiet"]
+
+
+@pytest.fixture
+def cli(tiny_archs, tiny_checkpoints, capsys):
+    """Runs `uad.py ARGS` in-process on the tiny vit_b; returns (exit code, stdout, stderr)."""
+
+    def run(*args, checkpoint="vit_b"):
+        extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
+        code = uad.main([str(a) for a in args] + extra)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
+    out = tmp_path / "protected.png"
+    code, stdout, stderr = cli(example_image, out, "--eps", 8, *FAST)
+    assert code == 0, stderr
+    clean, saved = Image.open(example_image), Image.open(out)
+    assert saved.size == clean.size and saved.mode == clean.mode
+    diff = np.abs(np.asarray(saved, np.int16) - np.asarray(clean, np.int16))
+    assert 0 < diff.max() <= 8
+    assert f"L-inf {diff.max()}/255" in stdout and "PSNR" in stdout and "SSIM" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.png", "protected.png"]
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(cli, example_image, tmp_path):
+    paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, (5, 5, 6)):
+        assert cli(example_image, path, "--seed", seed, *FAST)[0] == 0
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b
+    assert a != c
+
+
+def test_attack_moves_features_further_than_random_noise(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    config = uad.UADConfig(steps=10, deform_steps=3, proxy_steps=1)
+    adv, _, stats = uad.attack(image, tiny_sam, config)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.empty(image.shape).uniform_(-config.eps, config.eps, generator=gen)
+    noisy = uad.project(image + noise, image, config.eps)
+    with torch.no_grad():
+        f = lambda x: uad.encoder_features(tiny_sam, x, config.layers)
+        random_distance = uad.feature_distance(f(noisy), f(image)).item()
+        attack_distance = uad.feature_distance(f(adv), f(image)).item()
+    assert attack_distance == pytest.approx(stats.feature_distance[0], rel=1e-4)
+    assert attack_distance > 2 * random_distance
+    assert (adv - image).abs().max() <= config.eps + 1e-6
+
+
+def test_reference_preset_runs_no_proxy_loop_and_paper_preset_does(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    counts = {}
+    for preset in ("reference", "paper"):
+        config = uad.preset_config(preset, steps=3, deform_steps=2)
+        counts[preset] = uad.attack(image, tiny_sam, config)[2]
+    # reference: f(I), f(target), then one forward and one backward per PGD step
+    assert (counts["reference"].forwards, counts["reference"].backwards) == (2 + 3, 3)
+    # paper: per deformation step f(target) + the T_f = 4 proxy steps, each with a backward
+    assert (counts["paper"].forwards, counts["paper"].backwards) == (2 + 2 * 5 + 3, 2 * 5 + 3)
+
+
+def test_fidelity_gradient_reaches_the_flow(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    with torch.no_grad():
+        f_image = uad.encoder_features(tiny_sam, image, (3, 4, 5, 6))
+    targets = []
+    for lambda_f in (0.0, 1.0):
+        config = uad.UADConfig(deform_steps=3, proxy_steps=1, lambda_f=lambda_f)
+        stats = uad.Stats()
+        surrogate = uad.Surrogate(tiny_sam, config, stats)
+        gen = torch.Generator().manual_seed(0)
+        targets.append(uad.deform(image, f_image, surrogate, config, gen, None)[0])
+    assert not torch.equal(targets[0], targets[1])
+
+
+def test_encoder_features_skip_later_blocks_and_neck(tiny_sam):
+    ran = []
+    for name in ("7", "neck"):
+        module = tiny_sam.image_encoder.blocks[7] if name == "7" else tiny_sam.image_encoder.neck
+        module.register_forward_hook(lambda *_, name=name: ran.append(name))
+    feats = uad.encoder_features(tiny_sam, uad.to_tensor(small_photo()), (3, 4, 5, 6))
+    assert ran == [] and len(feats) == 4 and feats[0].shape == (1, 64, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"])
+def test_preprocessing_matches_sam_predictor(name):
+    from segment_anything import SamPredictor
+
+    sam = build_tiny_sam("vit_b")
+    seen = {}
+    sam.image_encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    pixels = uad.read_image(EXAMPLES / name).pixels
+    SamPredictor(sam).set_image(pixels)
+    ours = uad.sam_input(uad.to_tensor(pixels), sam)
+    grey_levels = ((ours - seen["x"]) * sam.pixel_std).abs()
+    # PIL resizes in fixed point: a few pixels land one grey level away from our float resize
+    assert grey_levels.max() <= 1 + 1e-3
+    assert grey_levels.mean() < 0.25
+
+
+def test_preprocessing_of_a_grey_image_replicates_it():
+    sam = build_tiny_sam("vit_b")
+    grey = uad.to_tensor(small_photo()[..., 1])
+    rgb = grey.expand(-1, 3, -1, -1)
+    assert torch.equal(uad.sam_input(grey, sam), uad.sam_input(rgb, sam))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_quantized_output_is_on_the_lattice_and_exactly_within_eps(seed):
+    gen = torch.Generator().manual_seed(seed)
+    eps = float(torch.randint(1, 65, (), generator=gen)) / 255 * float(torch.rand((), generator=gen) + 0.5)
+    image = torch.randint(0, 256, (2, 3, 17, 23), generator=gen).float() / 255
+    adv = uad.project(image + (torch.rand(image.shape, generator=gen) - 0.5) * 4 * eps, image, eps)
+    assert (adv - image).abs().max() <= eps + 1e-7 and adv.min() >= 0 and adv.max() <= 1
+    q = uad.quantize(adv, image, eps)
+    levels = q * 255
+    assert torch.equal(levels, levels.round())
+    assert ((levels - image * 255).round().abs() <= int(eps * 255 + 1e-6)).all()
+    assert (q - image).abs().max() <= eps + 1e-7
+
+
+def test_protect_returns_the_kind_it_was_given(tiny_sam):
+    config = uad.UADConfig(steps=2, deform_steps=1, proxy_steps=1)
+    pixels = small_photo()
+    out = uad.protect(pixels, tiny_sam, config=config)
+    assert out.dtype == np.uint8 and out.shape == pixels.shape
+    assert 0 < np.abs(out.astype(int) - pixels).max() <= 8
+
+    rgba = Image.fromarray(np.dstack([pixels, np.arange(pixels.size // 3).reshape(pixels.shape[:2]) % 256]).astype(np.uint8))
+    out = uad.protect(rgba, tiny_sam, config=config)
+    assert out.mode == "RGBA" and np.array_equal(np.asarray(out)[..., 3], np.asarray(rgba)[..., 3])
+
+    grey = Image.fromarray(pixels[..., 0])
+    assert uad.protect(grey, tiny_sam, config=config).mode == "L"
+
+    batch = torch.stack([uad.to_tensor(pixels)[0], uad.to_tensor(pixels[::-1].copy())[0]])
+    stats = uad.Stats()
+    out = uad.protect(batch, tiny_sam, config=config, stats=stats)
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert (out - batch).abs().max() <= config.eps + 1e-6
+    assert len(stats.feature_distance) == 2
+
+
+def test_alpha_and_grey_files_are_carried_through(cli, tmp_path):
+    pixels = small_photo()
+    alpha = (np.indices(pixels.shape[:2]).sum(0) % 256).astype(np.uint8)
+    cases = {"rgba.png": np.dstack([pixels, alpha]), "grey.png": pixels[..., 0]}
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+        code, _, err = cli(tmp_path / name, tmp_path / f"out_{name}", *FAST)
+        assert code == 0, err
+        saved = np.asarray(Image.open(tmp_path / f"out_{name}"))
+        assert saved.shape == array.shape
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out_rgba.png"))[..., 3], alpha)
+
+
+def test_jpeg_output_warns_and_reports_the_decoded_file(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, out, err = cli(tmp_path / "in.png", tmp_path / "out.jpg", *FAST[:-1])
+    assert code == 0 and "JPEG" in err
+    saved = np.asarray(Image.open(tmp_path / "out.jpg"), np.int16)
+    linf = np.abs(saved - small_photo()).max()
+    assert f"L-inf {linf}/255" in out
+
+
+def test_folder_mode_protects_every_image_and_survives_a_bad_one(cli, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(small_photo()).save(src / "a.png")
+    Image.fromarray(small_photo()[::-1].copy()).save(src / "c.png")
+    (src / "b.png").write_bytes(b"not an image at all")
+    (src / "notes.txt").write_text("ignored: not an image file name")
+    code, out, err = cli(src, dst, *FAST)
+    assert code == 1
+    assert "2 protected, 1 failed" in out
+    assert "b.png" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in dst.iterdir()) == ["a.png", "c.png"]
+
+
+def test_cli_reports_which_preset_ran(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    args = [tmp_path / "in.png", tmp_path / "out.png", "--steps", "1", "--deform-steps", "1"]
+    code, _, err = cli(*args, "--preset", "reference")
+    assert code == 0 and "preset reference" in err and "deform 1/1" in err and "simulate 1/1" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the problem, non-zero exit, nothing written
+
+
+def bad_inputs(tmp_path: Path) -> dict:
+    good = tmp_path / "good.png"
+    Image.fromarray(small_photo()).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "folder.png").mkdir()
+    return {
+        "missing": ([tmp_path / "nope.png", tmp_path / "o.png"], "nope.png: no such file"),
+        "empty": ([tmp_path / "empty.png", tmp_path / "o.png"], "empty.png: empty file"),
+        "not an image": ([tmp_path / "text.png", tmp_path / "o.png"], "text.png: not an image"),
+        "truncated": ([truncated, tmp_path / "o.png"], "truncated.png: truncated or corrupt"),
+        "folder as file": ([tmp_path / "folder.png", tmp_path / "o.png"], "no image files"),
+        "output is input": ([good, good], "output is the input file"),
+        "no such folder": ([good, tmp_path / "nowhere" / "o.png"], "does not exist"),
+        "bad extension": ([good, tmp_path / "o.xyz"], "cannot write images with extension"),
+        "eps zero": ([good, tmp_path / "o.png", "--eps", "0"], "--eps 0: must be in (0, 64]"),
+        "eps too big": ([good, tmp_path / "o.png", "--eps", "65"], "must be in (0, 64]"),
+        "unknown model": ([good, tmp_path / "o.png", "--model-type", "vit_x"], "unknown model type"),
+    }
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(cli, tmp_path):
+    for case, (args, message) in bad_inputs(tmp_path).items():
+        before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+        code, out, err = cli(*args, "--quiet")
+        assert code != 0, case
+        assert len(err.strip().splitlines()) == 1 and message in err, (case, err)
+        assert "Traceback" not in err
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before, case
+
+
+def test_unwritable_destination(cli, tmp_path, monkeypatch):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).name == "locked" else real_access(p, mode))
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "locked" / "o.png", *FAST)
+    assert code != 0 and "o.png: cannot write to folder" in err
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def broken_save(self, fp, format=None, **kw):
+        fp.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(uad.UADError, match="o.png: cannot write .No space left"):
+        uad.write_image(tmp_path / "o.png", Image.fromarray(small_photo()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checkpoint_is_one_line(cli, tmp_path, tiny_checkpoints):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--quiet", checkpoint="vit_l")
+    assert code != 0 and "is a vit_l checkpoint" in err and "not vit_b" in err
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00" * 100)
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--quiet", "--checkpoint", junk, checkpoint=None)
+    assert code != 0 and "junk.pth: not a readable PyTorch checkpoint" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "uad.py"), str(tmp_path / "missing.png"), str(tmp_path / "o.png")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file"]
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints: the official download path, with a local file:// URL standing in for Meta's
+
+
+def test_missing_checkpoint_is_downloaded_verified_and_cached(tiny_archs, tiny_checkpoints, tmp_path, monkeypatch):
+    source = tiny_checkpoints["vit_b"]
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (source.as_uri(), digest))
+    sam = uad.load_sam("vit_b", None, "cpu", quiet=True)
+    assert sam.image_encoder.pos_embed.shape[-1] == 64
+    cached = tmp_path / "cache" / source.name
+    assert cached.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in cached.parent.iterdir()) == [source.name]
+
+
+def test_corrupt_download_is_rejected_and_not_kept(tiny_archs, tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (tiny_checkpoints["vit_b"].as_uri(), "0" * 64))
+    with pytest.raises(uad.UADError, match="SHA-256 mismatch"):
+        uad.load_sam("vit_b", None, "cpu", quiet=True)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
+    url = "http://127.0.0.1:9/sam_vit_b_01ec64.pth"  # the discard port: nothing listens
+    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (url, "0" * 64))
+    with pytest.raises(uad.UADError) as e:
+        uad.load_sam("vit_b", None, "cpu", quiet=True)
+    assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
