@@ -720,7 +720,7 @@ def protect_file(src: Path, dst: Path, sam, config: UADConfig, args) -> str:
     ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
     return (
         f"{dst}: L-inf {linf}/255, PSNR {psnr(saved, x):.2f} dB, SSIM {ssim:.4f}, "
-        f"feature distance {distance.item():.4f}, {stats.seconds:.1f} s"
+        f"feature distance {distance.item():.4f}, {stats.seconds:.1f} s ({args.preset} preset)"
     )
 
 

@@ -15,7 +15,8 @@ import uad
 from conftest import EXAMPLES, build_tiny_sam, small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--steps", "3", "--deform-steps", "2", "--proxy-steps", "2", "--quiet"]
+# few steps; the reference preset keeps the encoder out of stage 1 (the paper preset has its own tests)
+FAST = ["--preset", "reference", "--steps", "3", "--deform-steps", "2", "--quiet"]
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def cli(tiny_archs, tiny_checkpoints, capsys):
 
 def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
     out = tmp_path / "protected.png"
-    code, stdout, stderr = cli(example_image, out, "--eps", 8, *FAST)
+    code, stdout, stderr = cli(example_image, out, "--eps", 8, "--steps", 3, "--deform-steps", 2, "--proxy-steps", 1, "--quiet")
     assert code == 0, stderr
     clean, saved = Image.open(example_image), Image.open(out)
     assert saved.size == clean.size and saved.mode == clean.mode
@@ -175,6 +176,28 @@ def test_alpha_and_grey_files_are_carried_through(cli, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out_rgba.png"))[..., 3], alpha)
 
 
+def test_read_image_converts_every_colour_mode(tmp_path):
+    rgb = small_photo()
+    grey = rgb[..., 1]
+    h, w = grey.shape
+    Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grey
+    with_exif = Image.fromarray(rgb)
+    exif = with_exif.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    with_exif.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+    palette = uad.read_image(tmp_path / "palette.png")
+    assert palette.pixels.shape == (h, w, 3) and palette.alpha is None
+    cmyk = uad.read_image(tmp_path / "cmyk.tif")
+    assert cmyk.pixels.shape == (h, w, 3) and np.abs(cmyk.pixels.astype(int) - rgb).mean() < 8
+    deep = uad.read_image(tmp_path / "deep.png")
+    assert deep.pixels.dtype == np.uint8 and np.array_equal(deep.pixels, grey)
+    rotated = uad.read_image(tmp_path / "rotated.jpg")
+    assert rotated.pixels.shape == (w, h, 3)
+
+
 def test_jpeg_output_warns_and_reports_the_decoded_file(cli, tmp_path):
     Image.fromarray(small_photo()).save(tmp_path / "in.png")
     code, out, err = cli(tmp_path / "in.png", tmp_path / "out.jpg", *FAST[:-1])
@@ -201,8 +224,8 @@ def test_folder_mode_protects_every_image_and_survives_a_bad_one(cli, tmp_path):
 def test_cli_reports_which_preset_ran(cli, tmp_path):
     Image.fromarray(small_photo()).save(tmp_path / "in.png")
     args = [tmp_path / "in.png", tmp_path / "out.png", "--steps", "1", "--deform-steps", "1"]
-    code, _, err = cli(*args, "--preset", "reference")
-    assert code == 0 and "preset reference" in err and "deform 1/1" in err and "simulate 1/1" in err
+    code, _, err = cli(*args, "--preset", "paper", "--proxy-steps", "1")
+    assert code == 0 and "preset paper" in err and "deform 1/1" in err and "simulate 1/1" in err
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""unsegment: UAD (CVPR 2024) image protection against Segment Anything.
+
+The warp_kernel extension is not compiled here: it builds on first use (JIT, cached), or ahead
+of time with `python -m warp_kernel.build`, and falls back to PyTorch when no compiler is found.
+So installing never needs a compiler.
+"""
+
+from setuptools import setup
+
+setup(
+    name="unsegment",
+    version="0.1.0",
+    description="Unsegment Anything by Simulating Deformation: protect images against SAM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    py_modules=["uad", "eval"],
+    packages=["warp_kernel"],
+    package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    install_requires=["torch", "torchvision", "segment-anything", "numpy", "pillow", "ninja"],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["unsegment=uad:main", "unsegment-eval=eval:main"]},
+)
