@@ -600,6 +600,9 @@ def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor
 
 def attack(image: torch.Tensor, sam, config: UADConfig, progress=None) -> tuple:
     """Both stages on a batch. image (B, C, H, W) in [0, 1] -> (adv, target, Stats), detached."""
+    depth = len(sam.image_encoder.blocks)
+    if not config.layers or min(config.layers) < 0 or max(config.layers) >= depth:
+        raise UADError(f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}")
     stats, start = Stats(), time.monotonic()
     surrogate = Surrogate(sam, config, stats)
     gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
@@ -724,36 +727,43 @@ def protect_file(src: Path, dst: Path, sam, config: UADConfig, args) -> str:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other input error
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="uad.py",
-        description="Protect images against Segment Anything with UAD (CVPR 2024).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
     p.add_argument("input", type=Path, help="image file, or a folder of images")
     p.add_argument("output", type=Path, help="output file (format from its extension), or folder")
     p.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="paper: live fidelity term; reference: what the authors' code computes")
-    p.add_argument("--model-type", default="vit_b", help="surrogate SAM: vit_b | vit_l | vit_h")
-    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="paper (default): live fidelity term; reference: what the authors' code "
+                   "effectively computes (no fidelity term, no proxy loop)")
+    p.add_argument("--model-type", default="vit_b", metavar="TYPE",
+                   help="surrogate SAM: vit_b (default) | vit_l | vit_h")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                    help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
                    "(~/.cache/unsegment), downloaded on first use")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no header or progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    group = p.add_argument_group("attack settings (default: the preset's)")
+    group = p.add_argument_group("attack settings (defaults are the paper preset's)")
     for f in dataclasses.fields(UADConfig):
         flag = "--" + f.name.replace("_", "-")
         unit, default = f.metadata["unit"], f.default
-        shown = f"{default * unit:g}/255" if unit == 255 else default
-        helptext = f"{f.metadata['help']} [{shown}]"
+        shown = f"{default * unit:g}/255" if unit == 255 else ",".join(map(str, default)) \
+            if f.name == "layers" else default
+        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" [{shown}]")
         if f.type is bool:
             group.add_argument(flag, action="store_true", default=None, help=helptext)
         elif f.name == "layers":
             group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
-                               default=None, help=helptext + " (comma-separated)")
+                               default=None, metavar="I,J,..", help=helptext)
         else:
-            group.add_argument(flag, type=type(default), default=None, help=helptext)
+            metavar = "N" if type(default) is int else "X" if type(default) is float else "NAME"
+            group.add_argument(flag, type=type(default), default=None, metavar=metavar,
+                               help=helptext)
     return p
 
 

@@ -337,3 +337,16 @@ def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
     with pytest.raises(uad.UADError) as e:
         uad.load_sam("vit_b", None, "cpu", quiet=True)
     assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bfloat16_autocast_runs_and_keeps_the_budget(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    config = uad.UADConfig(steps=2, deform_steps=1, proxy_steps=1, dtype="bfloat16")
+    adv, _, stats = uad.attack(image, tiny_sam, config)
+    assert adv.dtype == torch.float32 and (adv - image).abs().max() <= config.eps + 1e-6
+    assert stats.feature_distance[0] > 0
+
+
+def test_layers_beyond_the_encoder_are_an_error(tiny_sam):
+    with pytest.raises(uad.UADError, match="blocks 0..7"):
+        uad.attack(uad.to_tensor(small_photo()), tiny_sam, uad.UADConfig(layers=(3, 8)))
