@@ -1,0 +1,993 @@
+"""Scores how well the Segment Anything family still segments protected (adversarial) images.
+
+    python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth,vit_h=sam_vit_h.pth \\
+        [--annotations DIR] [--out results.json] [--csv results.csv]
+
+CLEAN and ADV are two image files, or two folders whose images pair up by file name: CLEAN/x.jpg
+pairs with ADV/x.jpg, else with the only ADV/x.* (so x.jpg may pair with the x.png an attack
+wrote). Each model is loaded once and scores every pair with the same prompts. Greyscale images
+are replicated to RGB; an alpha channel is ignored.
+
+Reference masks and prompts
+  --annotations DIR (SA-1B per-image JSON, DIR/<clean stem>.json, COCO RLE): the protocol of the
+    paper's code. The first --max-masks (10) annotations are the objects (an empty mask cannot be
+    prompted and is skipped); the reference mask of a prompt is its annotation's mask, and the
+    clean image is scored too, as a baseline.
+  Otherwise (clean-reference mode) the objects are the masks that the first model's automatic
+    mask generator (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for SAM 2) finds on the
+    clean image with --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's
+    defaults: 32, 0.88, 0.95; everything else at the generator's defaults); empty masks are
+    dropped, the rest sorted by area, largest first, and the first --max-masks kept. If no mask
+    passes the thresholds, the generator runs again with both thresholds at 0 (every candidate
+    that survives its NMS) and the image's row says "automatic, unfiltered"; an image with no
+    non-empty candidate at all is reported and skipped. For every model, the reference mask of a
+    prompt is that model's own prediction on the clean image for the same prompt, so a clean
+    image scored against itself gets mIoU 100 and ASR 0.
+  Prompts, per object: --points (5) distinct pixels drawn uniformly inside its mask, as (x, y)
+    point prompts with label 1; --boxes (3) jittered copies of its bbox [x, y, w, h] (the
+    annotation's, or the mask's tight box, w = x_max - x_min + 1, as pycocotools computes it):
+    as in the paper's code, the jittered width is a whole number of pixels drawn uniformly in
+    [int(0.9 w), int(1.1 w)) (int(0.9 w) if that range is empty), likewise the height, the box
+    keeps the bbox's centre, and its corners are truncated to whole pixels and clipped to the
+    image: XYXY = (max(int(cx - w'/2), 0), max(int(cy - h'/2), 0), min(int(cx + w'/2), W - 1),
+    min(int(cy + h'/2), H - 1)). Prompts depend only on --seed and the clean file's stem: they
+    are identical for the clean and the adversarial image, for every model, and across runs.
+
+Scoring
+  Each prompt alone, predictor.predict(..., multimask_output=False). IoU = 100 |pred & ref| /
+  |pred | ref| at the original resolution, 100 when both masks are empty. Per model and prompt
+  type (point, box, all), pooled over every prompt of every image: mIoU = mean IoU (lower =
+  stronger attack); ASR@50 = % of prompts with IoU < 50 and ASR@10 = % with IoU < 10 (the paper's
+  code counts IoU <= 50: on its data the two differ by at most 0.03 points); count = number of
+  prompts; with --annotations also the clean image's mIoU. Image quality of each adversarial
+  image as scored (after --resize and --jpeg) against its clean twin: L-inf in 1/255, PSNR in dB
+  over all channels (null when the images are identical, and then left out of the mean), SSIM
+  (warp_kernel.ssim, mean over RGB).
+
+Publishing probes (applied in memory to the adversarial image only)
+  --resize S downscales it by S (PIL bicubic, antialiased), then --jpeg Q re-encodes it as JPEG at
+  quality Q, then it is scaled back to its original size (bicubic), so prompts and reference
+  masks stay at the original resolution. Scoring the clean folder against itself with the same
+  probe measures what the probe alone does.
+
+Outputs
+  A table on stdout; --out JSON (settings, summary, per-image rows with every prompt's IoU);
+  --csv one row per image x model x prompt type, plus rows with image "ALL" for the summary.
+  A bad pair (sizes differ, no adversarial twin, unreadable image, missing or corrupt annotation
+  JSON) is reported on stderr as one line and skipped; the others are still scored and written,
+  and the exit status is 1.
+
+Models
+  vit_b, vit_l, vit_h (segment-anything; without =PATH the official checkpoint from the cache,
+  downloaded on first use), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ), mobile_sam
+  (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l (SAM 2).
+  The last three families need their package installed and a checkpoint given as NAME=PATH.
+
+Cost
+  --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) with the annotation
+  protocol, with random-init weights of each --models architecture (vit_b, vit_l, vit_h; no
+  checkpoint needed: the arithmetic does not depend on the weights), and prints seconds per
+  image per model. Clean-reference mode adds one automatic-mask-generator run of the first model
+  per image.
+"""
+
+import argparse
+import csv
+import hashlib
+import importlib
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+import uad
+import warp_kernel
+
+PROMPT_KINDS = ("point", "box")
+BOX_JITTER = (0.9, 1.1)  # range of the factor on the bbox's width and height
+
+# name -> (package, architecture key or SAM 2 config)
+MODELS = {
+    **{t: ("segment_anything", t) for t in ("vit_b", "vit_l", "vit_h")},
+    **{f"hq_{t}": ("segment_anything_hq", t) for t in ("vit_b", "vit_l", "vit_h", "vit_tiny")},
+    "mobile_sam": ("mobile_sam", "vit_t"),
+    **{
+        f"sam2{v}_{s}": ("sam2", f"configs/sam2{v}/sam2{v}_hiera_{s}.yaml")
+        for v in ("", ".1")
+        for s in ("t", "s", "b+", "l")
+    },
+}
+INSTALL = {
+    "segment_anything_hq": "pip install segment-anything-hq",
+    "mobile_sam": "pip install git+https://github.com/ChaoningZhang/MobileSAM.git",
+    "sam2": "pip install git+https://github.com/facebookresearch/sam2.git",
+}
+
+# -----------------------------------------------------------------------------------------------
+# Reference objects: SA-1B annotations (COCO run-length encoding)
+
+
+@dataclass
+class RefObject:
+    mask: np.ndarray  # (H, W) bool
+    bbox: Tuple[float, float, float, float]  # x, y, w, h in pixels, COCO convention
+
+
+def decode_rle_string(counts: str) -> List[int]:
+    """Run lengths of COCO's compressed RLE string (the inverse of pycocotools' rleToString).
+
+    Each run is a variable-length integer in 5-bit groups, least significant first, stored as
+    chr(48 + group), 0x20 marking "more groups follow" and 0x10 in the last group the sign.
+    From the fourth run on, the stored value is the difference to the run two places back.
+    """
+    runs, p = [], 0
+    while p < len(counts):
+        x, k, more = 0, 0, True
+        while more:
+            if p == len(counts):
+                raise ValueError("counts string ends inside a number")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {counts[p]!r} cannot occur in a counts string")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)  # negative: sign-extend
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def decode_rle(segmentation: dict) -> np.ndarray:
+    """Decodes a COCO RLE, compressed (string counts, as in SA-1B) or not (list of counts).
+
+    Args:
+      segmentation: {"size": [H, W], "counts": str | bytes | list of int}. Runs alternate
+        background and foreground, starting with background, over pixels in column-major
+        (Fortran) order.
+
+    Returns:
+      (H, W) bool mask. Raises ValueError if the RLE is malformed.
+    """
+    if not isinstance(segmentation, dict) or "size" not in segmentation:
+        raise ValueError("segmentation is not an RLE ({'size', 'counts'}); polygons are not read")
+    h, w = (int(v) for v in segmentation["size"])
+    counts = segmentation.get("counts")
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        runs = decode_rle_string(counts)
+    elif isinstance(counts, list) and all(isinstance(c, int) for c in counts):
+        runs = counts
+    else:
+        raise ValueError("RLE counts must be a string or a list of integers")
+    runs = np.asarray(runs, dtype=np.int64)
+    if (runs < 0).any() or runs.sum() != h * w:
+        raise ValueError(f"RLE runs add up to {runs.sum()} pixels, the size says {h}x{w}={h * w}")
+    flat = np.repeat(np.arange(runs.size) % 2 == 1, runs)
+    return flat.reshape((h, w), order="F")
+
+
+def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
+    """Tight box (x, y, w, h) of a non-empty (H, W) bool mask, w = x_max - x_min + 1."""
+    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    return int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)
+
+
+def read_annotations(path: Path, image_size: Tuple[int, int], max_masks: int) -> List[RefObject]:
+    """The first `max_masks` annotations of an SA-1B JSON file, empty masks skipped.
+
+    Args:
+      path: the JSON file, {"annotations": [{"segmentation": RLE, "bbox": [x, y, w, h]}, ...]}.
+      image_size: (H, W) of the clean image; every mask must have this size.
+      max_masks: how many annotations to read, counted before skipping empty masks.
+
+    Returns:
+      RefObjects in file order. Any problem raises UADError naming the file.
+    """
+    if not path.is_file():
+        raise uad.UADError(f"{path}: no such annotation file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise uad.UADError(f"{path}: not valid JSON ({e})") from None
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise uad.UADError(f"{path}: no 'annotations' list")
+    objects = []
+    for i, ann in enumerate(anns[:max_masks]):
+        try:
+            mask = decode_rle(ann["segmentation"])
+            bbox = tuple(float(v) for v in ann["bbox"])
+            if len(bbox) != 4:
+                raise ValueError(f"bbox has {len(bbox)} numbers, not 4")
+        except KeyError as e:
+            raise uad.UADError(f"{path}: annotation {i} has no {e.args[0]!r}") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise uad.UADError(f"{path}: annotation {i}: {e}") from None
+        if mask.shape != image_size:
+            raise uad.UADError(
+                f"{path}: annotation {i} is {mask.shape[1]}x{mask.shape[0]}, "
+                f"the clean image {image_size[1]}x{image_size[0]}"
+            )
+        if mask.any():
+            objects.append(RefObject(mask, bbox))
+    if not objects:
+        raise uad.UADError(f"{path}: no non-empty annotation to prompt")
+    return objects
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompt:
+    object: int  # index of the reference object it was drawn from
+    kind: str  # "point" | "box"
+    coords: Tuple[int, ...]  # (x, y) or (x0, y0, x1, y1), pixels of the original image
+
+
+def seed_prompts(seed: int, name: str, obj: int, stream: int) -> np.random.Generator:
+    """The random stream of one object's points (stream 0) or boxes (stream 1) in image `name`."""
+    key = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([seed, key, obj, stream])
+
+
+def sample_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """min(n, area) distinct pixels drawn uniformly inside an (H, W) bool mask.
+
+    Returns (K, 2) int64 (x, y), in the order drawn.
+    """
+    inside = np.flatnonzero(mask)  # row-major: y * W + x, the order of np.argwhere
+    picked = inside[rng.choice(inside.size, size=min(n, inside.size), replace=False)]
+    ys, xs = np.divmod(picked, mask.shape[1])
+    return np.stack([xs, ys], axis=1)
+
+
+def jitter_length(length: float, rng: np.random.Generator) -> int:
+    """Whole pixels uniform in [int(0.9 length), int(1.1 length)), as the paper's code draws."""
+    lo, hi = int(BOX_JITTER[0] * length), int(BOX_JITTER[1] * length)
+    return int(rng.integers(lo, hi)) if hi > lo else lo
+
+
+def jitter_boxes(bbox, n: int, image_size: Tuple[int, int], rng: np.random.Generator):
+    """n boxes around bbox (x, y, w, h): centre kept, size jittered, clipped. (n, 4) int XYXY."""
+    x, y, w, h = bbox
+    cx, cy = x + w / 2, y + h / 2
+    height, width = image_size
+    boxes = []
+    for _ in range(n):
+        bw = jitter_length(w, rng)
+        bh = jitter_length(h, rng)
+        boxes.append(
+            [
+                max(int(cx - bw / 2), 0),
+                max(int(cy - bh / 2), 0),
+                min(int(cx + bw / 2), width - 1),
+                min(int(cy + bh / 2), height - 1),
+            ]
+        )
+    return np.asarray(boxes, dtype=np.int64).reshape(n, 4)
+
+
+def sample_prompts(objects: Sequence[RefObject], name: str, seed: int, n_points: int, n_boxes: int):
+    """Every object's points then boxes, as a list of Prompt; a function of (seed, name) only."""
+    prompts = []
+    for i, obj in enumerate(objects):
+        for xy in sample_points(obj.mask, n_points, seed_prompts(seed, name, i, 0)):
+            prompts.append(Prompt(i, "point", tuple(int(v) for v in xy)))
+        boxes = jitter_boxes(obj.bbox, n_boxes, obj.mask.shape, seed_prompts(seed, name, i, 1))
+        for box in boxes:
+            prompts.append(Prompt(i, "box", tuple(int(v) for v in box)))
+    return prompts
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """IoU in percent of two (H, W) bool masks; 100 when both are empty (they agree)."""
+    union = np.count_nonzero(pred | ref)
+    return 100.0 if union == 0 else 100.0 * np.count_nonzero(pred & ref) / union
+
+
+def summarise_ious(ious: Sequence[float]) -> dict:
+    """mIoU, ASR@50 (% IoU < 50), ASR@10 (% IoU < 10) and count of a list of IoUs in percent."""
+    a = np.asarray(ious, dtype=np.float64)
+    if a.size == 0:
+        return {"miou": None, "asr50": None, "asr10": None, "count": 0}
+    return {
+        "miou": float(a.mean()),
+        "asr50": float(100 * np.mean(a < 50)),
+        "asr10": float(100 * np.mean(a < 10)),
+        "count": int(a.size),
+    }
+
+
+def measure_quality(clean: np.ndarray, adv: np.ndarray) -> dict:
+    """L-inf (in 1/255), PSNR (dB, None if identical) and SSIM of two (H, W, 3) uint8 images."""
+    diff = clean.astype(np.int16) - adv.astype(np.int16)
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    ssim = warp_kernel.ssim(uad.to_tensor(clean), uad.to_tensor(adv), data_range=1.0)
+    return {
+        "linf": int(np.abs(diff).max()),
+        "psnr": 10 * math.log10(255**2 / mse) if mse > 0 else None,
+        "ssim": float(ssim[0]),
+    }
+
+
+# -----------------------------------------------------------------------------------------------
+# Images: pairing the two inputs, reading, publishing probes
+
+
+@dataclass
+class Pair:
+    clean: Path
+    adv: Path
+
+
+def image_files(folder: Path) -> List[Path]:
+    """The files of `folder` whose extension PIL can open, sorted by name."""
+    exts = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
+
+
+def peek_size(path: Path) -> Tuple[int, int]:
+    """(W, H) as uad.read_image will see it, from the header alone; UADError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
+                w, h = h, w
+        return w, h
+    except Exception:
+        uad.read_image(path)  # raises the precise one-line error
+        raise uad.UADError(f"{path}: not an image file that PIL can read") from None
+
+
+def check_pair(pair: Pair) -> None:
+    size_clean, size_adv = peek_size(pair.clean), peek_size(pair.adv)
+    if size_clean != size_adv:
+        raise uad.UADError(
+            f"{pair.adv}: adversarial image is {size_adv[0]}x{size_adv[1]}, "
+            f"its clean twin {pair.clean} is {size_clean[0]}x{size_clean[1]}"
+        )
+
+
+def pair_inputs(clean: Path, adv: Path) -> Tuple[List[Pair], List[str]]:
+    """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem).
+
+    Returns the good pairs and one error line per clean image that cannot be scored.
+    """
+    for p in (clean, adv):
+        if not p.exists():
+            raise uad.UADError(f"{p}: no such file or folder")
+    if clean.is_dir() != adv.is_dir():
+        raise uad.UADError(f"--clean {clean} and --adv {adv} must be two files or two folders")
+    candidates, errors = [], []
+    if not clean.is_dir():
+        candidates.append(Pair(clean, adv))
+    else:
+        adv_files = image_files(adv)
+        for c in image_files(clean):
+            same_stem = [a for a in adv_files if a.stem == c.stem]
+            twin = [a for a in same_stem if a.name == c.name] or same_stem
+            if len(twin) == 1:
+                candidates.append(Pair(c, twin[0]))
+            elif not twin:
+                errors.append(f"{c}: no adversarial twin {c.stem}.* in {adv}")
+            else:
+                errors.append(f"{c}: several adversarial twins in {adv}: {[a.name for a in twin]}")
+        if not candidates and not errors:
+            raise uad.UADError(f"{clean}: no image files")
+    pairs = []
+    for pair in candidates:
+        try:
+            check_pair(pair)
+            pairs.append(pair)
+        except uad.UADError as e:
+            errors.append(str(e))
+    return pairs, errors
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file; greyscale is replicated, alpha dropped."""
+    pixels = uad.read_image(path).pixels
+    return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
+def degrade(pixels: np.ndarray, resize: Optional[float] = None, jpeg: Optional[int] = None):
+    """What publishing does to an image, in memory.
+
+    Args:
+      pixels: (H, W, 3) uint8 RGB.
+      resize: downscale factor in (0, 1] (PIL bicubic, antialiased), or None.
+      jpeg: JPEG quality in 1..100, applied after the downscale, or None.
+
+    Returns:
+      (H, W, 3) uint8: scaled back to the original size, so that prompts and reference masks
+      keep the original resolution.
+    """
+    im = Image.fromarray(pixels)
+    size = im.size
+    if resize is not None:
+        im = im.resize(
+            (max(1, round(size[0] * resize)), max(1, round(size[1] * resize))), Image.BICUBIC
+        )
+    if jpeg is not None:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=jpeg)
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if im.size != size:
+        im = im.resize(size, Image.BICUBIC)
+    return np.asarray(im)
+
+
+# -----------------------------------------------------------------------------------------------
+# Models: segment-anything, SAM-HQ, MobileSAM, SAM 2 behind one small interface
+
+
+@dataclass
+class Segmenter:
+    """A loaded model. Its predictors have set_image(HWC uint8 RGB) and
+    predict(point_coords, point_labels, box, multimask_output) -> (masks (C, H, W), ...)."""
+
+    name: str
+    new_predictor: Callable[[], object]
+    new_mask_generator: Callable[..., object]  # (**settings) -> object with generate(image)
+
+
+def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
+    """ "vit_b=PATH,vit_h" -> [("vit_b", "PATH"), ("vit_h", None)], names checked."""
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, path = item.partition("=")
+        if name not in MODELS:
+            raise uad.UADError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if name in (n for n, _ in specs):
+            raise uad.UADError(f"model {name!r} is listed twice in --models")
+        specs.append((name, path or None))
+    if not specs:
+        raise uad.UADError("--models names no model")
+    return specs
+
+
+def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[str] = None):
+    """Loads a checkpoint into `model` (CPU, weights only); missing weights are an error."""
+    if not path.is_file():
+        raise uad.UADError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise uad.UADError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    if key is not None and isinstance(state, dict) and key in state:
+        state = state[key]
+    if not isinstance(state, dict):
+        raise uad.UADError(f"{path}: not a state dict")
+    try:
+        missing = model.load_state_dict(state, strict=False).missing_keys
+    except RuntimeError as e:
+        raise uad.UADError(
+            f"{path}: weights do not fit {name} ({str(e).splitlines()[0]})"
+        ) from None
+    # unexpected keys are tolerated as the packages' own loaders do; missing ones would leave
+    # random weights and meaningless scores
+    if missing:
+        raise uad.UADError(f"{path}: not a {name} checkpoint ({len(missing)} weights missing)")
+
+
+def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
+    """Builds model `name` (a key of MODELS) with its checkpoint, ready to predict."""
+    package, arch = MODELS[name]
+    if package == "segment_anything":
+        from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+        sam = uad.load_sam(arch, checkpoint, device, quiet)
+        return Segmenter(
+            name, lambda: SamPredictor(sam), lambda **kw: SamAutomaticMaskGenerator(sam, **kw)
+        )
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise uad.UADError(
+            f"model {name} needs the {package} package: {INSTALL[package]}"
+        ) from None
+    if checkpoint is None:
+        raise uad.UADError(f"model {name} needs a checkpoint: pass {name}=PATH in --models")
+    if package == "sam2":
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+        from sam2.build_sam import build_sam2
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        model = build_sam2(arch, None, device="cpu")
+        load_weights(model, Path(checkpoint), name, key="model")
+        model = model.eval().to(device)
+        return Segmenter(
+            name,
+            lambda: SAM2ImagePredictor(model),
+            lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
+        )
+    # SAM-HQ and MobileSAM mirror segment_anything's API
+    model = module.sam_model_registry[arch](checkpoint=None)
+    load_weights(model, Path(checkpoint), name)
+    model = model.eval().to(device)
+    return Segmenter(
+        name,
+        lambda: module.SamPredictor(model),
+        lambda **kw: module.SamAutomaticMaskGenerator(model, **kw),
+    )
+
+
+def predict_mask(predictor, prompt: Prompt) -> np.ndarray:
+    """The single mask (multimask_output=False) for one prompt: (H, W) bool."""
+    if prompt.kind == "point":
+        masks, _, _ = predictor.predict(
+            point_coords=np.asarray([prompt.coords], dtype=np.float32),
+            point_labels=np.ones(1, dtype=np.int64),
+            multimask_output=False,
+        )
+    else:
+        masks, _, _ = predictor.predict(
+            box=np.asarray(prompt.coords, dtype=np.float32), multimask_output=False
+        )
+    return np.asarray(masks[0]).astype(bool)  # SAM 2 returns 0/1 floats
+
+
+def find_objects(segmenter: Segmenter, clean: np.ndarray, args) -> Tuple[List[RefObject], str]:
+    """Clean-reference mode: the largest masks the automatic mask generator finds (see top)."""
+    settings = dict(
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+    )
+    how = "automatic"
+    masks = [r["segmentation"] for r in segmenter.new_mask_generator(**settings).generate(clean)]
+    masks = [m for m in masks if m.any()]
+    if not masks and (args.pred_iou_thresh > 0 or args.stability_score_thresh > 0):
+        settings.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        how = "automatic, unfiltered"
+        masks = [
+            r["segmentation"] for r in segmenter.new_mask_generator(**settings).generate(clean)
+        ]
+        masks = [m for m in masks if m.any()]
+    if not masks:
+        raise uad.UADError(f"{segmenter.name}'s automatic mask generator found no object")
+    masks.sort(key=lambda m: -int(np.count_nonzero(m)))  # stable: ties keep the generator's order
+    return [RefObject(m, mask_bbox(m)) for m in masks[: args.max_masks]], how
+
+
+# -----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_prompts(predictors, clean, adv, prompts, objects: Optional[Sequence[RefObject]]):
+    """IoUs of one model on one image pair, one per prompt.
+
+    Args:
+      predictors: two predictors of the same model, for the clean and the adversarial image.
+      clean, adv: (H, W, 3) uint8 RGB.
+      prompts: list of Prompt.
+      objects: the annotated objects (GT mode), or None: each prompt's reference is then the
+        model's own prediction on the clean image.
+
+    Returns:
+      (ious, clean_ious): lists of IoU in percent; clean_ious is None without objects.
+    """
+    on_clean, on_adv = predictors
+    on_clean.set_image(clean)
+    on_adv.set_image(adv)
+    ious, clean_ious = [], []
+    for prompt in prompts:
+        pred_clean, pred_adv = predict_mask(on_clean, prompt), predict_mask(on_adv, prompt)
+        if objects is None:
+            ious.append(mask_iou(pred_adv, pred_clean))
+        else:
+            ref = objects[prompt.object].mask
+            ious.append(mask_iou(pred_adv, ref))
+            clean_ious.append(mask_iou(pred_clean, ref))
+    return ious, (clean_ious if objects is not None else None)
+
+
+def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, List[float]]:
+    """Splits per-prompt values by prompt type: {"point": [...], "box": [...], "all": [...]}."""
+    out = {kind: [v for p, v in zip(prompts, values) if p.kind == kind] for kind in PROMPT_KINDS}
+    return {**out, "all": list(values)}
+
+
+def score_pair(pair: Pair, segmenters, predictors, args) -> dict:
+    """Scores one image pair with every model; returns its row (see the JSON output)."""
+    clean, adv = read_rgb(pair.clean), read_rgb(pair.adv)
+    if clean.shape != adv.shape:
+        raise uad.UADError(
+            f"{pair.adv}: adversarial image is {adv.shape[1]}x{adv.shape[0]}, "
+            f"its clean twin {pair.clean} is {clean.shape[1]}x{clean.shape[0]}"
+        )
+    if args.resize is not None or args.jpeg is not None:
+        adv = degrade(adv, args.resize, args.jpeg)
+    seconds = {}
+    started = time.perf_counter()
+    if args.annotations is not None:
+        path = args.annotations
+        path = path / f"{pair.clean.stem}.json" if path.is_dir() else path
+        objects, reference = read_annotations(path, clean.shape[:2], args.max_masks), "annotations"
+    else:
+        try:
+            objects, reference = find_objects(segmenters[0], clean, args)
+        except uad.UADError as e:
+            raise uad.UADError(f"{pair.clean}: {e}") from None
+        seconds["mask_generator"] = time.perf_counter() - started
+    prompts = sample_prompts(objects, pair.clean.stem, args.seed, args.points, args.boxes)
+    row = {
+        "name": pair.clean.name,
+        "clean": str(pair.clean),
+        "adv": str(pair.adv),
+        "size": [clean.shape[1], clean.shape[0]],
+        "reference": reference,
+        "objects": len(objects),
+        **measure_quality(clean, adv),
+        "metrics": {},
+        "seconds": seconds,
+        "prompts": [
+            {"object": p.object, "kind": p.kind, "coords": list(p.coords), "iou": {}}
+            for p in prompts
+        ],
+    }
+    gt = objects if args.annotations is not None else None
+    for segmenter, pair_of_predictors in zip(segmenters, predictors):
+        started = time.perf_counter()
+        ious, clean_ious = score_prompts(pair_of_predictors, clean, adv, prompts, gt)
+        seconds[segmenter.name] = time.perf_counter() - started
+        metrics = {kind: summarise_ious(v) for kind, v in per_kind(prompts, ious).items()}
+        for i, record in enumerate(row["prompts"]):
+            record["iou"][segmenter.name] = ious[i]
+            if clean_ious is not None:
+                record.setdefault("clean_iou", {})[segmenter.name] = clean_ious[i]
+        if clean_ious is not None:
+            for kind, v in per_kind(prompts, clean_ious).items():
+                metrics[kind]["clean_miou"] = summarise_ious(v)["miou"]
+        row["metrics"][segmenter.name] = metrics
+    return row
+
+
+def summarise_rows(rows: Sequence[dict], model_names: Sequence[str], gt: bool) -> dict:
+    """Pooled metrics per model and prompt type over every prompt of every row."""
+    summary = {}
+    for name in model_names:
+        summary[name] = {}
+        for kind in (*PROMPT_KINDS, "all"):
+            records = [p for r in rows for p in r["prompts"] if kind in ("all", p["kind"])]
+            summary[name][kind] = summarise_ious([p["iou"][name] for p in records])
+            if gt:
+                clean = summarise_ious([p["clean_iou"][name] for p in records])
+                summary[name][kind]["clean_miou"] = clean["miou"]
+    return summary
+
+
+def summarise_quality(rows: Sequence[dict]) -> dict:
+    """Max L-inf, mean PSNR (identical images left out) and mean SSIM over the rows."""
+    psnrs = [r["psnr"] for r in rows if r["psnr"] is not None]
+    return {
+        "linf_max": max(r["linf"] for r in rows),
+        "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
+        "ssim_mean": float(np.mean([r["ssim"] for r in rows])),
+        "images": len(rows),
+    }
+
+
+# -----------------------------------------------------------------------------------------------
+# Output: table, JSON, CSV, progress
+
+
+def format_number(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(summary: dict, quality: dict, seconds: dict, gt: bool) -> str:
+    head = ["model", "prompts", "count", "mIoU", "ASR@50", "ASR@10"] + (
+        ["clean mIoU"] if gt else []
+    )
+    lines = [head]
+    for name, kinds in summary.items():
+        for kind, m in kinds.items():
+            cells = [name, kind, str(m["count"])]
+            cells += [format_number(m[k]) for k in ("miou", "asr50", "asr10")]
+            lines.append(cells + ([format_number(m["clean_miou"])] if gt else []))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    text = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in lines
+    ]
+    psnr = "inf (identical)" if quality["psnr_mean"] is None else f"{quality['psnr_mean']:.2f} dB"
+    text.append(
+        f"image quality over {quality['images']} image(s): L-inf max {quality['linf_max']}/255, "
+        f"PSNR mean {psnr}, SSIM mean {quality['ssim_mean']:.4f}"
+    )
+    text.append("seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    return "\n".join(text)
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def format_csv(rows: Sequence[dict], summary: dict, quality: dict, gt: bool) -> str:
+    """One line per image x model x prompt type, then the pooled summary as image "ALL"."""
+    fields = ["image", "model", "prompts", "count", "miou", "asr50", "asr10"]
+    fields += (["clean_miou"] if gt else []) + ["linf", "psnr", "ssim", "seconds"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+
+    def line(image, model, kind, m, linf, psnr, ssim, seconds):
+        cells = {"image": image, "model": model, "prompts": kind, "linf": linf, "ssim": ssim}
+        cells.update({k: m[k] for k in fields if k in m})
+        cells["psnr"] = "inf" if psnr is None else psnr
+        cells["seconds"] = seconds
+        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+
+    for r in rows:
+        for model, kinds in r["metrics"].items():
+            for kind, m in kinds.items():
+                line(
+                    r["name"], model, kind, m, r["linf"], r["psnr"], r["ssim"], r["seconds"][model]
+                )
+    for model, kinds in summary.items():
+        mean_seconds = float(np.mean([r["seconds"][model] for r in rows]))
+        for kind, m in kinds.items():
+            q = quality
+            line("ALL", model, kind, m, q["linf_max"], q["psnr_mean"], q["ssim_mean"], mean_seconds)
+    return out.getvalue()
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class ImageProgress:
+    """ "[i/N] name  s/image, ETA" on stderr: redrawn in place on a terminal, a line per image in
+    a log file. Errors go through it so that they never land in the middle of a redrawn line."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.quiet, self.started = total, quiet, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.open = False  # a redrawn line is on screen, without its newline
+
+    def show(self, done: int, name: str) -> None:
+        if self.quiet or (done == 0 and not self.tty):
+            return
+        line = f"[{done}/{self.total}] {name}"
+        if done:
+            per_image = (time.monotonic() - self.started) / done
+            eta = format_duration(per_image * (self.total - done))
+            line += f"  {per_image:.1f} s/image, ETA {eta}"
+        if self.tty:
+            print(f"\r{line[:79]:<79}", end="", file=sys.stderr, flush=True)
+            self.open = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def error(self, message: str) -> None:
+        self.end()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
+
+
+# -----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def run_benchmark(args, specs, device) -> int:
+    """Times one synthetic image per model with random-init weights (see --bench)."""
+    from segment_anything import SamPredictor
+    from segment_anything.build_sam import _build_sam
+
+    try:
+        width, height = (int(v) for v in args.bench.lower().split("x"))
+        assert width >= 16 and height >= 16
+    except (ValueError, AssertionError):
+        raise uad.UADError(f"--bench {args.bench!r}: expected WxH, both at least 16") from None
+    rng = np.random.default_rng(args.seed)
+    clean = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    adv = np.clip(clean + rng.integers(-8, 9, clean.shape), 0, 255).astype(np.uint8)
+    objects = []  # rectangles of growing size along the diagonal, as stand-in annotations
+    for i in range(args.max_masks):
+        mask = np.zeros((height, width), dtype=bool)
+        f = (i + 1) / (args.max_masks + 1)
+        mask[: max(1, int(f * height)), : max(1, int(f * width))] = True
+        objects.append(RefObject(mask, mask_bbox(mask)))
+    prompts = sample_prompts(objects, "bench", args.seed, args.points, args.boxes)
+    print(
+        f"benchmark: random-init weights, {width}x{height} image, {len(prompts)} prompts, "
+        f"annotation protocol (2 encoder passes, {2 * len(prompts)} mask decodes), "
+        f"{device}, {torch.get_num_threads()} thread(s)"
+    )
+    for name, _ in specs:
+        if name not in uad.SAM_ARCHS:
+            raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
+        a = uad.SAM_ARCHS[name]
+        torch.manual_seed(0)
+        sam = _build_sam(
+            encoder_embed_dim=a["embed_dim"],
+            encoder_depth=a["depth"],
+            encoder_num_heads=a["num_heads"],
+            encoder_global_attn_indexes=list(a["global_attn_indexes"]),
+        )
+        sam = sam.eval().requires_grad_(False).to(device)
+        predictors = (SamPredictor(sam), SamPredictor(sam))
+        started = time.perf_counter()
+        for p, image in zip(predictors, (clean, adv)):
+            p.set_image(image)  # also warms up
+        encode = time.perf_counter() - started
+        started = time.perf_counter()
+        score_prompts(predictors, clean, adv, prompts, objects)  # encodes both images again
+        total = time.perf_counter() - started
+        print(
+            f"{name}: {total:.2f} s per image "
+            f"(encoder {encode:.2f} s for 2 passes, decoding and IoU {total - encode:.2f} s)"
+        )
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--clean", type=Path, help="clean image file or folder")
+    add("--adv", type=Path, help="adversarial image file or folder, paired with --clean by name")
+    add("--models", help="comma-separated NAME or NAME=CHECKPOINT, e.g. vit_b=sam_vit_b.pth,vit_h")
+    add("--annotations", type=Path, help="folder of SA-1B JSON (<clean stem>.json), or one file")
+    add("--points", type=int, default=5, help="point prompts per object (default 5)")
+    add("--boxes", type=int, default=3, help="box prompts per object (default 3)")
+    add("--max-masks", type=int, default=10, help="objects per image (default 10)")
+    add("--seed", type=int, default=0, help="prompt seed, >= 0 (default 0)")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    add("--out", type=Path, help="write the results as JSON here")
+    add("--csv", type=Path, help="write per-image and summary rows as CSV here")
+    add("--jpeg", type=int, metavar="Q", help="re-encode the adversarial image as JPEG, quality Q")
+    add("--resize", type=float, metavar="S", help="downscale the adversarial image by S and back")
+    add("--points-per-side", type=int, default=32, help="clean-reference mode: generator grid")
+    add("--pred-iou-thresh", type=float, default=0.88, help="clean-reference mode (default 0.88)")
+    add("--stability-score-thresh", type=float, default=0.95, help="clean-reference (def. 0.95)")
+    add("--bench", nargs="?", const="2250x1500", metavar="WxH", help="time each model and exit")
+    add("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    for flag, value, low in [
+        ("--points", args.points, 0),
+        ("--boxes", args.boxes, 0),
+        ("--max-masks", args.max_masks, 1),
+        ("--seed", args.seed, 0),
+        ("--points-per-side", args.points_per_side, 1),
+    ]:
+        if value < low:
+            parser.error(f"{flag} must be at least {low}")
+    if args.points + args.boxes == 0:
+        parser.error("--points and --boxes are both 0: nothing to score")
+    if args.jpeg is not None and not 1 <= args.jpeg <= 100:
+        parser.error("--jpeg must be a quality in 1..100")
+    if args.resize is not None and not 0 < args.resize <= 1:
+        parser.error("--resize must be a factor in (0, 1]")
+    if args.models is None:
+        parser.error("--models is required")
+    if args.bench is None and (args.clean is None or args.adv is None):
+        parser.error("--clean and --adv are required (unless --bench)")
+
+
+def run(args) -> int:
+    specs = parse_models(args.models)
+    device = uad.resolve_device(args.device)
+    if args.bench is not None:
+        return run_benchmark(args, specs, device)
+    if args.annotations is not None and not args.annotations.exists():
+        raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
+    for path in (args.out, args.csv):
+        if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise uad.UADError(f"{path}: folder {path.parent} does not exist")
+    pairs, failures = pair_inputs(args.clean, args.adv)
+    folders = args.clean.is_dir()
+    if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
+        raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
+    if args.annotations is not None and args.annotations.is_dir():
+        # a missing annotation file is known before any model is loaded
+        for pair in list(pairs):
+            json_path = args.annotations / f"{pair.clean.stem}.json"
+            if not json_path.is_file():
+                failures.append(f"{json_path}: no such annotation file (for {pair.clean})")
+                pairs.remove(pair)
+    progress = ImageProgress(len(pairs), args.quiet)
+    for message in failures:
+        progress.error(message)
+    if not pairs:
+        if folders:
+            progress.error(f"no image pair left to score in {args.clean}")
+        return 1
+
+    segmenters = [load_segmenter(name, path, device, args.quiet) for name, path in specs]
+    predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]
+    rows = []
+    for i, pair in enumerate(pairs):
+        progress.show(i, pair.clean.name)
+        try:
+            rows.append(score_pair(pair, segmenters, predictors, args))
+        except uad.UADError as e:
+            progress.error(str(e))
+            failures.append(str(e))
+        progress.show(i + 1, pair.clean.name)
+    progress.end()
+    if not rows:
+        if folders:
+            progress.error(f"none of the {len(pairs)} image pair(s) could be scored")
+        return 1
+
+    gt = args.annotations is not None
+    names = [s.name for s in segmenters]
+    summary = summarise_rows(rows, names, gt)
+    quality = summarise_quality(rows)
+    seconds = {k: float(np.mean([r["seconds"][k] for r in rows])) for k in rows[0]["seconds"]}
+    mode = "annotations" if gt else f"clean-reference (objects from {names[0]}'s automatic masks)"
+    print(f"mode: {mode}; {len(rows)} image(s) scored, {len(failures)} failed; seed {args.seed}")
+    print(format_table(summary, quality, seconds, gt))
+    if args.out is not None:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        settings["models"] = dict(specs)
+        result = {
+            "mode": "annotations" if gt else "clean-reference",
+            "settings": settings,
+            "summary": summary,
+            "quality": quality,
+            "seconds_per_image": seconds,
+            "images": rows,
+            "failures": failures,
+        }
+        write_text(args.out, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    if args.csv is not None:
+        write_text(args.csv, format_csv(rows, summary, quality, gt))
+    if failures and folders:
+        progress.error(f"{len(failures)} image(s) not scored, see above")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        return run(args)
+    except uad.UADError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,713 @@
+"""eval.py: RLE decoding, prompts, metrics, and the command line on tiny random-init SAMs."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import uad
+from conftest import EXAMPLES, build_tiny_sam, small_photo
+
+ROOT = Path(__file__).resolve().parent.parent
+# few prompts and a 2x2 generator grid keep one scored image to a few seconds on one core
+FAST = ["--points", "2", "--boxes", "1", "--max-masks", "2", "--quiet"]
+OPEN_GENERATOR = "--points-per-side 2 --pred-iou-thresh 0 --stability-score-thresh 0".split()
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers: a COCO RLE encoder (the inverse of what eval.py decodes), images, running the CLI
+
+
+def encode_runs(mask: np.ndarray) -> list:
+    """Run lengths of an (H, W) bool mask in column-major order, starting with background."""
+    flat = mask.flatten(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat.size and flat[0] else runs
+
+
+def encode_string(runs: list) -> str:
+    """COCO's compressed counts string, written from the description of pycocotools' rleToString."""
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: negative numbers end at -1
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(c + (0x20 if more else 0) + 48))
+    return "".join(out)
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def noisy(pixels: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, std, pixels.shape)
+    return np.clip(pixels + noise, 0, 255).astype(np.uint8)
+
+
+def photo(name: str, size=(96, 64)) -> np.ndarray:
+    with Image.open(EXAMPLES / name) as im:
+        return np.array(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def annotation(mask: np.ndarray, compressed: bool = True) -> dict:
+    runs = encode_runs(mask)
+    bbox = list(ev.mask_bbox(mask)) if mask.any() else [0, 0, 0, 0]
+    counts = encode_string(runs) if compressed else runs
+    return {"segmentation": {"size": list(mask.shape), "counts": counts}, "bbox": bbox}
+
+
+def write_annotations(path: Path, masks, compressed=True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    anns = [annotation(m, compressed) for m in masks]
+    path.write_text(json.dumps({"image": {"file_name": path.stem}, "annotations": anns}))
+    return path
+
+
+def two_objects(h=64, w=96):
+    """A rectangle and an L shape, the kind of masks SA-1B annotates."""
+    rect = np.zeros((h, w), bool)
+    rect[10:40, 20:60] = True
+    ell = np.zeros((h, w), bool)
+    ell[30:60, 65:75] = True
+    ell[50:60, 65:90] = True
+    return rect, ell
+
+
+@pytest.fixture
+def cli(tiny_archs, capsys):
+    """Runs `eval.py ARGS` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args):
+        try:
+            code = ev.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def run_script(*args):
+    """eval.py as a subprocess, for the errors that come before any model is loaded."""
+    cmd = [sys.executable, str(ROOT / "eval.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def models(checkpoints, *names):
+    return ",".join(f"{n}={checkpoints[n]}" for n in names)
+
+
+# -----------------------------------------------------------------------------------------------
+# COCO RLE
+
+
+def test_decode_rle_hand_computed_string():
+    # runs 0, 5, 40, 3, 2 over a 5 x 10 image: "0", "5", 40 = "X1" (8 + 1 << 5, 0x20 = more),
+    # then differences to the run two back: 3 - 5 = -2 -> "N", 2 - 40 = -38 -> "jN"
+    mask = ev.decode_rle({"size": [5, 10], "counts": "05X1NjN"})
+    want = np.zeros((5, 10), bool)
+    want[:, 0] = True  # the 5 foreground pixels after 0 background: the whole first column
+    want[0:3, 9] = True  # 40 background (columns 1-8), then 3 foreground at the top of column 9
+    np.testing.assert_array_equal(mask, want)
+    assert encode_string([0, 5, 40, 3, 2]) == "05X1NjN"
+
+
+def test_decode_rle_matches_a_string_written_by_pycocotools():
+    # pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"] for this mask;
+    # pycocotools.mask.toBbox gave [5, 3, 53, 36]
+    counts = (
+        "[6R16000007POi0000000000000000000000000000000000000000000000000000000000000"
+        "0ROa03_OMa03_OMa03_OMa03_OMa03_OM3I8:EMa03_OMa03_OMa03_OMa0=000000000000000l1"
+    )
+    mask = np.zeros((40, 60), bool)
+    mask[3:37, 5:9] = True
+    mask[10:12, 9:50] = True
+    mask[20:39, 40:58] = True
+    mask[25, 45] = False
+    np.testing.assert_array_equal(ev.decode_rle({"size": [40, 60], "counts": counts}), mask)
+    assert ev.mask_bbox(mask) == (5, 3, 53, 36)
+
+
+def test_decode_rle_round_trips_compressed_and_uncompressed():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((h, w)) < p for h, w, p in [(7, 9, 0.5), (1, 1, 1.0), (13, 5, 0.1)]]
+    masks += [np.zeros((4, 6), bool), np.ones((6, 4), bool)]
+    big = np.zeros((1500, 2250), bool)  # SA-1B size: runs far beyond one 5-bit group
+    big[100:1400, 300:2000] = True
+    big[700:720] = False
+    masks.append(big)
+    for mask in masks:
+        runs = encode_runs(mask)
+        for counts in (encode_string(runs), encode_string(runs).encode(), runs):
+            decoded = ev.decode_rle({"size": list(mask.shape), "counts": counts})
+            assert decoded.dtype == bool and decoded.shape == mask.shape
+            np.testing.assert_array_equal(decoded, mask)
+
+
+@pytest.mark.parametrize(
+    "segmentation, message",
+    [
+        ({"size": [2, 2], "counts": [1, 2]}, "add up to 3 pixels"),
+        ({"size": [2, 2], "counts": [5, -1]}, "add up"),
+        ({"size": [2, 2], "counts": "X"}, "ends inside a number"),
+        ({"size": [2, 2], "counts": "1~1"}, "cannot occur"),
+        ({"size": [2, 2], "counts": 4}, "string or a list"),
+        ([[0, 0, 1, 0, 1, 1]], "polygons"),
+    ],
+)
+def test_decode_rle_rejects_malformed_input(segmentation, message):
+    with pytest.raises(ValueError, match=message):
+        ev.decode_rle(segmentation)
+
+
+def test_read_annotations_keeps_the_first_masks_and_skips_empty_ones(tmp_path):
+    rect, ell = two_objects()
+    empty = np.zeros_like(rect)
+    path = write_annotations(tmp_path / "a.json", [rect, empty, ell, rect])
+    objects = ev.read_annotations(path, rect.shape, max_masks=3)
+    assert len(objects) == 2  # the first 3 annotations, the empty one skipped
+    np.testing.assert_array_equal(objects[0].mask, rect)
+    np.testing.assert_array_equal(objects[1].mask, ell)
+    assert objects[0].bbox == (20, 10, 40, 30)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such annotation file"),
+        ("{not json", "not valid JSON"),
+        ('{"images": []}', "no 'annotations' list"),
+        ({"annotations": [{"segmentation": {"size": [64, 96], "counts": [6144]}}]}, "no 'bbox'"),
+        (
+            {"annotations": [{"segmentation": {"size": [6, 9], "counts": [54]}, "bbox": [0] * 4}]},
+            "annotation 0 is 9x6, the clean image 96x64",
+        ),
+        (
+            {"annotations": [{"segmentation": {"size": [64, 96], "counts": [6144]}, "bbox": [0]}]},
+            "bbox has 1 numbers, not 4",
+        ),
+    ],
+)
+def test_read_annotations_names_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "sa_1.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(uad.UADError, match=message) as e:
+        ev.read_annotations(path, (64, 96), 10)
+    assert str(e.value).startswith(str(path))
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompts_are_a_function_of_seed_and_name_only():
+    rect, ell = two_objects()
+    objects = [ev.RefObject(m, ev.mask_bbox(m)) for m in (rect, ell)]
+    first = ev.sample_prompts(objects, "sa_1", 0, 5, 3)
+    assert first == ev.sample_prompts(objects, "sa_1", 0, 5, 3)
+    assert first != ev.sample_prompts(objects, "sa_2", 0, 5, 3)
+    assert first != ev.sample_prompts(objects, "sa_1", 1, 5, 3)
+    assert [p.kind for p in first] == ["point"] * 5 + ["box"] * 3 + ["point"] * 5 + ["box"] * 3
+    # points and boxes draw from separate streams: fewer points leave the boxes unchanged
+    fewer = ev.sample_prompts(objects, "sa_1", 0, 2, 3)
+    assert [p for p in fewer if p.kind == "box"] == [p for p in first if p.kind == "box"]
+
+
+def test_points_are_distinct_pixels_inside_the_mask():
+    rect, _ = two_objects()
+    points = ev.sample_points(rect, 50, np.random.default_rng(0))
+    assert points.shape == (50, 2)
+    assert rect[points[:, 1], points[:, 0]].all()  # (x, y) order
+    assert len({tuple(p) for p in points}) == 50
+    three = np.zeros((5, 5), bool)
+    three[1, 1] = three[2, 3] = three[4, 0] = True
+    got = ev.sample_points(three, 5, np.random.default_rng(0))
+    assert sorted(map(tuple, got)) == [(0, 4), (1, 1), (3, 2)]  # all of them, once
+
+
+def test_points_are_uniform_over_the_mask():
+    mask = np.zeros((6, 6), bool)
+    mask[[0, 2, 5, 5], [1, 4, 0, 5]] = True
+    counts = {}
+    for seed in range(4000):
+        ((x, y),) = ev.sample_points(mask, 1, np.random.default_rng(seed))
+        counts[(x, y)] = counts.get((x, y), 0) + 1
+    assert set(counts) == {(1, 0), (4, 2), (0, 5), (5, 5)}
+    assert all(abs(c - 1000) < 120 for c in counts.values()), counts  # ~4 standard deviations
+
+
+def test_box_jitter_keeps_the_centre_and_draws_whole_pixel_sizes():
+    bbox = (10, 20, 100, 50)  # x, y, w, h: centre (60, 45)
+    rng = np.random.default_rng(7)
+    bw, bh = int(rng.integers(90, 110)), int(rng.integers(45, 55))  # the draws, width first
+    want = [int(60 - bw / 2), int(45 - bh / 2), int(60 + bw / 2), int(45 + bh / 2)]
+    np.testing.assert_array_equal(
+        ev.jitter_boxes(bbox, 1, (100, 200), np.random.default_rng(7)), [want]
+    )
+    boxes = ev.jitter_boxes(bbox, 500, (100, 200), np.random.default_rng(0))
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert widths.min() >= 89 and widths.max() <= 110
+    assert heights.min() >= 44 and heights.max() <= 55
+    assert np.abs((boxes[:, 0] + boxes[:, 2]) / 2 - 60).max() <= 1
+    assert np.abs((boxes[:, 1] + boxes[:, 3]) / 2 - 45).max() <= 1
+    assert widths.max() - widths.min() >= 18  # the whole [0.9, 1.1) range is drawn
+
+
+def test_box_jitter_is_clipped_to_the_image_and_survives_tiny_boxes():
+    boxes = ev.jitter_boxes((150, 0, 50, 100), 50, (100, 200), np.random.default_rng(0))
+    assert boxes[:, 0].min() >= 0 and boxes[:, 1].min() >= 0
+    assert boxes[:, 2].max() <= 199 and boxes[:, 3].max() <= 99
+    assert (boxes[:, 2] == 199).any() and (boxes[:, 3] == 99).any()
+    # 0.9 * 1.5 and 1.1 * 1.5 truncate to the same pixel: the range is empty, the size is kept
+    assert ev.jitter_length(1.5, np.random.default_rng(0)) == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_iou_on_hand_made_masks():
+    a = np.zeros((8, 8), bool)
+    b = np.zeros((8, 8), bool)
+    a[0:4, 0:4] = True
+    b[2:6, 0:4] = True  # overlap 2 x 4 = 8 pixels, union 16 + 16 - 8 = 24
+    assert ev.mask_iou(a, b) == pytest.approx(100 * 8 / 24)
+    assert ev.mask_iou(a, a) == 100.0
+    empty = np.zeros_like(a)
+    assert ev.mask_iou(empty, empty) == 100.0  # both empty: the masks agree
+    assert ev.mask_iou(a, empty) == 0.0 and ev.mask_iou(empty, a) == 0.0
+
+
+def test_asr_counts_strictly_below_the_threshold():
+    m = ev.summarise_ious([100, 50, 49.99, 10, 9.5, 0])
+    assert m["count"] == 6
+    assert m["miou"] == pytest.approx((100 + 50 + 49.99 + 10 + 9.5) / 6)
+    assert m["asr50"] == pytest.approx(100 * 4 / 6)  # 49.99, 10, 9.5, 0; 50 itself is not
+    assert m["asr10"] == pytest.approx(100 * 2 / 6)  # 9.5, 0
+    assert ev.summarise_ious([]) == {"miou": None, "asr50": None, "asr10": None, "count": 0}
+
+
+def test_image_quality_figures():
+    clean = np.full((32, 48, 3), 100, np.uint8)
+    same = ev.measure_quality(clean, clean.copy())
+    assert same["linf"] == 0 and same["psnr"] is None and same["ssim"] == pytest.approx(1, abs=1e-5)
+    shifted = clean + 8
+    q = ev.measure_quality(clean, shifted)
+    assert q["linf"] == 8
+    assert q["psnr"] == pytest.approx(10 * np.log10(255**2 / 64))
+    assert q["ssim"] < 1
+
+
+def test_publishing_probes_keep_the_size_and_change_the_pixels():
+    pixels = small_photo((96, 64))
+    np.testing.assert_array_equal(ev.degrade(pixels), pixels)
+    for kw in ({"jpeg": 30}, {"resize": 0.5}, {"resize": 0.5, "jpeg": 30}):
+        out = ev.degrade(pixels, **kw)
+        assert out.shape == pixels.shape and out.dtype == np.uint8
+        assert 0 < np.abs(out.astype(int) - pixels).max() < 255
+
+
+def test_clean_reference_objects_largest_first_with_an_unfiltered_fallback():
+    sizes = [3, 0, 20, 7, 12]  # areas of the generator's masks, one empty
+
+    def mask(n):
+        m = np.zeros((10, 10), bool)
+        m.flat[:n] = True
+        return m
+
+    class Generator:
+        def __init__(self, **settings):
+            self.settings = settings
+
+        def generate(self, image):
+            if self.settings["pred_iou_thresh"] > 0:  # nothing passes the thresholds
+                return []
+            return [{"segmentation": mask(n), "area": n} for n in sizes]
+
+    seg = ev.Segmenter("fake", lambda: None, Generator)
+    args = types.SimpleNamespace(
+        points_per_side=4, pred_iou_thresh=0.88, stability_score_thresh=0.95, max_masks=3
+    )
+    objects, how = ev.find_objects(seg, np.zeros((10, 10, 3), np.uint8), args)
+    assert how == "automatic, unfiltered"
+    assert [int(o.mask.sum()) for o in objects] == [20, 12, 7]
+    assert objects[0].bbox == ev.mask_bbox(mask(20))
+    sizes[:] = [0]
+    with pytest.raises(uad.UADError, match="found no object"):
+        ev.find_objects(seg, np.zeros((10, 10, 3), np.uint8), args)
+
+
+# -----------------------------------------------------------------------------------------------
+# End to end, clean-reference mode
+
+
+def parse_table(stdout: str) -> dict:
+    """{(model, prompts): [count, mIoU, ASR@50, ASR@10, ...]} from the printed table."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    table = {}
+    for line in lines[head + 1 :]:
+        cells = line.split()
+        if len(cells) < 6 or cells[1] not in ("point", "box", "all"):
+            break
+        table[(cells[0], cells[1])] = [float(c) for c in cells[2:]]
+    return table
+
+
+def test_clean_reference_mode_self_scores_100_and_noise_scores_lower(
+    cli, tiny_checkpoints, tmp_path
+):
+    cat, coffee = small_photo((96, 64)), photo("coffee.png")
+    save(tmp_path / "clean/same.png", cat)
+    save(tmp_path / "adv/same.png", cat)
+    save(tmp_path / "clean/noisy.png", coffee)
+    save(tmp_path / "adv/noisy.png", noisy(coffee, 80))
+    out, table_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    pair = ["--clean", tmp_path / "clean", "--adv", tmp_path / "adv"]
+    outputs = ["--out", out, "--csv", table_csv]
+    code, stdout, stderr = cli(
+        *pair, *outputs, "--models", models(tiny_checkpoints, "vit_b"), *FAST, *OPEN_GENERATOR
+    )
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    assert result["mode"] == "clean-reference" and result["failures"] == []
+    rows = {r["name"]: r for r in result["images"]}
+    same, moved = rows["same.png"]["metrics"]["vit_b"], rows["noisy.png"]["metrics"]["vit_b"]
+    for kind in ("point", "box", "all"):
+        assert same[kind]["miou"] == 100 and same[kind]["asr50"] == 0 and same[kind]["asr10"] == 0
+    assert moved["all"]["miou"] < 100
+    assert rows["same.png"]["linf"] == 0 and rows["same.png"]["psnr"] is None
+    assert rows["noisy.png"]["linf"] > 100 and rows["noisy.png"]["ssim"] < 0.5
+    for r in rows.values():
+        n_objects = r["objects"]
+        assert 1 <= n_objects <= 2 and same["all"]["count"] <= 6
+        assert r["metrics"]["vit_b"]["all"]["count"] == 3 * n_objects  # 2 points + 1 box each
+        assert r["reference"] == "automatic"
+
+    # the summary pools every prompt of both images
+    ious = [p["iou"]["vit_b"] for r in result["images"] for p in r["prompts"]]
+    assert result["summary"]["vit_b"]["all"]["miou"] == pytest.approx(np.mean(ious))
+    assert result["summary"]["vit_b"]["all"]["count"] == len(ious)
+
+    # the printed table, the JSON and the CSV agree
+    table = parse_table(stdout)
+    rows_csv = list(csv.DictReader(io.StringIO(table_csv.read_text())))
+    for kind, m in result["summary"]["vit_b"].items():
+        count, miou, asr50, asr10 = table[("vit_b", kind)]
+        assert count == m["count"]
+        assert (miou, asr50, asr10) == tuple(round(m[k], 2) for k in ("miou", "asr50", "asr10"))
+        line = next(r for r in rows_csv if (r["image"], r["prompts"]) == ("ALL", kind))
+        assert float(line["miou"]) == pytest.approx(m["miou"]) and int(line["count"]) == m["count"]
+    for r in result["images"]:
+        for kind, m in r["metrics"]["vit_b"].items():
+            line = next(x for x in rows_csv if (x["image"], x["prompts"]) == (r["name"], kind))
+            assert float(line["asr50"]) == pytest.approx(m["asr50"])
+    assert len(rows_csv) == 3 * 3  # two images and ALL, three prompt types, one model
+
+
+# -----------------------------------------------------------------------------------------------
+# End to end, annotation (SA-1B) mode
+
+
+def test_annotation_mode_on_a_hand_made_sa1b_json(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "sa_1.png", cat), save(tmp_path / "adv.png", cat)
+    rect, ell = two_objects()
+    json_path = tmp_path / "ann" / "sa_1.json"
+    json_path.parent.mkdir()
+    anns = [annotation(rect), annotation(np.zeros_like(rect)), annotation(ell, compressed=False)]
+    json_path.write_text(json.dumps({"annotations": anns}))
+    out = tmp_path / "r.json"
+    pair = ["--clean", clean, "--adv", adv, "--annotations", tmp_path / "ann", "--out", out]
+    # --max-masks 3: the empty mask counts among the first 3 annotations, and is skipped
+    code, stdout, stderr = cli(
+        *pair, "--models", models(tiny_checkpoints, "vit_b", "vit_l"), *FAST, "--max-masks", "3"
+    )
+    assert code == 0, stderr
+    assert "clean mIoU" in stdout
+    result = json.loads(out.read_text())
+    (row,) = result["images"]
+    assert result["mode"] == row["reference"] == "annotations"
+    assert row["objects"] == 2
+    masks = [rect, ell]
+    for p in row["prompts"]:
+        m = masks[p["object"]]
+        if p["kind"] == "point":
+            assert m[p["coords"][1], p["coords"][0]]
+        else:
+            x, y, w, h = ev.mask_bbox(m)
+            assert abs((p["coords"][0] + p["coords"][2]) / 2 - (x + w / 2)) <= 1
+        # the adversarial image is the clean one: its IoU against the truth is the clean one's
+        assert p["iou"] == p["clean_iou"] and set(p["iou"]) == {"vit_b", "vit_l"}
+    for name in ("vit_b", "vit_l"):
+        for kind, m in result["summary"][name].items():
+            assert m["miou"] == pytest.approx(m["clean_miou"])
+            assert m["count"] == {"point": 4, "box": 2, "all": 6}[kind]
+    # two models with different weights do not predict the same masks
+    ious = {name: [p["iou"][name] for p in row["prompts"]] for name in ("vit_b", "vit_l")}
+    assert ious["vit_b"] != ious["vit_l"]
+
+
+def test_probes_degrade_the_adversarial_image_before_scoring(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", cat)
+    rect, _ = two_objects()
+    ann = write_annotations(tmp_path / "cat.json", [rect])
+    out = tmp_path / "r.json"
+    pair = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out]
+    probes = ["--jpeg", 20, "--resize", 0.5]
+    code, _, stderr = cli(*pair, *probes, "--models", models(tiny_checkpoints, "vit_b"), *FAST)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    (row,) = result["images"]
+    assert row["linf"] > 10 and row["psnr"] is not None and row["ssim"] < 1
+    assert result["settings"]["jpeg"] == 20 and result["settings"]["resize"] == 0.5
+    assert row["metrics"]["vit_b"]["all"]["count"] == 3
+
+
+# -----------------------------------------------------------------------------------------------
+# Model adapters, through stand-in packages with the real packages' public API
+
+
+def fake_sam_hq(extra_weight: bool = False):
+    """A module with segment_anything_hq's API whose registry builds a tiny SAM."""
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    def build(checkpoint=None):
+        assert checkpoint is None  # eval.py loads the weights itself, on the CPU, weights only
+        sam = build_tiny_sam("vit_b", seed=5)
+        if extra_weight:
+            sam.register_parameter("hf_token", torch.nn.Parameter(torch.zeros(1)))
+        return sam
+
+    module = types.ModuleType("segment_anything_hq")
+    module.sam_model_registry = {"vit_b": build}
+    module.SamPredictor, module.SamAutomaticMaskGenerator = SamPredictor, SamAutomaticMaskGenerator
+    return module
+
+
+def fake_sam2():
+    """Modules with sam2's API: build_sam2(config, ckpt, device), a predictor with float masks."""
+    from segment_anything import SamPredictor
+
+    configs = []
+
+    def build_sam2(config, ckpt_path=None, device="cuda"):
+        configs.append(config)
+        return build_tiny_sam("vit_b", seed=6).to(device)
+
+    class SAM2ImagePredictor(SamPredictor):
+        def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+            masks, iou, low = super().predict(
+                point_coords, point_labels, box, None, multimask_output
+            )
+            return masks.astype(np.float32), iou, low  # SAM 2 returns 0/1 floats
+
+    names = ["sam2", "sam2.build_sam", "sam2.sam2_image_predictor", "sam2.automatic_mask_generator"]
+    modules = {name: types.ModuleType(name) for name in names}
+    modules["sam2.build_sam"].build_sam2 = build_sam2
+    modules["sam2.sam2_image_predictor"].SAM2ImagePredictor = SAM2ImagePredictor
+    modules["sam2.automatic_mask_generator"].SAM2AutomaticMaskGenerator = None
+    return modules, configs
+
+
+def test_sam_hq_and_sam2_adapters_load_weights_and_score(
+    cli, tiny_checkpoints, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "segment_anything_hq", fake_sam_hq())
+    sam2_modules, configs = fake_sam2()
+    for name, module in sam2_modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    state = torch.load(tiny_checkpoints["vit_b"], weights_only=True)
+    torch.save({"model": state}, tmp_path / "sam2.pt")  # SAM 2 nests its weights under "model"
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", noisy(cat, 40))
+    rect, ell = two_objects()
+    ann = write_annotations(tmp_path / "cat.json", [rect, ell])
+    ckpt = tiny_checkpoints["vit_b"]
+    out = tmp_path / "r.json"
+    pair = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out]
+    three = f"vit_b={ckpt},hq_vit_b={ckpt},sam2.1_b+={tmp_path / 'sam2.pt'}"
+    code, _, stderr = cli(*pair, "--models", three, *FAST)
+    assert code == 0, stderr
+    assert configs == ["configs/sam2.1/sam2.1_hiera_b+.yaml"]
+    (row,) = json.loads(out.read_text())["images"]
+    # the stand-ins start from other random weights: equal IoUs prove the checkpoint was loaded
+    for p in row["prompts"]:
+        assert p["iou"]["vit_b"] == p["iou"]["hq_vit_b"] == p["iou"]["sam2.1_b+"]
+        assert p["clean_iou"]["vit_b"] == p["clean_iou"]["sam2.1_b+"]
+
+
+def test_adapter_checkpoint_missing_weights_is_an_error(
+    cli, tiny_checkpoints, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "segment_anything_hq", fake_sam_hq(extra_weight=True))
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    ckpt = tiny_checkpoints["vit_b"]
+    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"hq_vit_b={ckpt}", *FAST)
+    assert code == 1
+    assert stderr.strip() == f"error: {ckpt}: not a hq_vit_b checkpoint (1 weights missing)"
+    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", "hq_vit_b", *FAST)
+    assert code == 1 and "needs a checkpoint: pass hq_vit_b=PATH" in stderr
+
+
+@pytest.mark.parametrize(
+    "model, package, install",
+    [
+        ("hq_vit_l", "segment_anything_hq", "pip install segment-anything-hq"),
+        ("mobile_sam", "mobile_sam", "MobileSAM.git"),
+        ("sam2_l", "sam2", "facebookresearch/sam2.git"),
+    ],
+)
+def test_missing_package_is_one_line_naming_what_to_install(
+    cli, tmp_path, monkeypatch, model, package, install
+):
+    monkeypatch.setitem(sys.modules, package, None)  # makes the import fail, installed or not
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"{model}=x.pt", *FAST)
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith(
+        f"error: model {model} needs the {package}"
+    )
+    assert install in stderr
+
+
+# -----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_folder_mode_reports_bad_pairs_and_scores_the_rest(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    rect, _ = two_objects()
+    clean, adv, ann = tmp_path / "clean", tmp_path / "adv", tmp_path / "ann"
+    for name in ("good", "twinless", "resized", "corrupt", "nojson", "badsize", "twins"):
+        save(clean / f"{name}.bmp", cat)
+        if name != "nojson":
+            write_annotations(ann / f"{name}.json", [rect])
+    save(adv / "good.png", cat)  # a .bmp pairs with the .png of the same stem
+    save(adv / "resized.png", small_photo((80, 60)))
+    save(adv / "corrupt.png", cat)
+    save(adv / "nojson.png", cat)
+    save(adv / "badsize.png", cat)
+    save(adv / "twins.png", cat)
+    save(adv / "twins.jpg", cat)
+    (ann / "corrupt.json").write_text('{"annotations": [')
+    write_annotations(ann / "badsize.json", [np.ones((10, 10), bool)])
+    out, table_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    pair = ["--clean", clean, "--adv", adv, "--annotations", ann]
+    outputs = ["--out", out, "--csv", table_csv]
+    code, stdout, stderr = cli(
+        *pair, *outputs, "--models", models(tiny_checkpoints, "vit_b"), *FAST
+    )
+    assert code == 1
+    errors = stderr.strip().splitlines()
+    assert all(e.startswith("error: ") for e in errors) and "Traceback" not in stderr
+    expected = [
+        f"{clean / 'twinless.bmp'}: no adversarial twin twinless.* in {adv}",
+        f"{clean / 'twins.bmp'}: several adversarial twins",
+        f"{adv / 'resized.png'}: adversarial image is 80x60, its clean twin "
+        f"{clean / 'resized.bmp'} is 96x64",
+        f"{ann / 'nojson.json'}: no such annotation file",
+        f"{ann / 'corrupt.json'}: not valid JSON",
+        f"{ann / 'badsize.json'}: annotation 0 is 10x10, the clean image 96x64",
+        "6 image(s) not scored",
+    ]
+    for message in expected:
+        assert sum(message in e for e in errors) == 1, (message, errors)
+    assert len(errors) == len(expected)
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["images"]] == ["good.bmp"] and len(result["failures"]) == 6
+    assert result["images"][0]["adv"] == str(adv / "good.png")
+    assert "good.bmp" in table_csv.read_text() and "vit_b" in stdout
+
+
+def test_size_mismatch_fails_before_loading_any_model(tmp_path):
+    clean = save(tmp_path / "clean.png", small_photo((96, 64)))
+    adv = save(tmp_path / "adv.png", small_photo((64, 96)))
+    run = run_script("--clean", clean, "--adv", adv, "--models", "vit_b=/no/such/checkpoint.pth")
+    assert run.returncode == 1
+    assert run.stderr == (
+        f"error: {adv}: adversarial image is 64x96, its clean twin {clean} is 96x64\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "unknown model",
+            "error: unknown model 'vit_x'; choose from vit_b, vit_l, vit_h, hq_vit_b",
+        ),
+        ("missing clean", "error: {tmp}/missing.png: no such file or folder"),
+        ("corrupt adversarial", "error: {tmp}/adv.png: not an image file that PIL can read"),
+        ("file and folder", "must be two files or two folders"),
+        ("no annotations", "error: {tmp}/ann: no such annotation folder or file"),
+    ],
+)
+def test_bad_input_is_one_line(cli, tmp_path, case, message):
+    clean = save(tmp_path / "clean.png", small_photo((96, 64)))
+    adv = tmp_path / "adv.png"
+    adv.write_bytes(b"not a png at all")
+    args = {
+        "unknown model": ["--clean", clean, "--adv", clean, "--models", "vit_b,vit_x"],
+        "missing clean": ["--clean", tmp_path / "missing.png", "--adv", clean],
+        "corrupt adversarial": ["--clean", clean, "--adv", adv],
+        "file and folder": ["--clean", clean, "--adv", tmp_path],
+        "no annotations": ["--clean", clean, "--adv", clean, "--annotations", tmp_path / "ann"],
+    }[case]
+    if case != "unknown model":
+        args += ["--models", "vit_b"]
+    code, _, stderr = cli(*args)  # any exception other than the reported error fails the test
+    assert code == 1 and stderr.count("\n") == 1
+    assert message.format(tmp=tmp_path) in stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--jpeg", "0"], ["--resize", "2"], ["--points", "0", "--boxes", "0"], ["--seed", "-1"]],
+)
+def test_bad_flags_are_usage_errors(cli, flags):
+    code, _, stderr = cli("--clean", "a.png", "--adv", "b.png", "--models", "vit_b", *flags)
+    assert code == 2 and "error:" in stderr
+
+
+def test_help_documents_the_protocol(cli):
+    code, stdout, _ = cli("--help")
+    assert code == 0
+    for text in ("clean-reference mode", "--annotations", "ASR@50", "int(0.9 w)", "--bench"):
+        assert text in stdout
+
+
+# -----------------------------------------------------------------------------------------------
+# Cost
+
+
+def test_bench_prints_seconds_per_image_per_model(cli):
+    code, stdout, stderr = cli(
+        "--bench", "64x48", "--models", "vit_b", "--max-masks", "1", "--points", "1", "--boxes", "1"
+    )
+    assert code == 0, stderr
+    assert "random-init weights, 64x48 image, 2 prompts" in stdout
+    (line,) = [line for line in stdout.splitlines() if line.startswith("vit_b:")]
+    assert float(line.split()[1]) > 0 and "s per image" in line
+    code, _, stderr = cli("--bench", "--models", "mobile_sam")
+    assert code == 1 and "--bench times vit_b, vit_l, vit_h only" in stderr
