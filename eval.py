@@ -441,8 +441,11 @@ def degrade(pixels: np.ndarray, resize: Optional[float] = None, jpeg: Optional[i
 
 @dataclass
 class Segmenter:
-    """A loaded model. Its predictors have set_image(HWC uint8 RGB) and
-    predict(point_coords, point_labels, box, multimask_output) -> (masks (C, H, W), ...)."""
+    """A loaded model: factories of its predictors (sharing its weights) and mask generators.
+
+    A predictor has set_image(image) for an (H, W, 3) uint8 RGB image, and
+    predict(point_coords, point_labels, box, multimask_output) -> (masks (C, H, W), scores, logits).
+    """
 
     name: str
     new_predictor: Callable[[], object]
@@ -450,7 +453,7 @@ class Segmenter:
 
 
 def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
-    """ "vit_b=PATH,vit_h" -> [("vit_b", "PATH"), ("vit_h", None)], names checked."""
+    """Parses --models: "vit_b=PATH,vit_h" -> [("vit_b", "PATH"), ("vit_h", None)]."""
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, path = item.partition("=")
@@ -846,6 +849,7 @@ def run_benchmark(args, specs, device) -> int:
             f"{name}: {encode + decode:.2f} s per image "
             f"(encoder {encode:.2f} s for 2 passes, mask decoding and IoU {decode:.2f} s)"
         )
+        del sam, predictors  # one model in memory at a time
     return 0
 
 
