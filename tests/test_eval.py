@@ -475,13 +475,17 @@ def test_probes_degrade_the_adversarial_image_before_scoring(cli, tiny_checkpoin
     out = tmp_path / "r.json"
     pair = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out]
     probes = ["--jpeg", 20, "--resize", 0.5]
-    code, _, stderr = cli(*pair, *probes, "--models", models(tiny_checkpoints, "vit_b"), *FAST)
+    loud = [a for a in FAST if a != "--quiet"]
+    code, _, stderr = cli(*pair, *probes, "--models", models(tiny_checkpoints, "vit_b"), *loud)
     assert code == 0, stderr
     result = json.loads(out.read_text())
     (row,) = result["images"]
     assert row["linf"] > 10 and row["psnr"] is not None and row["ssim"] < 1
     assert result["settings"]["jpeg"] == 20 and result["settings"]["resize"] == 0.5
     assert row["metrics"]["vit_b"]["all"]["count"] == 3
+    # without --quiet, a progress line per image (stderr is not a terminal here)
+    assert [line for line in stderr.splitlines() if line.startswith("[1/1] cat.png")]
+    assert "s/image, ETA 0:00" in stderr
 
 
 # -----------------------------------------------------------------------------------------------
