@@ -1,0 +1,281 @@
+"""Fused bilinear flow-warp + SSIM for PyTorch, with C++ (CPU), CUDA and pure-PyTorch backends.
+
+    import warp_kernel
+    warped = warp_kernel.flow_warp(img, flow)                 # (B, C, H, W)
+    s = warp_kernel.ssim(x, y)                                # (B,)
+    s, warped = warp_kernel.warp_ssim(img, flow, ref)         # one fused pass
+
+Every op is differentiable. `impl` picks the backend:
+  "auto"   cuda for CUDA tensors, cpp for CPU tensors, whichever extension loaded; else torch.
+           The environment variable WARP_KERNEL_IMPL (auto|cuda|cpp|torch) changes what
+           "auto" means, e.g. WARP_KERNEL_IMPL=torch never builds anything.
+  "cuda"   the CUDA extension (float32/float64 CUDA tensors).
+  "cpp"    the C++ extension (float32/float64 CPU tensors, OpenMP threads = torch.get_num_threads()).
+  "torch"  pure PyTorch (grid_sample + separable Gaussian convolutions), see warp_kernel.reference.
+The extensions are compiled on first use (see warp_kernel.build); importing never builds and
+never fails. Asking for an unavailable backend by name raises RuntimeError with the reason;
+"auto" falls back to torch with one warning.
+
+The extension ops take contiguous NCHW inputs; the functions below make inputs contiguous.
+"""
+
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import build as _build
+from . import reference
+
+__all__ = ["flow_warp", "ssim", "warp_ssim", "backends", "reference"]
+
+PADDINGS = {"border": 0, "reflection": 1}
+IMPLS = ("auto", "cuda", "cpp", "torch")
+IMPL_ENV = "WARP_KERNEL_IMPL"
+MIN_SSIM_SIZE = 2 * reference.RADIUS + 1
+
+
+def backends():
+    """Which backends can run here: {"torch": True, "cpp": bool, "cuda": bool}.
+
+    "cpp" is True when the C++ extension is loaded; "cuda" when the CUDA extension is loaded
+    and a GPU is visible (without a GPU the CUDA extension is not even built). The first call
+    builds, or loads from the build cache, the extensions it reports on.
+    """
+    cpp = _build.load("cpu") is not None
+    cuda = torch.cuda.is_available() and _build.load("cuda") is not None
+    return {"torch": True, "cpp": cpp, "cuda": cuda}
+
+
+def _resolve(impl, device):
+    """The extension module to run on `device`, or None for the pure-PyTorch backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(IMPL_ENV, "").strip() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{IMPL_ENV}={impl!r} is not one of {IMPLS}")
+    if impl == "torch":
+        return None
+    if impl == "auto":
+        if device.type == "cuda":
+            return _build.load("cuda")
+        if device.type == "cpu":
+            return _build.load("cpu")
+        return None
+    wanted = "cpu" if impl == "cpp" else "cuda"
+    if device.type != wanted:
+        raise ValueError(f"impl={impl!r} runs on {wanted.upper()} tensors, got tensors on {device}")
+    module = _build.load(wanted, warn=False)
+    if module is None:
+        raise RuntimeError(f"impl={impl!r} is unavailable: {_build.failure(wanted)}")
+    return module
+
+
+def _check_image(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_like(t, name, ref, ref_name):
+    _check_image(t, name)
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} is {t.dtype} but {ref_name} is {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_flow(img, flow):
+    _check_image(img, "img")
+    _check_like(flow, "flow", img, "img")
+    b, _, h, w = img.shape
+    if tuple(flow.shape) != (b, 2, h, w):
+        raise ValueError(f"flow must be (B, 2, H, W) = {(b, 2, h, w)}, got {tuple(flow.shape)}")
+
+
+def _check_ssim_inputs(x, x_name, y, y_name, data_range):
+    _check_like(y, y_name, x, x_name)
+    if x.shape != y.shape:
+        raise ValueError(f"{x_name} {tuple(x.shape)} and {y_name} {tuple(y.shape)} differ in shape")
+    if min(x.shape[-2:]) < MIN_SSIM_SIZE:
+        raise ValueError(
+            f"SSIM needs images of at least {MIN_SSIM_SIZE}x{MIN_SSIM_SIZE} pixels (one 11-tap "
+            f"Gaussian window), got H={x.shape[-2]}, W={x.shape[-1]}"
+        )
+    if not float(data_range) > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
+
+
+def _padding_code(padding):
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {tuple(PADDINGS)}, got {padding!r}")
+    return PADDINGS[padding]
+
+
+def flow_warp(img, flow, padding="border", impl="auto"):
+    """Warp an image by a dense flow with bilinear sampling.
+
+    out[b, c, y, x] = img sampled at (x + flow[b, 0, y, x], y + flow[b, 1, y, x]), exactly
+    F.grid_sample(img, grid, mode="bilinear", padding_mode=padding, align_corners=True) with
+    the matching normalised grid.
+
+    Args:
+        img: (B, C, H, W) float32/float64 image.
+        flow: (B, 2, H, W) same dtype and device, displacement in pixels (channel 0 = x).
+        padding: "border" (clamp to the edge pixels) or "reflection" (mirror about them).
+        impl: "auto", "cuda", "cpp" or "torch" (see the module docstring).
+
+    Returns:
+        (B, C, H, W) warped image, differentiable with respect to img and flow.
+    """
+    _check_flow(img, flow)
+    code = _padding_code(padding)
+    ext = _resolve(impl, img.device)
+    if ext is None:
+        return reference.flow_warp(img, flow, padding)
+    return _FlowWarp.apply(img.contiguous(), flow.contiguous(), code, ext)
+
+
+def ssim(x, y, data_range=1.0, impl="auto"):
+    """Per-image mean SSIM (Wang et al. 2004).
+
+    11-tap Gaussian window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2, averaged over the
+    'valid' windows (no padding) and over channels: scikit-image's structural_similarity with
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=L.
+
+    Args:
+        x, y: (B, C, H, W) float32/float64 images, H and W at least 11.
+        data_range: L, the dynamic range of the images (1.0 for images in [0, 1]).
+        impl: "auto", "cuda", "cpp" or "torch".
+
+    Returns:
+        (B,) SSIM of every image pair, differentiable with respect to x and y.
+    """
+    _check_image(x, "x")
+    _check_ssim_inputs(x, "x", y, "y", data_range)
+    ext = _resolve(impl, x.device)
+    if ext is None:
+        return reference.ssim(x, y, float(data_range))
+    wants = _wants_grad(x, y)
+    return _SSIM.apply(x.contiguous(), y.contiguous(), float(data_range), wants, ext)
+
+
+def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
+    """SSIM of the warped image against a reference, and the warped image, in one fused pass.
+
+    Equals (ssim(flow_warp(img, flow, padding), ref, data_range), flow_warp(img, flow, padding)).
+    The backward accepts gradients for both outputs and computes only the input gradients that
+    are needed (typically the flow's alone).
+
+    Args:
+        img: (B, C, H, W) float32/float64 image to warp, H and W at least 11.
+        flow: (B, 2, H, W) displacement in pixels (channel 0 = x, channel 1 = y).
+        ref: (B, C, H, W) reference image.
+        padding: "border" or "reflection".
+        data_range: L, the dynamic range of the images.
+        impl: "auto", "cuda", "cpp" or "torch".
+
+    Returns:
+        ssim (B,), warped (B, C, H, W).
+    """
+    _check_flow(img, flow)
+    _check_ssim_inputs(img, "img", ref, "ref", data_range)
+    code = _padding_code(padding)
+    ext = _resolve(impl, img.device)
+    if ext is None:
+        return reference.warp_ssim(img, flow, ref, padding, float(data_range))
+    wants = _wants_grad(img, flow, ref)
+    return _WarpSSIM.apply(
+        img.contiguous(), flow.contiguous(), ref.contiguous(), code, float(data_range), wants, ext
+    )
+
+
+def _wants_grad(*tensors):
+    """Which inputs a graph will ask gradients for (known before the forward runs)."""
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t.requires_grad for t in tensors)
+
+
+class _FlowWarp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img, flow, padding, ext):
+        ctx.save_for_backward(img, flow)
+        ctx.padding, ctx.ext = padding, ext
+        return ext.flow_warp_forward(img, flow, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        img, flow = ctx.saved_tensors
+        need_img, need_flow = ctx.needs_input_grad[:2]
+        grad_img, grad_flow = ctx.ext.flow_warp_backward(
+            grad_out.contiguous(), img, flow, ctx.padding, need_img, need_flow
+        )
+        return grad_img, grad_flow, None, None
+
+
+# The SSIM is one number per image, so the gradient of any loss through it is grad_ssim[b]
+# times the SSIM's own gradient. The extensions compute that "unit" gradient in the forward
+# pass, in the same sweep over the moment maps (recomputing them would cost a second
+# forward), for exactly the inputs that require grad; the backward only scales it.
+
+
+class _SSIM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, data_range, wants, ext):
+        ssim_, unit_x, unit_y = ext.ssim_forward(x, y, data_range, *wants)
+        ctx.save_for_backward(unit_x, unit_y)
+        return ssim_
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ssim):
+        unit_x, unit_y = ctx.saved_tensors
+        scale = grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        grad_x = unit_x * scale if ctx.needs_input_grad[0] else None
+        grad_y = unit_y * scale if ctx.needs_input_grad[1] else None
+        return grad_x, grad_y, None, None, None
+
+
+class _WarpSSIM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img, flow, ref, padding, data_range, wants, ext):
+        ssim_, warped, unit_warped, unit_flow, unit_ref = ext.warp_ssim_forward(
+            img, flow, ref, padding, data_range, *wants
+        )
+        ctx.save_for_backward(img, flow, unit_warped, unit_flow, unit_ref)
+        ctx.padding, ctx.ext = padding, ext
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
+        return ssim_, warped
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ssim, grad_warped):
+        img, flow, unit_warped, unit_flow, unit_ref = ctx.saved_tensors
+        need_img, need_flow, need_ref = ctx.needs_input_grad[:3]
+        scale = None if grad_ssim is None else grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        if grad_warped is not None:
+            grad_warped = grad_warped.contiguous()
+        grad_img = grad_flow = grad_ref = None
+        if need_flow:
+            if scale is not None:
+                grad_flow = unit_flow * scale
+            if grad_warped is not None:  # the warped image was used too: one more warp backward
+                _, g = ctx.ext.flow_warp_backward(grad_warped, img, flow, ctx.padding, False, True)
+                grad_flow = g if grad_flow is None else grad_flow.add_(g)
+        if need_img:
+            # Total gradient of the warped image, scattered back through the warp.
+            g = grad_warped
+            if scale is not None:
+                g = unit_warped * scale if g is None else torch.addcmul(g, unit_warped, scale)
+            if g is not None:
+                grad_img, _ = ctx.ext.flow_warp_backward(g, img, flow, ctx.padding, True, False)
+        if need_ref and scale is not None:
+            grad_ref = unit_ref * scale
+        return grad_img, grad_flow, grad_ref, None, None, None, None

@@ -1,0 +1,212 @@
+"""Lazy JIT build of the two extensions, and `python -m warp_kernel.build` to build ahead of time.
+
+Two separate extensions, so the CPU path works where nvcc is missing:
+  cpu:  csrc/warp_ssim_cpu.cpp                       (c++ with OpenMP)
+  cuda: csrc/warp_ssim_cuda.cu + warp_ssim_cuda.cpp  (nvcc + c++)
+Each is built with torch.utils.cpp_extension.load (ninja) on first use, cached in a build
+directory and re-used by later processes; nothing is built at import. A failed build warns once,
+naming the reason and the fallback, and the backend is then reported unavailable.
+
+Environment:
+  WARP_KERNEL_BUILD_DIR  cache root (default: $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions,
+                         under a py<ver>_torch<ver> subdirectory)
+  CUDA_HOME              CUDA toolkit with nvcc (e.g. /usr/local/cuda)
+  TORCH_CUDA_ARCH_LIST   GPU archs, e.g. "8.6" or "7.5;8.0+PTX"; default: the visible GPUs, or
+                         DEFAULT_CUDA_ARCHS when there is none
+  WARP_KERNEL_CPU_ISA    x86 ISA level the CPU extension targets: "auto" (default: the best of
+                         x86-64-v4 / -v3 / baseline this CPU runs), "native", or "baseline"
+  MAX_JOBS               parallel compile jobs (ninja)
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = ["warp_ssim_cpu.cpp"]
+CUDA_SOURCES = ["warp_ssim_cuda.cu", "warp_ssim_cuda.cpp"]
+HEADERS = ["warp_ssim_math.h", "warp_ssim_checks.h", "warp_ssim_cuda.h"]
+# Turing (T4), Ampere and Ada (sm_80 code runs on 8.x), PTX for everything newer.
+DEFAULT_CUDA_ARCHS = "7.5;8.0+PTX"
+
+_lock = threading.RLock()
+_modules = {}  # backend -> loaded module
+_failures = {}  # backend -> reason it is unavailable
+_warned = set()  # backends whose failure has been reported
+
+
+def source_files():
+    """Every file the extensions are built from (for packaging: ship these as package data)."""
+    return [CSRC / name for name in CPU_SOURCES + CUDA_SOURCES + HEADERS]
+
+
+def build_root():
+    """Directory under which the two extensions are built and cached."""
+    root = os.environ.get("WARP_KERNEL_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(root) if root else Path.home() / ".cache" / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return root / tag.replace("+", "_")
+
+
+def _cpu_isa():
+    """(name suffix, compiler flags) for the CPU extension. The cached library is only valid
+    for CPUs with the ISA it was built for, so the ISA is part of the extension's name."""
+    isa = os.environ.get("WARP_KERNEL_CPU_ISA", "auto")
+    if isa == "native":
+        return "native", ["-march=native"]
+    if isa == "baseline" or os.uname().machine not in ("x86_64", "AMD64"):
+        return "base", []
+    try:
+        flags = set()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "base", []
+    v3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    if v4 <= flags:
+        return "x86v4", ["-march=x86-64-v4", "-mtune=icelake-server", "-mprefer-vector-width=512"]
+    if v3 <= flags:
+        return "x86v3", ["-march=x86-64-v3", "-mtune=skylake"]
+    return "base", []
+
+
+def _cuda_arch_flags():
+    """-gencode flags, always explicit so that the build cache is keyed on them."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+    archs = archs or DEFAULT_CUDA_ARCHS
+    flags = []
+    for arch in archs.replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        number = arch.split("+")[0].replace(".", "")
+        if not number.isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {arch!r} is not like '8.6' or '8.6+PTX'")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def _missing_tools(backend):
+    """Why the toolchain cannot build `backend`, or None."""
+    import torch.utils.cpp_extension
+
+    try:
+        torch.utils.cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found; set CXX)"
+    if backend == "cuda":
+        if torch.version.cuda is None:
+            return "this PyTorch build has no CUDA support"
+        home = torch.utils.cpp_extension.CUDA_HOME
+        if home is None or not (Path(home) / "bin" / "nvcc").exists():
+            return f"nvcc not found (CUDA_HOME={home!r}; set CUDA_HOME to the CUDA toolkit)"
+    return None
+
+
+def _build(backend, verbose):
+    import torch.utils.cpp_extension as cpp_extension
+
+    common = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DNDEBUG"]
+    if backend == "cpu":
+        suffix, isa_flags = _cpu_isa()
+        name = f"warp_kernel_cpu_{suffix}"
+        sources = CPU_SOURCES
+        kwargs = dict(extra_cflags=common + isa_flags, extra_ldflags=["-fopenmp"])
+    else:
+        name = "warp_kernel_cuda"
+        sources = CUDA_SOURCES
+        kwargs = dict(
+            extra_cflags=["-O3", "-DNDEBUG"],
+            extra_cuda_cflags=["-O3", "-DNDEBUG", "-lineinfo"] + _cuda_arch_flags(),
+            with_cuda=True,
+        )
+    directory = build_root() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / s) for s in sources],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(directory),
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def load(backend, verbose=False, warn=True):
+    """The loaded extension module for `backend` ("cpu" or "cuda"), building it on first use,
+    or None if it cannot be built: then `failure(backend)` gives the reason, and the first call
+    with warn=True issues the one warning about it."""
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"backend must be 'cpu' or 'cuda', got {backend!r}")
+    with _lock:
+        if backend in _modules:
+            return _modules[backend]
+        if backend not in _failures:
+            reason = _missing_tools(backend)
+            if reason is None:
+                try:
+                    _modules[backend] = _build(backend, verbose)
+                    return _modules[backend]
+                except Exception as e:  # a compile error, a broken toolchain, a bad arch list
+                    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+                    reason = f"build failed: {type(e).__name__}: " + " | ".join(lines[-6:])[-600:]
+            _failures[backend] = reason
+        if warn and backend not in _warned:
+            _warned.add(backend)
+            name = "cpp" if backend == "cpu" else "cuda"
+            warnings.warn(
+                f"warp_kernel: the {name} backend is unavailable ({_failures[backend]}); "
+                "falling back to the pure-PyTorch ops (impl='torch').",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+
+def failure(backend):
+    """Why `backend` could not be loaded (None if it loaded or was never tried)."""
+    return _failures.get(backend)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the warp_kernel extensions ahead of time.")
+    parser.add_argument("--backend", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 if any requested build fails"
+    )
+    args = parser.parse_args(argv)
+    ok = True
+    print(f"build directory: {build_root()}")
+    for backend in ["cpu", "cuda"] if args.backend == "all" else [args.backend]:
+        start = time.perf_counter()
+        module = load(backend, verbose=args.verbose, warn=False)
+        seconds = time.perf_counter() - start
+        if module is None:
+            ok = False
+            print(f"{backend}: FAILED after {seconds:.1f} s: {failure(backend)}")
+        else:
+            print(f"{backend}: ok ({seconds:.1f} s) {module.__file__}")
+    return 0 if ok or not args.strict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

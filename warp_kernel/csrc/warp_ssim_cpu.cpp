@@ -1,0 +1,631 @@
+// CPU path of the fused flow-warp + SSIM ops (float32 and float64).
+//
+// The SSIM is one number per image, so its gradient with respect to any input is that input's
+// gradient "per unit of grad_ssim" times grad_ssim[b]. When a gradient is wanted, the forward
+// pass computes these unit gradients in the same streaming pass that computes the SSIM, and the
+// backward pass only scales them (in Python). Recomputing the five moment maps in the backward
+// would cost as much as the whole forward.
+//
+// Work is split into tasks of (image, band of rows) run with at::parallel_for (OpenMP threads,
+// torch.set_num_threads). A task walks down its band one row at a time, keeping only small ring
+// buffers of rows (padded so that the 11 rows in flight do not alias in the L1 cache):
+//   1. produce input row r: sample the warped row (bilinear taps of the row, then one gathered
+//      sample per channel, plus d(sample)/d(flow) when the flow gradient is wanted), copy the
+//      reference row;
+//   2. vertical pass: rows p..p+10 -> the five Gaussian column moments of output row p;
+//   3. horizontal pass: window moments -> SSIM (summed), and the SSIM partial derivatives,
+//      which are then blurred back along the row with the transposed (full) window;
+//   4. vertical transposed pass: blurred partials of output rows q-10..q -> gradient of the
+//      SSIM with respect to every pixel of input row q, then of the flow at row q.
+// Every loop over a row runs over contiguous memory and is vectorised by the compiler.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor (lighter than torch/extension.h)
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "warp_ssim_checks.h"
+#include "warp_ssim_math.h"
+
+namespace warp_kernel {
+namespace {
+
+constexpr int kRing = kTaps;  // rows a vertical 11-tap pass needs at once
+constexpr int kPad = 2 * kRadius;
+
+template <typename T>
+struct Gauss {
+  T g[kTaps];
+  Gauss() {
+    const double d[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
+    for (int k = 0; k < kTaps; ++k) g[k] = T(d[k]);
+  }
+};
+
+struct Geometry {
+  int B, C, H, W;
+  int Ho, Wo;  // size of the 'valid' SSIM map
+  int plane;   // H * W
+  int stride;  // row stride of the ring buffers: W rounded up, plus a cache line
+  explicit Geometry(const at::Tensor& t)
+      : B(int(t.size(0))), C(int(t.size(1))), H(int(t.size(2))), W(int(t.size(3))),
+        Ho(H - 2 * kRadius), Wo(W - 2 * kRadius), plane(H * W),
+        stride((W + 15) / 16 * 16 + 16) {}
+};
+
+// Split every image into bands of rows so that there are about as many tasks as threads
+// (a band re-derives a 10-row halo, so bands are kept at least 32 rows tall).
+int bands_per_image(int batch, int rows) {
+  const int threads = std::max(1, at::get_num_threads());
+  const int wanted = (threads + batch - 1) / batch;
+  return std::max(1, std::min(wanted, rows / 32));
+}
+
+template <typename F>
+void for_each_band(const Geometry& g, const F& f) {
+  const int bands = bands_per_image(g.B, g.H);
+  at::parallel_for(0, int64_t(g.B) * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int b = int(task / bands), band = int(task % bands);
+      f(b, int(int64_t(g.H) * band / bands), int(int64_t(g.H) * (band + 1) / bands));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bilinear taps of one output row, structure-of-arrays so the loops over them vectorise
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct TapRow {
+  std::vector<int> offset, step_x, step_y;
+  std::vector<T> wx, wy, dx, dy;
+  explicit TapRow(int W) : offset(W), step_x(W), step_y(W), wx(W), wy(W), dx(W), dy(W) {}
+
+  BilinearTap<T> at(int j) const {
+    return BilinearTap<T>{offset[j], step_x[j], step_y[j], wx[j], wy[j], dx[j], dy[j]};
+  }
+
+  // Row y of an image's (2, H, W) flow: sample positions (x + flow_x, y + flow_y).
+  template <int kPadding>
+  void fill(const T* flow, int y, int H, int W) {
+    const T* fx = flow + size_t(y) * W;
+    const T* fy = flow + size_t(H) * W + size_t(y) * W;
+    int* __restrict__ o = offset.data();
+    int* __restrict__ sx = step_x.data();
+    int* __restrict__ sy = step_y.data();
+    T* __restrict__ ax = wx.data();
+    T* __restrict__ ay = wy.data();
+    T* __restrict__ gx = dx.data();
+    T* __restrict__ gy = dy.data();
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      const BilinearTap<T> t = bilinear_tap(T(j) + fx[j], T(y) + fy[j], H, W, kPadding);
+      o[j] = t.offset;
+      sx[j] = t.step_x;
+      sy[j] = t.step_y;
+      ax[j] = t.wx;
+      ay[j] = t.wy;
+      gx[j] = t.dx;
+      gy[j] = t.dy;
+    }
+  }
+  void fill(const T* flow, int y, int H, int W, int padding) {
+    if (padding == kReflection)
+      fill<kReflection>(flow, y, H, W);
+    else
+      fill<kBorder>(flow, y, H, W);
+  }
+
+  void sample(const T* plane, int W, T* __restrict__ out) const {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) out[j] = bilinear_sample(plane, at(j));
+  }
+
+  // The samples and their derivatives with respect to flow_x and flow_y.
+  void sample_grad(const T* plane, int W, T* __restrict__ out, T* __restrict__ d_fx,
+                   T* __restrict__ d_fy) const {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) out[j] = bilinear_sample_grad(plane, at(j), &d_fx[j], &d_fy[j]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The fused pass of one band
+// ---------------------------------------------------------------------------------------------
+
+// What one call computes. x comes from `x` or, when `img` is set, is the warp of img by flow.
+// The gradients are per unit of grad_ssim[b] (already divided by the C * Ho * Wo windows).
+template <typename T>
+struct Problem {
+  Geometry g;
+  const T* x = nullptr;     // (B, C, H, W), or
+  const T* img = nullptr;   // (B, C, H, W) and
+  const T* flow = nullptr;  // (B, 2, H, W)
+  int padding = kBorder;
+  const T* y = nullptr;     // (B, C, H, W)
+  T c1 = 0, c2 = 0;
+  T* warped = nullptr;      // out (B, C, H, W), optional
+  T* grad_x = nullptr;      // out (B, C, H, W): d ssim / d x, optional
+  T* grad_y = nullptr;      // out (B, C, H, W): d ssim / d y, optional
+  T* grad_flow = nullptr;   // out (B, 2, H, W): d ssim / d flow, optional (warp only)
+  double* row_sums = nullptr;  // out (B, C, Ho): SSIM summed over each output row
+  explicit Problem(const at::Tensor& t) : g(t) {}
+  bool wants_grad() const { return grad_x || grad_y || grad_flow; }
+};
+
+template <typename T>
+class BandPass {
+ public:
+  BandPass(const Problem<T>& pb, int b)
+      : pb_(pb), g_(pb.g), b_(b), S_(pb.g.stride), K_(pb.grad_y ? 4 : 3), taps_(pb.g.W) {
+    const size_t S = size_t(S_);
+    rows_.resize(size_t(g_.C) * kRing * 2 * S);
+    if (pb.grad_flow) dflow_.resize(size_t(g_.C) * kRing * 2 * S);
+    m_.resize(5 * S);
+    s_.resize(S);
+    if (pb.wants_grad()) {
+      d_.assign(4 * (S + kPad), T(0));
+      e_.resize(size_t(g_.C) * kRing * K_ * S);
+      zeros_.assign(K_ * S, T(0));
+      f_.resize(4 * S);
+      dx_.resize(S);
+    }
+  }
+
+  // Input rows [q0, q1) of image b: their warped pixels and gradients, and the SSIM of the
+  // output rows [q0, min(q1, Ho)).
+  void run(int q0, int q1) {
+    const bool grad = pb_.wants_grad();
+    // The gradient of input row q gathers output rows q-10..q: start 10 rows early.
+    const int p_begin = grad ? std::max(0, q0 - kPad) : q0;
+    const int p_end = std::min(q1, g_.Ho);
+    q0_ = q0;
+    q1_ = q1;
+    next_ = p_begin;
+    for (int p = p_begin; p < p_end; ++p) {
+      produce_until(p + kPad);
+      for (int c = 0; c < g_.C; ++c) {
+        column_moments(c, p);
+        const double s = grad ? window_row<true>(c, p) : window_row<false>(c, p);
+        if (p >= q0) pb_.row_sums[(size_t(b_) * g_.C + c) * g_.Ho + p] = s;
+      }
+      if (grad && p >= q0) finish_row(p);
+    }
+    if (grad)
+      for (int q = std::max(q0, g_.Ho); q < q1; ++q) finish_row(q);  // below the last window
+    produce_until(q1 - 1);  // rows of the warped image nothing above needed
+  }
+
+ private:
+  // Ring slot of input row r, channel c: [x (S) | y (S)]; for the flow gradient a parallel
+  // ring holds [d x / d flow_x (S) | d x / d flow_y (S)]. One base pointer per row keeps the
+  // 11-row loops within the registers.
+  T* row(std::vector<T>& ring, int c, int r) {
+    return ring.data() + (size_t(c) * kRing + r % kRing) * 2 * S_;
+  }
+  // Blurred partials of output row p: [map 0 (S) | map 1 | ... | map K-1].
+  T* e_row(int c, int p) { return e_.data() + (size_t(c) * kRing + p % kRing) * K_ * S_; }
+
+  // ---- 1. input rows: warped (or copied) x, and y ----
+  void produce_until(int last) {
+    const int W = g_.W;
+    for (; next_ <= last; ++next_) {
+      const int r = next_;
+      const size_t image = size_t(b_) * g_.C * g_.plane;
+      if (pb_.img != nullptr)
+        taps_.fill(pb_.flow + size_t(b_) * 2 * g_.plane, r, g_.H, W, pb_.padding);
+      for (int c = 0; c < g_.C; ++c) {
+        const size_t at = image + size_t(c) * g_.plane + size_t(r) * W;
+        T* xy = row(rows_, c, r);
+        if (pb_.img == nullptr) {
+          std::memcpy(xy, pb_.x + at, sizeof(T) * W);
+        } else {
+          const T* plane = pb_.img + image + size_t(c) * g_.plane;
+          if (pb_.grad_flow) {
+            T* d = row(dflow_, c, r);
+            taps_.sample_grad(plane, W, xy, d, d + S_);
+          } else {
+            taps_.sample(plane, W, xy);
+          }
+          if (pb_.warped != nullptr && r >= q0_ && r < q1_)
+            std::memcpy(pb_.warped + at, xy, sizeof(T) * W);
+        }
+        std::memcpy(xy + S_, pb_.y + at, sizeof(T) * W);
+      }
+    }
+  }
+
+  // ---- 2. vertical pass: rows p..p+10 -> m = (sum g x, sum g y, sum g x^2, sum g y^2,
+  // sum g xy) per column. Symmetric taps pair rows k and 10-k; two partial sums per moment
+  // keep the dependency chains short. ----
+  void column_moments(int c, int p) {
+    const T* r[kTaps];
+    for (int k = 0; k < kTaps; ++k) r[k] = row(rows_, c, p + k);
+    const int S = S_;
+    T* __restrict__ m = m_.data();
+    const T* gk = gauss_.g;
+#pragma omp simd
+    for (int j = 0; j < g_.W; ++j) {
+      T sx[2] = {0, 0}, sy[2] = {0, 0}, sxx[2] = {0, 0}, syy[2] = {0, 0}, sxy[2] = {0, 0};
+#pragma GCC unroll 5
+      for (int k = 0; k < kRadius; ++k) {
+        const T a0 = r[k][j], a1 = r[kPad - k][j];
+        const T b0 = r[k][S + j], b1 = r[kPad - k][S + j];
+        const int h = k & 1;
+        sx[h] += gk[k] * (a0 + a1);
+        sy[h] += gk[k] * (b0 + b1);
+        sxx[h] += gk[k] * (a0 * a0 + a1 * a1);
+        syy[h] += gk[k] * (b0 * b0 + b1 * b1);
+        sxy[h] += gk[k] * (a0 * b0 + a1 * b1);
+      }
+      const T a = r[kRadius][j], bb = r[kRadius][S + j], gc = gk[kRadius];
+      m[j] = (sx[0] + sx[1]) + gc * a;
+      m[S + j] = (sy[0] + sy[1]) + gc * bb;
+      m[2 * S + j] = (sxx[0] + sxx[1]) + gc * a * a;
+      m[3 * S + j] = (syy[0] + syy[1]) + gc * bb * bb;
+      m[4 * S + j] = (sxy[0] + sxy[1]) + gc * a * bb;
+    }
+  }
+
+  // ---- 3. horizontal pass: window moments -> SSIM of the row (summed in float64) and, for
+  // the gradient, the partials (zero-padded by 10 on both sides) blurred back along the row:
+  // e[j] = sum_k g[k] d[j - k] = sum_t g[t] d_padded[j + t] (the window is symmetric). ----
+  template <bool kGrad>
+  double window_row(int c, int p) {
+    const int S = S_;
+    const int Sd = S + kPad;
+    const T* m = m_.data();
+    const T* gk = gauss_.g;
+    const T c1 = pb_.c1, c2 = pb_.c2, scale = inv_count();
+    T* __restrict__ d = d_.data();
+    T* __restrict__ ssim = s_.data();
+#pragma omp simd
+    for (int j = 0; j < g_.Wo; ++j) {
+      T ux = 0, uy = 0, uxx = 0, uyy = 0, uxy = 0;
+#pragma GCC unroll 11
+      for (int k = 0; k < kTaps; ++k) {
+        ux += gk[k] * m[j + k];
+        uy += gk[k] * m[S + j + k];
+        uxx += gk[k] * m[2 * S + j + k];
+        uyy += gk[k] * m[3 * S + j + k];
+        uxy += gk[k] * m[4 * S + j + k];
+      }
+      if (kGrad) {
+        const SSIMPartials<T> q = ssim_partials(ux, uy, uxx, uyy, uxy, c1, c2);
+        d[kPad + j] = scale * q.mu_x;
+        d[Sd + kPad + j] = scale * q.sq;
+        d[2 * Sd + kPad + j] = scale * q.xy;
+        d[3 * Sd + kPad + j] = scale * q.mu_y;  // read only when K == 4
+        ssim[j] = q.s;
+      } else {
+        ssim[j] = ssim_from_moments(ux, uy, uxx, uyy, uxy, c1, c2);
+      }
+    }
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < g_.Wo; ++j) sum += double(ssim[j]);
+    if (kGrad) {
+      T* e = e_row(c, p);
+      for (int i = 0; i < K_; ++i) {
+        const T* src = d + i * Sd;
+        T* __restrict__ dst = e + i * S;
+#pragma omp simd
+        for (int j = 0; j < g_.W; ++j) {
+          T acc = 0;
+#pragma GCC unroll 11
+          for (int t = 0; t < kTaps; ++t) acc += gk[t] * src[j + t];
+          dst[j] = acc;
+        }
+      }
+    }
+    return sum;
+  }
+
+  // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of input row q ----
+  void finish_row(int q) {
+    const int W = g_.W, S = S_;
+    const T* gk = gauss_.g;
+    T* gflow_x = nullptr;
+    T* gflow_y = nullptr;
+    if (pb_.grad_flow) {
+      gflow_x = pb_.grad_flow + size_t(b_) * 2 * g_.plane + size_t(q) * W;
+      gflow_y = gflow_x + g_.plane;
+    }
+    for (int c = 0; c < g_.C; ++c) {
+      // f[i] = sum_k g[k] e_i(row q - 10 + k): output row p weighs pixel row q by g[q - p].
+      const T* er[kTaps];
+      for (int k = 0; k < kTaps; ++k) {
+        const int p = q - kPad + k;
+        er[k] = (p >= 0 && p < g_.Ho) ? e_row(c, p) : zeros_.data();
+      }
+      for (int i = 0; i < K_; ++i) {
+        T* __restrict__ f = f_.data() + i * S;
+        const int o = i * S;
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          T acc = 0;
+#pragma GCC unroll 11
+          for (int k = 0; k < kTaps; ++k) acc += gk[k] * er[k][o + j];
+          f[j] = acc;
+        }
+      }
+      const T* xq = row(rows_, c, q);
+      const T* yq = xq + S;
+      const T* f_mu = f_.data();
+      const T* f_sq = f_mu + S;
+      const T* f_xy = f_mu + 2 * S;
+      T* __restrict__ dx = dx_.data();
+#pragma omp simd
+      for (int j = 0; j < W; ++j) dx[j] = ssim_grad_pixel(f_mu[j], f_sq[j], f_xy[j], xq[j], yq[j]);
+
+      const size_t at = size_t(b_) * g_.C * g_.plane + size_t(c) * g_.plane + size_t(q) * W;
+      if (pb_.grad_x) std::memcpy(pb_.grad_x + at, dx, sizeof(T) * W);
+      if (pb_.grad_y) {
+        const T* f_mu_y = f_mu + 3 * S;
+        T* __restrict__ gy = pb_.grad_y + at;
+#pragma omp simd
+        for (int j = 0; j < W; ++j) gy[j] = ssim_grad_pixel(f_mu_y[j], f_sq[j], f_xy[j], yq[j], xq[j]);
+      }
+      if (gflow_x) {
+        const T* dfx = row(dflow_, c, q);
+        const T* dfy = dfx + S;
+        if (c == 0) {
+#pragma omp simd
+          for (int j = 0; j < W; ++j) {
+            gflow_x[j] = dx[j] * dfx[j];
+            gflow_y[j] = dx[j] * dfy[j];
+          }
+        } else {
+#pragma omp simd
+          for (int j = 0; j < W; ++j) {
+            gflow_x[j] += dx[j] * dfx[j];
+            gflow_y[j] += dx[j] * dfy[j];
+          }
+        }
+      }
+    }
+  }
+
+  T inv_count() const { return T(1.0 / (double(g_.C) * g_.Ho * g_.Wo)); }
+
+  const Problem<T>& pb_;
+  const Geometry& g_;
+  const int b_;
+  const int S_;  // padded row length of every row buffer
+  const int K_;  // partial maps carried: d_mu_x, d_sq, d_xy (and d_mu_y for grad_y)
+  const Gauss<T> gauss_;
+  TapRow<T> taps_;
+  std::vector<T> rows_;   // ring (C, kRing, [x | y])
+  std::vector<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
+  std::vector<T> m_;      // (5, S) column moments of one output row
+  std::vector<T> s_;      // (S) SSIM of one output row
+  std::vector<T> d_;      // (4, S + 10) partials of one output row, zero-padded
+  std::vector<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row
+  std::vector<T> zeros_;  // (K, S) stands in for rows outside the SSIM map
+  std::vector<T> f_;      // (4, S) partials blurred back onto one input row
+  std::vector<T> dx_;     // (S) gradient of one row of x
+  int q0_ = 0, q1_ = 0, next_ = 0;
+};
+
+// Runs the fused pass over every band and returns the (B,) mean SSIM.
+template <typename T>
+at::Tensor run_fused(Problem<T>& pb, const at::TensorOptions& options) {
+  const Geometry& g = pb.g;
+  // Per (image, channel, output row) sums, added in a fixed order: the result does not depend
+  // on the number of threads.
+  std::vector<double> row_sums(size_t(g.B) * g.C * g.Ho);
+  pb.row_sums = row_sums.data();
+  for_each_band(g, [&](int b, int q0, int q1) { BandPass<T>(pb, b).run(q0, q1); });
+  at::Tensor out = at::empty({g.B}, options);
+  T* o = out.data_ptr<T>();
+  for (int b = 0; b < g.B; ++b) {
+    double s = 0;
+    const double* r = row_sums.data() + size_t(b) * g.C * g.Ho;
+    for (int i = 0; i < g.C * g.Ho; ++i) s += r[i];
+    o[b] = T(s / (double(g.C) * g.Ho * g.Wo));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain warp: forward, flow gradient, image gradient (scatter)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void warp_forward(const T* img, const T* flow, const Geometry& g, int padding, T* out) {
+  at::parallel_for(0, int64_t(g.B) * g.H, 16, [&](int64_t begin, int64_t end) {
+    TapRow<T> taps(g.W);
+    for (int64_t by = begin; by < end; ++by) {
+      const int b = int(by / g.H), y = int(by % g.H);
+      taps.fill(flow + size_t(b) * 2 * g.plane, y, g.H, g.W, padding);
+      for (int c = 0; c < g.C; ++c) {
+        const size_t plane = (size_t(b) * g.C + c) * g.plane;
+        taps.sample(img + plane, g.W, out + plane + size_t(y) * g.W);
+      }
+    }
+  });
+}
+
+// grad_flow[b, :, y, x] = sum_c grad_out[b, c, y, x] * d warped[b, c, y, x] / d flow.
+template <typename T>
+void warp_flow_grad(const T* grad_out, const T* img, const T* flow, const Geometry& g,
+                    int padding, T* grad_flow) {
+  at::parallel_for(0, int64_t(g.B) * g.H, 16, [&](int64_t begin, int64_t end) {
+    TapRow<T> taps(g.W);
+    std::vector<T> v(g.W), dfx(g.W), dfy(g.W);
+    for (int64_t by = begin; by < end; ++by) {
+      const int b = int(by / g.H), y = int(by % g.H);
+      taps.fill(flow + size_t(b) * 2 * g.plane, y, g.H, g.W, padding);
+      T* __restrict__ gx = grad_flow + size_t(b) * 2 * g.plane + size_t(y) * g.W;
+      T* __restrict__ gy = gx + g.plane;
+      for (int c = 0; c < g.C; ++c) {
+        const size_t plane = (size_t(b) * g.C + c) * g.plane;
+        taps.sample_grad(img + plane, g.W, v.data(), dfx.data(), dfy.data());
+        const T* go = grad_out + plane + size_t(y) * g.W;
+#pragma omp simd
+        for (int j = 0; j < g.W; ++j) {
+          gx[j] = (c == 0 ? T(0) : gx[j]) + go[j] * dfx[j];
+          gy[j] = (c == 0 ? T(0) : gy[j]) + go[j] * dfy[j];
+        }
+      }
+    }
+  });
+}
+
+// grad_img: the gradient of every warped pixel scattered to the four corners it sampled.
+// Planes are independent, so they run in parallel and each is race-free.
+template <typename T>
+void warp_image_grad(const T* grad_out, const T* flow, const Geometry& g, int padding,
+                     T* grad_img) {
+  at::parallel_for(0, int64_t(g.B) * g.C, 1, [&](int64_t begin, int64_t end) {
+    TapRow<T> taps(g.W);
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int b = int(bc / g.C);
+      const T* go = grad_out + size_t(bc) * g.plane;
+      T* gi = grad_img + size_t(bc) * g.plane;
+      for (int y = 0; y < g.H; ++y) {
+        taps.fill(flow + size_t(b) * 2 * g.plane, y, g.H, g.W, padding);
+        for (int j = 0; j < g.W; ++j) {
+          const BilinearTap<T> t = taps.at(j);
+          T w00, w01, w10, w11;
+          bilinear_weights(t, &w00, &w01, &w10, &w11);
+          const T v = go[size_t(y) * g.W + j];
+          gi[t.offset] += v * w00;
+          gi[t.offset + t.step_x] += v * w01;
+          gi[t.offset + t.step_y] += v * w10;
+          gi[t.offset + t.step_y + t.step_x] += v * w11;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops (the Python-visible functions)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+T* ptr_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor flow_warp_forward(const at::Tensor& img, const at::Tensor& flow, int64_t padding) {
+  check_image(img, "img", false);
+  check_flow(flow, img, false);
+  check_padding(padding);
+  const Geometry g(img);
+  at::Tensor out = at::empty_like(img);
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_forward_cpu", [&] {
+    warp_forward(img.data_ptr<scalar_t>(), flow.data_ptr<scalar_t>(), g, int(padding),
+                 out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// -> [grad_img or None, grad_flow or None]
+std::vector<at::Tensor> flow_warp_backward(const at::Tensor& grad_out, const at::Tensor& img,
+                                           const at::Tensor& flow, int64_t padding,
+                                           bool need_img, bool need_flow) {
+  check_image(img, "img", false);
+  check_flow(flow, img, false);
+  check_same_shape(grad_out, "grad_out", img, "img", false);
+  check_padding(padding);
+  const Geometry g(img);
+  at::Tensor grad_img = need_img ? at::zeros_like(img) : at::Tensor();
+  at::Tensor grad_flow = need_flow ? at::empty_like(flow) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_backward_cpu", [&] {
+    const scalar_t* go = grad_out.data_ptr<scalar_t>();
+    const scalar_t* fl = flow.data_ptr<scalar_t>();
+    if (need_flow)
+      warp_flow_grad(go, img.data_ptr<scalar_t>(), fl, g, int(padding),
+                     grad_flow.data_ptr<scalar_t>());
+    if (need_img) warp_image_grad(go, fl, g, int(padding), grad_img.data_ptr<scalar_t>());
+  });
+  return {grad_img, grad_flow};
+}
+
+// -> [ssim (B,), d ssim/d x per unit grad or None, d ssim/d y per unit grad or None]
+std::vector<at::Tensor> ssim_forward(const at::Tensor& x, const at::Tensor& y, double data_range,
+                                     bool want_grad_x, bool want_grad_y) {
+  check_image(x, "x", false);
+  check_same_shape(y, "y", x, "x", false);
+  check_ssim_size(x);
+  check_data_range(data_range);
+  at::Tensor grad_x = want_grad_x ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_y = want_grad_y ? at::empty_like(y) : at::Tensor();
+  at::Tensor ssim;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_forward_cpu", [&] {
+    Problem<scalar_t> pb(x);
+    pb.x = x.data_ptr<scalar_t>();
+    pb.y = y.data_ptr<scalar_t>();
+    pb.c1 = scalar_t((0.01 * data_range) * (0.01 * data_range));
+    pb.c2 = scalar_t((0.03 * data_range) * (0.03 * data_range));
+    pb.grad_x = ptr_or_null<scalar_t>(grad_x);
+    pb.grad_y = ptr_or_null<scalar_t>(grad_y);
+    ssim = run_fused(pb, x.options());
+  });
+  return {ssim, grad_x, grad_y};
+}
+
+// -> [ssim (B,), warped, and per unit grad_ssim: d ssim/d warped (for the image gradient),
+//     d ssim/d flow, d ssim/d ref, each None unless wanted]
+std::vector<at::Tensor> warp_ssim_forward(const at::Tensor& img, const at::Tensor& flow,
+                                          const at::Tensor& ref, int64_t padding,
+                                          double data_range, bool want_grad_warped,
+                                          bool want_grad_flow, bool want_grad_ref) {
+  check_image(img, "img", false);
+  check_flow(flow, img, false);
+  check_same_shape(ref, "ref", img, "img", false);
+  check_ssim_size(img);
+  check_padding(padding);
+  check_data_range(data_range);
+  at::Tensor warped = at::empty_like(img);
+  at::Tensor grad_warped = want_grad_warped ? at::empty_like(img) : at::Tensor();
+  at::Tensor grad_flow = want_grad_flow ? at::empty_like(flow) : at::Tensor();
+  at::Tensor grad_ref = want_grad_ref ? at::empty_like(ref) : at::Tensor();
+  at::Tensor ssim;
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "warp_ssim_forward_cpu", [&] {
+    Problem<scalar_t> pb(img);
+    pb.img = img.data_ptr<scalar_t>();
+    pb.flow = flow.data_ptr<scalar_t>();
+    pb.padding = int(padding);
+    pb.y = ref.data_ptr<scalar_t>();
+    pb.c1 = scalar_t((0.01 * data_range) * (0.01 * data_range));
+    pb.c2 = scalar_t((0.03 * data_range) * (0.03 * data_range));
+    pb.warped = warped.data_ptr<scalar_t>();
+    pb.grad_x = ptr_or_null<scalar_t>(grad_warped);
+    pb.grad_y = ptr_or_null<scalar_t>(grad_ref);
+    pb.grad_flow = ptr_or_null<scalar_t>(grad_flow);
+    ssim = run_fused(pb, img.options());
+  });
+  return {ssim, warped, grad_warped, grad_flow, grad_ref};
+}
+
+at::Tensor gaussian_taps() {
+  const double d[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
+  at::Tensor t = at::empty({kTaps}, at::TensorOptions().dtype(at::kDouble));
+  std::memcpy(t.data_ptr<double>(), d, sizeof(d));
+  return t;
+}
+
+}  // namespace
+}  // namespace warp_kernel
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace warp_kernel;
+  m.doc() = "warp_kernel CPU ops: fused bilinear flow-warp + SSIM (float32/float64)";
+  m.def("flow_warp_forward", &flow_warp_forward, "img (B,C,H,W), flow (B,2,H,W), padding code");
+  m.def("flow_warp_backward", &flow_warp_backward,
+        "grad_out, img, flow, padding, need_img, need_flow -> [grad_img, grad_flow]");
+  m.def("ssim_forward", &ssim_forward,
+        "x, y, data_range, want_grad_x, want_grad_y -> [ssim (B,), unit grad_x, unit grad_y]");
+  m.def("warp_ssim_forward", &warp_ssim_forward,
+        "img, flow, ref, padding, data_range, want_grad_warped, want_grad_flow, want_grad_ref"
+        " -> [ssim (B,), warped, unit grad_warped, unit grad_flow, unit grad_ref]");
+  m.def("gaussian_taps", &gaussian_taps, "the 11 window taps (float64)");
+}
