@@ -32,7 +32,9 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ["warp_ssim_cpu.cpp"]
 CUDA_SOURCES = ["warp_ssim_cuda.cu", "warp_ssim_cuda.cpp"]
-HEADERS = ["warp_ssim_math.h", "warp_ssim_checks.h", "warp_ssim_cuda.h"]
+HEADERS = ["warp_ssim_math.h", "warp_ssim_checks.h", "warp_ssim_cuda.h", "warp_ssim_kernels.cuh"]
+# The CUDA kernels compiled for CPU threads: lets machines without a GPU test them.
+EMULATION_SOURCES = ["warp_ssim_emulated.cpp", "cuda_emulation.h"]
 # Turing (T4), Ampere and Ada (sm_80 code runs on 8.x), PTX for everything newer.
 DEFAULT_CUDA_ARCHS = "7.5;8.0+PTX"
 
@@ -44,7 +46,7 @@ _warned = set()  # backends whose failure has been reported
 
 def source_files():
     """Every file the extensions are built from (for packaging: ship these as package data)."""
-    return [CSRC / name for name in CPU_SOURCES + CUDA_SOURCES + HEADERS]
+    return [CSRC / name for name in CPU_SOURCES + CUDA_SOURCES + HEADERS + EMULATION_SOURCES]
 
 
 def build_root():
@@ -179,6 +181,28 @@ def load(backend, verbose=False, warn=True):
                 stacklevel=3,
             )
         return None
+
+
+def load_cuda_emulation(verbose=False):
+    """The CUDA kernels built for the CPU (one thread per CUDA thread; slow, small inputs only),
+    with the same functions as the extensions but on CPU tensors. Raises if it cannot build."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    with _lock:
+        if "emulation" not in _modules:
+            name = "warp_kernel_cuda_emulated"
+            directory = build_root() / name
+            directory.mkdir(parents=True, exist_ok=True)
+            _modules["emulation"] = cpp_extension.load(
+                name=name,
+                sources=[str(CSRC / "warp_ssim_emulated.cpp")],
+                extra_include_paths=[str(CSRC)],
+                extra_cflags=["-O1", "-pthread"],
+                extra_ldflags=["-pthread"],
+                build_directory=str(directory),
+                verbose=verbose,
+            )
+        return _modules["emulation"]
 
 
 def failure(backend):

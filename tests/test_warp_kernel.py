@@ -1,0 +1,469 @@
+"""warp_kernel: every backend against the pure-PyTorch reference, gradients, identities, errors.
+
+The C++ extension is built on first use (cached); the CUDA extension is built and imported here
+too (nvcc needs no GPU), while the tests that launch CUDA kernels need a GPU and skip without one.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import warp_kernel
+from warp_kernel import build, reference
+
+HAS_GPU = torch.cuda.is_available()
+SHAPES = [(1, 3, 23, 31), (3, 1, 17, 40), (3, 3, 32, 29), (1, 1, 11, 12)]  # odd, non-square
+PADDINGS = ["border", "reflection"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores: oversubscription makes these tests many times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cpu_ext():
+    module = build.load("cpu", warn=False)
+    if module is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    return module
+
+
+def backends_under_test():
+    params = [pytest.param("cpp", "cpu", id="cpp")]
+    params.append(
+        pytest.param(
+            "cuda", "cuda", id="cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU")
+        )
+    )
+    return params
+
+
+def random_flow(b, h, w, max_px, generator, dtype=torch.float32):
+    """(B, 2, H, W) flow in [-max_px, max_px] whose sample positions stay >= 0.05 px away from
+    integers: the bilinear derivative jumps there, and grid_sample's normalise / unnormalise
+    round trip moves a coordinate by an ulp, which could put it on the other side."""
+    flow = (torch.rand(b, 2, h, w, generator=generator, dtype=torch.float64) * 2 - 1) * max_px
+    frac = flow - flow.floor()
+    flow = flow.floor() + 0.05 + 0.9 * frac
+    return flow.to(dtype)
+
+
+def inputs(shape, seed, dtype=torch.float32, device="cpu", max_px=20.0):
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    img = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    ref = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    # A smooth-ish reference makes the SSIM non-trivial (not ~0 as for two noise images).
+    ref = (0.5 * ref + 0.5 * img.roll(1, dims=-1)).contiguous()
+    flow = random_flow(b, h, w, max_px, g, dtype)
+    grad_warped = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype) - 0.5
+    return [t.to(device) for t in (img, flow, ref, grad_warped)]
+
+
+def assert_close(actual, expected, rtol=1e-4, atol_scale=1e-5):
+    """rtol 1e-4 elementwise, plus an absolute floor of 1e-5 of the tensor's largest entry
+    (entries that cancel to ~0 carry float32 rounding of their larger terms)."""
+    assert actual is not None and expected is not None
+    atol = atol_scale * float(expected.abs().max()) + 1e-12
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped):
+    img, flow, ref = (t.detach().clone().requires_grad_(n) for t, n in zip((img, flow, ref), needs))
+    ssim, warped = warp_kernel.warp_ssim(img, flow, ref, padding=padding, impl=impl)
+    loss = (ssim * torch.arange(1, ssim.numel() + 1, device=ssim.device)).sum()
+    if use_warped:
+        loss = loss + (warped * grad_warped).sum()
+    loss.backward()
+    return ssim.detach(), warped.detach(), img.grad, flow.grad, ref.grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl,device", backends_under_test())
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flow_warp_matches_torch(impl, device, padding, shape):
+    img, flow, _, grad_out = inputs(shape, seed=1, device=device)
+    outs = []
+    for backend in (impl, "torch"):
+        i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
+        out = warp_kernel.flow_warp(i, f, padding=padding, impl=backend)
+        out.backward(grad_out)
+        outs.append((out.detach(), i.grad, f.grad))
+    for actual, expected in zip(*outs):
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("impl,device", backends_under_test())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ssim_matches_torch(impl, device, shape):
+    x, _, y, _ = inputs(shape, seed=2, device=device)
+    outs = []
+    for backend in (impl, "torch"):
+        xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+        s = warp_kernel.ssim(xx, yy, data_range=1.0, impl=backend)
+        (s * torch.arange(1, s.numel() + 1, device=device)).sum().backward()
+        outs.append((s.detach(), xx.grad, yy.grad))
+    for actual, expected in zip(*outs):
+        assert_close(actual, expected)
+
+
+# needs = which of (img, flow, ref) require grad; use_warped = the loss also uses `warped`.
+GRAD_CASES = {
+    "flow": ((False, True, False), False),  # uad.py's common case
+    "flow+warped": ((False, True, False), True),
+    "all": ((True, True, True), False),
+    "all+warped": ((True, True, True), True),
+    "img+warped": ((True, False, False), True),
+}
+
+
+@pytest.mark.parametrize("impl,device", backends_under_test())
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_warp_ssim_matches_torch(impl, device, padding, shape, case):
+    needs, use_warped = GRAD_CASES[case]
+    img, flow, ref, grad_warped = inputs(shape, seed=3, device=device)
+    got = run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped)
+    want = run_warp_ssim("torch", img, flow, ref, padding, grad_warped, needs, use_warped)
+    for actual, expected in zip(got, want):
+        if expected is None:
+            assert actual is None
+        else:
+            assert_close(actual, expected)
+
+
+def test_warp_ssim_data_range_and_no_grad(cpu_ext):
+    img, flow, ref, _ = inputs((2, 3, 20, 21), seed=4)
+    img, ref = img * 255, ref * 255
+    with torch.no_grad():
+        s_cpp, w_cpp = warp_kernel.warp_ssim(img, flow, ref, data_range=255.0, impl="cpp")
+    s_ref, w_ref = warp_kernel.warp_ssim(img, flow, ref, data_range=255.0, impl="torch")
+    assert_close(s_cpp, s_ref.detach())
+    assert_close(w_cpp, w_ref.detach())
+    assert not s_cpp.requires_grad
+
+
+def test_cpp_result_does_not_depend_on_thread_count(cpu_ext):
+    img, flow, ref, _ = inputs((1, 3, 96, 70), seed=5)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        f = flow.clone().requires_grad_()
+        s, w = warp_kernel.warp_ssim(img, f, ref, impl="cpp")
+        s.sum().backward()
+        results.append((s.detach(), w, f.grad))
+    torch.set_num_threads(1)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients by finite differences (float64)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_gradcheck(impl, padding):
+    if impl == "cpp" and build.load("cpu", warn=False) is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    img, flow, ref, _ = inputs((2, 2, 12, 13), seed=6, dtype=torch.float64, max_px=4.0)
+    img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))
+    check = torch.autograd.gradcheck
+    assert check(lambda i, f: warp_kernel.flow_warp(i, f, padding, impl=impl), (img, flow))
+    assert check(lambda x, y: warp_kernel.ssim(x, y, impl=impl), (img, ref))
+    assert check(
+        lambda i, f, r: warp_kernel.warp_ssim(i, f, r, padding, impl=impl), (img, flow, ref)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities and an independent SSIM
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_zero_flow_is_identity(impl, padding):
+    if impl == "cpp" and build.load("cpu", warn=False) is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    img, flow, _, _ = inputs((2, 3, 15, 22), seed=7)
+    out = warp_kernel.flow_warp(img, torch.zeros_like(flow), padding, impl=impl)
+    s, warped = warp_kernel.warp_ssim(img, torch.zeros_like(flow), img, padding, impl=impl)
+    if impl == "torch":  # grid_sample's normalise / unnormalise round trip costs an ulp or so
+        torch.testing.assert_close(out, img, rtol=0, atol=1e-5)
+    else:  # the sample position is exactly the pixel, with weight exactly 0 on its neighbours
+        assert torch.equal(out, img) and torch.equal(warped, img)
+    torch.testing.assert_close(s, torch.ones(2), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_ssim_of_an_image_with_itself_is_one(impl):
+    if impl == "cpp" and build.load("cpu", warn=False) is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    x, _, _, _ = inputs((3, 3, 19, 24), seed=8)
+    torch.testing.assert_close(warp_kernel.ssim(x, x, impl=impl), torch.ones(3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("dx,dy", [(3, 0), (0, -2), (-4, 5)])
+def test_integer_shift_is_slicing(impl, dx, dy):
+    if impl == "cpp" and build.load("cpu", warn=False) is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    img, _, _, _ = inputs((1, 3, 20, 25), seed=9)
+    flow = torch.empty(1, 2, 20, 25)
+    flow[:, 0], flow[:, 1] = dx, dy
+    out = warp_kernel.flow_warp(img, flow, impl=impl)
+    # out[y, x] = img[y + dy, x + dx] wherever that is inside the image
+    ys = slice(max(0, -dy), 20 - max(0, dy))
+    xs = slice(max(0, -dx), 25 - max(0, dx))
+    src_ys = slice(ys.start + dy, ys.stop + dy)
+    src_xs = slice(xs.start + dx, xs.stop + dx)
+    torch.testing.assert_close(out[..., ys, xs], img[..., src_ys, src_xs], rtol=0, atol=1e-5)
+
+
+def ssim_numpy(x, y, data_range=1.0):
+    """Mean SSIM of (C, H, W) arrays straight from the definition: a 2-D 11x11 Gaussian window
+    (sigma 1.5) over every valid position, in float64."""
+    r = np.arange(-5, 6)
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    view = np.lib.stride_tricks.sliding_window_view
+    xw, yw = view(x, (11, 11), axis=(1, 2)), view(y, (11, 11), axis=(1, 2))  # (C, Ho, Wo, 11, 11)
+    mx, my = (xw * w).sum((-2, -1)), (yw * w).sum((-2, -1))
+    vx = (w * (xw - mx[..., None, None]) ** 2).sum((-2, -1))
+    vy = (w * (yw - my[..., None, None]) ** 2).sum((-2, -1))
+    cxy = (w * (xw - mx[..., None, None]) * (yw - my[..., None, None])).sum((-2, -1))
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean()
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("data_range", [1.0, 255.0])
+def test_ssim_matches_the_formula_in_float64(impl, data_range):
+    if impl == "cpp" and build.load("cpu", warn=False) is None:
+        pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
+    x, _, y, _ = inputs((2, 3, 18, 23), seed=10, dtype=torch.float64)
+    x, y = x * data_range, y * data_range
+    want = [ssim_numpy(x[b].numpy(), y[b].numpy(), data_range) for b in range(2)]
+    got64 = warp_kernel.ssim(x, y, data_range, impl=impl)
+    np.testing.assert_allclose(got64.numpy(), want, rtol=1e-12)
+    got32 = warp_kernel.ssim(x.float(), y.float(), data_range, impl=impl)
+    np.testing.assert_allclose(got32.numpy(), want, rtol=1e-5)
+
+
+def test_gaussian_taps_are_the_formula(cpu_ext):
+    r = np.arange(-5, 6)
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    np.testing.assert_allclose(cpu_ext.gaussian_taps().numpy(), g / g.sum(), rtol=1e-15)
+    np.testing.assert_allclose(reference.gaussian_taps().numpy(), g / g.sum(), rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear Python errors, never a crash
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_bad_inputs_raise_value_errors(impl):
+    img, flow, ref, _ = inputs((1, 3, 16, 16), seed=11)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        warp_kernel.flow_warp(img.half(), flow.half(), impl=impl)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        warp_kernel.ssim((img * 255).to(torch.uint8), (ref * 255).to(torch.uint8), impl=impl)
+    with pytest.raises(ValueError, match="same|float64"):
+        warp_kernel.flow_warp(img, flow.double(), impl=impl)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        warp_kernel.flow_warp(img[0], flow, impl=impl)
+    with pytest.raises(ValueError, match=r"flow must be \(B, 2, H, W\)"):
+        warp_kernel.flow_warp(img, flow[:, :1], impl=impl)
+    with pytest.raises(ValueError, match=r"flow must be \(B, 2, H, W\)"):
+        warp_kernel.warp_ssim(img, flow[..., :15], ref, impl=impl)
+    with pytest.raises(ValueError, match="differ in shape"):
+        warp_kernel.ssim(img, ref[:, :2], impl=impl)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        warp_kernel.ssim(img[..., :10], ref[..., :10], impl=impl)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        warp_kernel.warp_ssim(img[..., :10, :], flow[..., :10, :], ref[..., :10, :], impl=impl)
+    with pytest.raises(ValueError, match="is on meta"):
+        warp_kernel.ssim(img, ref.to("meta"), impl=impl)
+    with pytest.raises(ValueError, match="padding"):
+        warp_kernel.flow_warp(img, flow, padding="zeros", impl=impl)
+    with pytest.raises(ValueError, match="data_range"):
+        warp_kernel.ssim(img, ref, data_range=0.0, impl=impl)
+    with pytest.raises(TypeError):
+        warp_kernel.ssim(img.numpy(), ref, impl=impl)
+
+
+def test_bad_impl_and_device():
+    img, flow, ref, _ = inputs((1, 3, 16, 16), seed=12)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        warp_kernel.ssim(img, ref, impl="fast")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        warp_kernel.ssim(img, ref, impl="cuda")
+    if HAS_GPU:
+        with pytest.raises(ValueError, match="runs on CPU tensors"):
+            warp_kernel.ssim(img.cuda(), ref.cuda(), impl="cpp")
+
+
+def test_non_contiguous_inputs(cpu_ext):
+    img, flow, ref, _ = inputs((1, 3, 16, 18), seed=13)
+    img_t = img.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not contiguous
+    assert not img_t.is_contiguous()
+    # The extension itself refuses them with a clear RuntimeError...
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_ext.flow_warp_forward(img_t, flow, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_ext.ssim_forward(img_t, ref, 1.0, False, False)
+    # ... and the Python functions hand it contiguous copies.
+    assert torch.equal(
+        warp_kernel.flow_warp(img_t, flow, impl="cpp"), warp_kernel.flow_warp(img, flow, impl="cpp")
+    )
+
+
+def test_extension_checks_every_input(cpu_ext):
+    img, flow, ref, _ = inputs((1, 3, 16, 16), seed=14)
+    cases = [
+        (lambda: cpu_ext.flow_warp_forward(img.half(), flow.half(), 0), "float32 or float64"),
+        (lambda: cpu_ext.flow_warp_forward(img[0], flow, 0), r"\(B, C, H, W\)"),
+        (lambda: cpu_ext.flow_warp_forward(img, flow[:, :1].contiguous(), 0), "flow must be"),
+        (lambda: cpu_ext.flow_warp_forward(img, flow.double(), 0), "same dtype"),
+        (lambda: cpu_ext.flow_warp_forward(img, flow, 7), "padding code"),
+        (lambda: cpu_ext.ssim_forward(img[..., :10].contiguous(), ref[..., :10].contiguous(), 1.0, 0, 0), "at least"),
+        (lambda: cpu_ext.ssim_forward(img, ref, -1.0, False, False), "data_range"),
+        (lambda: cpu_ext.warp_ssim_forward(img, flow, ref[:, :2].contiguous(), 0, 1.0, 0, 0, 0), "shape"),
+        (lambda: cpu_ext.flow_warp_backward(img, img, flow[:1, :1].contiguous(), 0, True, True), "flow"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    if HAS_GPU:
+        with pytest.raises(RuntimeError, match="CPU tensor"):
+            cpu_ext.flow_warp_forward(img.cuda(), flow.cuda(), 0)
+
+
+def test_non_finite_flow_does_not_crash(cpu_ext):
+    img, flow, ref, _ = inputs((1, 2, 14, 14), seed=15)
+    flow[0, 0, 3, 4], flow[0, 1, 5, 6], flow[0, 0, 7, 8] = float("nan"), float("inf"), -1e30
+    for padding in PADDINGS:
+        out = warp_kernel.flow_warp(img, flow, padding, impl="cpp")
+        s, _ = warp_kernel.warp_ssim(img, flow, ref, padding, impl="cpp")
+        assert out.shape == img.shape and s.shape == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, fallback, build
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_build_state(monkeypatch):
+    """Forget every loaded extension and failure, as in a new process."""
+    monkeypatch.setattr(build, "_modules", {})
+    monkeypatch.setattr(build, "_failures", {})
+    monkeypatch.setattr(build, "_warned", set())
+    monkeypatch.delenv(warp_kernel.IMPL_ENV, raising=False)
+
+
+def test_failed_build_warns_once_and_falls_back(fresh_build_state, monkeypatch):
+    monkeypatch.setattr(build, "_missing_tools", lambda backend: "no C++ compiler (test)")
+    x, _, y, _ = inputs((1, 3, 16, 16), seed=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s1 = warp_kernel.ssim(x, y)
+        s2 = warp_kernel.ssim(x, y)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "cpp backend is unavailable" in messages[0] and "no C++ compiler (test)" in messages[0]
+    assert "pure-PyTorch" in messages[0]
+    assert torch.equal(s1, reference.ssim(x, y)) and torch.equal(s1, s2)
+    with pytest.raises(RuntimeError, match=r"impl='cpp' is unavailable: no C\+\+ compiler"):
+        warp_kernel.ssim(x, y, impl="cpp")
+    assert warp_kernel.backends() == {"torch": True, "cpp": False, "cuda": False}
+
+
+def test_compile_error_is_caught(fresh_build_state, monkeypatch):
+    def broken_build(backend, verbose):
+        raise RuntimeError("Error building extension 'warp_kernel_cpu': some compiler error")
+
+    monkeypatch.setattr(build, "_build", broken_build)
+    with pytest.warns(RuntimeWarning, match="build failed: RuntimeError: .*some compiler error"):
+        assert build.load("cpu") is None
+
+
+def test_environment_variable_forces_a_backend(fresh_build_state, monkeypatch):
+    def no_build(backend, verbose=False, warn=True):
+        raise AssertionError("WARP_KERNEL_IMPL=torch must not load an extension")
+
+    monkeypatch.setattr(build, "load", no_build)
+    monkeypatch.setenv(warp_kernel.IMPL_ENV, "torch")
+    x, _, y, _ = inputs((1, 3, 16, 16), seed=17)
+    assert torch.equal(warp_kernel.ssim(x, y), reference.ssim(x, y))
+    monkeypatch.setenv(warp_kernel.IMPL_ENV, "gpu")
+    with pytest.raises(ValueError, match="WARP_KERNEL_IMPL='gpu'"):
+        warp_kernel.ssim(x, y)
+
+
+def test_import_never_builds(tmp_path):
+    env = dict(os.environ, WARP_KERNEL_BUILD_DIR=str(tmp_path / "cache"))
+    code = (
+        "import warp_kernel, warp_kernel.build as b; "
+        "assert not b._modules and not b._failures; "
+        "assert b.build_root().parent.name == 'cache'"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(warp_kernel.__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sources_are_listed_for_packaging():
+    for path in build.source_files():
+        assert path.is_file(), path
+
+
+def test_cpu_extension_builds():
+    module = build.load("cpu", warn=False)
+    assert module is not None, build.failure("cpu")
+    assert warp_kernel.backends()["cpp"] is True
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="PyTorch without CUDA")
+def test_cuda_extension_builds_links_and_imports():
+    module = build.load("cuda", warn=False)
+    assert module is not None, build.failure("cuda")
+    for name in ("flow_warp_forward", "flow_warp_backward", "ssim_forward", "warp_ssim_forward"):
+        assert callable(getattr(module, name))
+    np.testing.assert_allclose(module.gaussian_taps().numpy(), reference.gaussian_taps().numpy(), rtol=1e-15)
+    if not HAS_GPU:  # the bindings check the device before anything touches CUDA
+        img, flow, _, _ = inputs((1, 1, 12, 12), seed=18)
+        with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+            module.flow_warp_forward(img, flow, 0)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU")
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_cuda_gradcheck(padding):
+    img, flow, ref, _ = inputs((2, 2, 12, 13), seed=19, dtype=torch.float64, device="cuda", max_px=4)
+    img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))
+    check = torch.autograd.gradcheck
+    assert check(lambda i, f: warp_kernel.flow_warp(i, f, padding, impl="cuda"), (img, flow))
+    assert check(lambda x, y: warp_kernel.ssim(x, y, impl="cuda"), (img, ref))
+    assert check(
+        lambda i, f, r: warp_kernel.warp_ssim(i, f, r, padding, impl="cuda"), (img, flow, ref)
+    )
