@@ -58,6 +58,13 @@ struct Geometry {
         stride((W + 15) / 16 * 16 + 16) {}
 };
 
+// Below this many pixels (all images and channels) a call runs on one thread: waking a
+// team of threads would cost more than the work.
+constexpr int64_t kSerialWork = 1 << 16;
+
+// Tasks per thread handed out at once by at::parallel_for: all of them for small work.
+int64_t grain(int64_t tasks, int64_t work) { return work < kSerialWork ? tasks : 1; }
+
 // Split every image into bands of rows so that there are about as many tasks as threads
 // (a band re-derives a 10-row halo, so bands are kept at least 32 rows tall).
 int bands_per_image(int batch, int rows) {
@@ -69,7 +76,9 @@ int bands_per_image(int batch, int rows) {
 template <typename F>
 void for_each_band(const Geometry& g, const F& f) {
   const int bands = bands_per_image(g.B, g.H);
-  at::parallel_for(0, int64_t(g.B) * bands, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = int64_t(g.B) * bands;
+  const int64_t work = int64_t(g.B) * g.C * g.plane;
+  at::parallel_for(0, tasks, grain(tasks, work), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int b = int(task / bands), band = int(task % bands);
       f(b, int(int64_t(g.H) * band / bands), int(int64_t(g.H) * (band + 1) / bands));
@@ -438,7 +447,9 @@ at::Tensor run_fused(Problem<T>& pb, const at::TensorOptions& options) {
 
 template <typename T>
 void warp_forward(const T* img, const T* flow, const Geometry& g, int padding, T* out) {
-  at::parallel_for(0, int64_t(g.B) * g.H, 16, [&](int64_t begin, int64_t end) {
+  const int64_t rows = int64_t(g.B) * g.H;
+  const int64_t rows_per_task = std::max<int64_t>(16, grain(rows, rows * g.C * g.W));
+  at::parallel_for(0, rows, rows_per_task, [&](int64_t begin, int64_t end) {
     TapRow<T> taps(g.W);
     for (int64_t by = begin; by < end; ++by) {
       const int b = int(by / g.H), y = int(by % g.H);
@@ -455,7 +466,9 @@ void warp_forward(const T* img, const T* flow, const Geometry& g, int padding, T
 template <typename T>
 void warp_flow_grad(const T* grad_out, const T* img, const T* flow, const Geometry& g,
                     int padding, T* grad_flow) {
-  at::parallel_for(0, int64_t(g.B) * g.H, 16, [&](int64_t begin, int64_t end) {
+  const int64_t rows = int64_t(g.B) * g.H;
+  const int64_t rows_per_task = std::max<int64_t>(16, grain(rows, rows * g.C * g.W));
+  at::parallel_for(0, rows, rows_per_task, [&](int64_t begin, int64_t end) {
     TapRow<T> taps(g.W);
     std::vector<T> v(g.W), dfx(g.W), dfy(g.W);
     for (int64_t by = begin; by < end; ++by) {
@@ -482,7 +495,8 @@ void warp_flow_grad(const T* grad_out, const T* img, const T* flow, const Geomet
 template <typename T>
 void warp_image_grad(const T* grad_out, const T* flow, const Geometry& g, int padding,
                      T* grad_img) {
-  at::parallel_for(0, int64_t(g.B) * g.C, 1, [&](int64_t begin, int64_t end) {
+  const int64_t planes = int64_t(g.B) * g.C;
+  at::parallel_for(0, planes, grain(planes, planes * g.plane), [&](int64_t begin, int64_t end) {
     TapRow<T> taps(g.W);
     for (int64_t bc = begin; bc < end; ++bc) {
       const int b = int(bc / g.C);
