@@ -21,10 +21,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +136,9 @@ def download(url: str, dest: Path, sha256: str, quiet: bool = False) -> Path:
                 if not quiet and (time.monotonic() - last > 0.5 or done == total):
                     last = time.monotonic()
                     of = f" / {total / 2**20:.0f} MiB ({100 * done / total:.0f}%)" if total else ""
-                    print(f"\rdownloading {url}: {done / 2**20:.0f} MiB{of}", end="", file=sys.stderr)
+                    print(
+                        f"\rdownloading {url}: {done / 2**20:.0f} MiB{of}", end="", file=sys.stderr
+                    )
         if not quiet:
             print(file=sys.stderr)
         if digest.hexdigest() != sha256:
@@ -198,7 +199,9 @@ def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bo
         raise UADError(f"{path}: not a Segment Anything checkpoint")
     arch, want = checkpoint_arch(state), SAM_ARCHS[model_type]
     if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
-        match = [t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())]
+        match = [
+            t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
+        ]
         what = f"a {match[0]} checkpoint" if match else "of an unknown architecture"
         raise UADError(
             f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
@@ -213,7 +216,9 @@ def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bo
     try:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UADError(f"{path}: weights do not match {model_type} ({str(e).splitlines()[0]})") from None
+        raise UADError(
+            f"{path}: weights do not match {model_type} ({str(e).splitlines()[0]})"
+        ) from None
     return sam.eval().requires_grad_(False).to(device)
 
 
@@ -335,7 +340,9 @@ def read_image(path) -> Picture:
     else:
         pixels = np.asarray(im.convert("RGB"))
     if min(pixels.shape[:2]) < 16:
-        raise UADError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, at least 16x16 needed")
+        raise UADError(
+            f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, at least 16x16 needed"
+        )
     return Picture(np.ascontiguousarray(pixels), alpha)
 
 
@@ -522,8 +529,12 @@ def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progres
     b, _, h, w = image.shape
     block = 1024 / config.control_points
     scale = max(h, w) / 1024  # pixels at the 1024 scale -> image pixels
-    ctrl = config.init_std * block * torch.randn(
-        b, config.num_flows, 2, config.control_points, config.control_points, generator=gen
+    ctrl = (
+        config.init_std
+        * block
+        * torch.randn(
+            b, config.num_flows, 2, config.control_points, config.control_points, generator=gen
+        )
     )
     ctrl = ctrl.to(image.device).requires_grad_(True)  # (B, K, 2, P, P), 1024-scale pixels
     cells = mosaic_cells(h, w, config, image.device)  # (1, K, 1, H, W)
@@ -543,7 +554,9 @@ def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progres
             proxy.requires_grad_(True)
             f_target = surrogate(target, backward_passes=1)
             f_proxy = surrogate(with_noise(proxy, config, gen), backward_passes=1)
-            loss = loss + config.lambda_f * feature_distance([f.detach() for f in f_proxy], f_target)
+            loss = loss + config.lambda_f * feature_distance(
+                [f.detach() for f in f_proxy], f_target
+            )
             f_target = [f.detach() for f in f_target]
             proxy_loss = feature_distance(f_proxy, f_target) - feature_distance(f_proxy, f_image)
             optimizer.zero_grad()
@@ -653,7 +666,9 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
         pixels = to_pixels(quantize(adv, x, config.eps))
         result = picture.to_pil(pixels) if isinstance(image, Image.Image) else pixels
     else:
-        raise UADError(f"cannot protect a {type(image).__name__}; pass a tensor, array or PIL image")
+        raise UADError(
+            f"cannot protect a {type(image).__name__}; pass a tensor, array or PIL image"
+        )
     if stats is not None:
         vars(stats).update(vars(s))
     return result
@@ -666,8 +681,12 @@ def to_picture(image) -> Picture:
         alpha = np.asarray(image.getchannel("A")) if image.mode in ("RGBA", "LA") else None
         grey = image.mode in GREY_MODES
         return Picture(np.asarray(image.convert("L" if grey else "RGB")), alpha)
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
-        raise UADError(f"expected a uint8 (H, W, 3) or (H, W) array, got {image.dtype} {image.shape}")
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
+    ):
+        raise UADError(
+            f"expected a uint8 (H, W, 3) or (H, W) array, got {image.dtype} {image.shape}"
+        )
     return Picture(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
 
 
@@ -712,13 +731,18 @@ def protect_file(src: Path, dst: Path, sam, config: UADConfig, args) -> str:
     adv, _, stats = attack(x, sam, config, Progress(quiet=args.quiet))
     protected = picture.to_pil(to_pixels(quantize(adv, x, config.eps)))
     if fmt == "JPEG" and not args.quiet:
-        print(f"warning: {dst}: JPEG compression weakens the perturbation; "
-              "the figures below are of the decoded JPEG", file=sys.stderr)
+        print(
+            f"warning: {dst}: JPEG compression weakens the perturbation; "
+            "the figures below are of the decoded JPEG",
+            file=sys.stderr,
+        )
     write_image(dst, protected, overwrite=args.overwrite)
     saved = to_tensor(read_image(dst).pixels, device)  # measure the file as saved
     with torch.no_grad():
         f_image = encoder_features(sam, x, config.layers, config.dtype)
-        distance = feature_distance(encoder_features(sam, saved, config.layers, config.dtype), f_image)
+        distance = feature_distance(
+            encoder_features(sam, saved, config.layers, config.dtype), f_image
+        )
     linf = round((saved - x).abs().max().item() * 255)
     ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
     return (
@@ -737,14 +761,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
     p.add_argument("input", type=Path, help="image file, or a folder of images")
     p.add_argument("output", type=Path, help="output file (format from its extension), or folder")
-    p.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="paper (default): live fidelity term; reference: what the authors' code "
-                   "effectively computes (no fidelity term, no proxy loop)")
-    p.add_argument("--model-type", default="vit_b", metavar="TYPE",
-                   help="surrogate SAM: vit_b (default) | vit_l | vit_h")
-    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
-                   help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
-                   "(~/.cache/unsegment), downloaded on first use")
+    p.add_argument(
+        "--preset",
+        default="paper",
+        choices=list(PRESETS),
+        help="paper (default): live fidelity term; reference: what the authors' code "
+        "effectively computes (no fidelity term, no proxy loop)",
+    )
+    p.add_argument(
+        "--model-type",
+        default="vit_b",
+        metavar="TYPE",
+        help="surrogate SAM: vit_b (default) | vit_l | vit_h",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
+        "(~/.cache/unsegment), downloaded on first use",
+    )
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no header or progress lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -752,18 +789,29 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(UADConfig):
         flag = "--" + f.name.replace("_", "-")
         unit, default = f.metadata["unit"], f.default
-        shown = f"{default * unit:g}/255" if unit == 255 else ",".join(map(str, default)) \
-            if f.name == "layers" else default
+        shown = (
+            f"{default * unit:g}/255"
+            if unit == 255
+            else ",".join(map(str, default))
+            if f.name == "layers"
+            else default
+        )
         helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" [{shown}]")
         if f.type is bool:
             group.add_argument(flag, action="store_true", default=None, help=helptext)
         elif f.name == "layers":
-            group.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")),
-                               default=None, metavar="I,J,..", help=helptext)
+            group.add_argument(
+                flag,
+                type=lambda s: tuple(int(v) for v in s.split(",")),
+                default=None,
+                metavar="I,J,..",
+                help=helptext,
+            )
         else:
             metavar = "N" if type(default) is int else "X" if type(default) is float else "NAME"
-            group.add_argument(flag, type=type(default), default=None, metavar=metavar,
-                               help=helptext)
+            group.add_argument(
+                flag, type=type(default), default=None, metavar=metavar, help=helptext
+            )
     return p
 
 
@@ -772,7 +820,7 @@ def config_from_args(args) -> UADConfig:
     for f in dataclasses.fields(UADConfig):
         value = getattr(args, f.name)
         if value is not None:
-            overrides[f.name] = value / f.metadata["unit"]  if f.metadata["unit"] != 1 else value
+            overrides[f.name] = value / f.metadata["unit"] if f.metadata["unit"] != 1 else value
     config = preset_config(args.preset, **overrides)
     eps255 = config.eps * 255
     if not 0 < eps255 <= 64:
@@ -800,10 +848,12 @@ def main(argv=None) -> int:
             args.output.mkdir(parents=True)
         device = resolve_device(args.device)
         if not args.quiet:
-            print(f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 "
-                  f"({config.eps:.4f}), {config.deform_steps} deformation + {config.steps} PGD "
-                  f"steps, surrogate {args.model_type} on {device}, seed {config.seed}",
-                  file=sys.stderr)
+            print(
+                f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 "
+                f"({config.eps:.4f}), {config.deform_steps} deformation + {config.steps} PGD "
+                f"steps, surrogate {args.model_type} on {device}, seed {config.seed}",
+                file=sys.stderr,
+            )
         sam = load_sam(args.model_type, args.checkpoint, device, quiet=args.quiet)
     except UADError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -74,8 +74,11 @@ def main() -> None:
     sam = sam.eval().requires_grad_(False)
     photo = Image.open(Path(__file__).resolve().parent.parent / "examples" / "astronaut.png")
     image = uad.to_tensor(np.asarray(photo.convert("RGB").resize((args.size, args.size))))
-    print(f"{args.model_type} random-init, {args.size}x{args.size} photo, {args.threads} threads, "
-          f"torch {torch.__version__}, warp_kernel {warp_kernel.backends()}", flush=True)
+    print(
+        f"{args.model_type} random-init, {args.size}x{args.size} photo, {args.threads} threads, "
+        f"torch {torch.__version__}, warp_kernel {warp_kernel.backends()}",
+        flush=True,
+    )
 
     depth = len(sam.image_encoder.blocks)
     rows = []
@@ -91,8 +94,10 @@ def main() -> None:
     f = full_encoder_seconds(sam, image, False)
     fb = full_encoder_seconds(sam, image, True)
     fwd, bwd = REFERENCE_PASSES
-    rows.append(f"| reference code (timed passes x its counts) | {fwd} | {bwd} | "
-                f"{depth} of {depth} + neck | {fwd * f + bwd * (fb - f):.0f} |")
+    rows.append(
+        f"| reference code (timed passes x its counts) | {fwd} | {bwd} | "
+        f"{depth} of {depth} + neck | {fwd * f + bwd * (fb - f):.0f} |"
+    )
     print(f"\nfull encoder: forward {f:.2f} s, forward+backward {fb:.2f} s\n")
     print("| attack | encoder forwards | encoder backwards | blocks run | CPU s per image |")
     print("| --- | --- | --- | --- | --- |")

@@ -34,7 +34,19 @@ def cli(tiny_archs, tiny_checkpoints, capsys):
 
 def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
     out = tmp_path / "protected.png"
-    code, stdout, stderr = cli(example_image, out, "--eps", 8, "--steps", 3, "--deform-steps", 2, "--proxy-steps", 1, "--quiet")
+    code, stdout, stderr = cli(
+        example_image,
+        out,
+        "--eps",
+        8,
+        "--steps",
+        3,
+        "--deform-steps",
+        2,
+        "--proxy-steps",
+        1,
+        "--quiet",
+    )
     assert code == 0, stderr
     clean, saved = Image.open(example_image), Image.open(out)
     assert saved.size == clean.size and saved.mode == clean.mode
@@ -130,7 +142,11 @@ def test_preprocessing_of_a_grey_image_replicates_it():
 @pytest.mark.parametrize("seed", range(20))
 def test_quantized_output_is_on_the_lattice_and_exactly_within_eps(seed):
     gen = torch.Generator().manual_seed(seed)
-    eps = float(torch.randint(1, 65, (), generator=gen)) / 255 * float(torch.rand((), generator=gen) + 0.5)
+    eps = (
+        float(torch.randint(1, 65, (), generator=gen))
+        / 255
+        * float(torch.rand((), generator=gen) + 0.5)
+    )
     image = torch.randint(0, 256, (2, 3, 17, 23), generator=gen).float() / 255
     adv = uad.project(image + (torch.rand(image.shape, generator=gen) - 0.5) * 4 * eps, image, eps)
     assert (adv - image).abs().max() <= eps + 1e-7 and adv.min() >= 0 and adv.max() <= 1
@@ -148,7 +164,11 @@ def test_protect_returns_the_kind_it_was_given(tiny_sam):
     assert out.dtype == np.uint8 and out.shape == pixels.shape
     assert 0 < np.abs(out.astype(int) - pixels).max() <= 8
 
-    rgba = Image.fromarray(np.dstack([pixels, np.arange(pixels.size // 3).reshape(pixels.shape[:2]) % 256]).astype(np.uint8))
+    rgba = Image.fromarray(
+        np.dstack([pixels, np.arange(pixels.size // 3).reshape(pixels.shape[:2]) % 256]).astype(
+            np.uint8
+        )
+    )
     out = uad.protect(rgba, tiny_sam, config=config)
     assert out.mode == "RGBA" and np.array_equal(np.asarray(out)[..., 3], np.asarray(rgba)[..., 3])
 
@@ -251,7 +271,10 @@ def bad_inputs(tmp_path: Path) -> dict:
         "bad extension": ([good, tmp_path / "o.xyz"], "cannot write images with extension"),
         "eps zero": ([good, tmp_path / "o.png", "--eps", "0"], "--eps 0: must be in (0, 64]"),
         "eps too big": ([good, tmp_path / "o.png", "--eps", "65"], "must be in (0, 64]"),
-        "unknown model": ([good, tmp_path / "o.png", "--model-type", "vit_x"], "unknown model type"),
+        "unknown model": (
+            [good, tmp_path / "o.png", "--model-type", "vit_x"],
+            "unknown model type",
+        ),
     }
 
 
@@ -269,7 +292,9 @@ def test_unwritable_destination(cli, tmp_path, monkeypatch):
     Image.fromarray(small_photo()).save(tmp_path / "in.png")
     (tmp_path / "locked").mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).name == "locked" else real_access(p, mode))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p).name == "locked" else real_access(p, mode)
+    )
     code, _, err = cli(tmp_path / "in.png", tmp_path / "locked" / "o.png", *FAST)
     assert code != 0 and "o.png: cannot write to folder" in err
     assert list((tmp_path / "locked").iterdir()) == []
@@ -292,15 +317,24 @@ def test_wrong_checkpoint_is_one_line(cli, tmp_path, tiny_checkpoints):
     assert code != 0 and "is a vit_l checkpoint" in err and "not vit_b" in err
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
-    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--quiet", "--checkpoint", junk, checkpoint=None)
+    code, _, err = cli(
+        tmp_path / "in.png", tmp_path / "o.png", "--quiet", "--checkpoint", junk, checkpoint=None
+    )
     assert code != 0 and "junk.pth: not a readable PyTorch checkpoint" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     run = subprocess.run(
-        [sys.executable, str(ROOT / "uad.py"), str(tmp_path / "missing.png"), str(tmp_path / "o.png")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "uad.py"),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file"]
@@ -310,7 +344,9 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
 # Checkpoints: the official download path, with a local file:// URL standing in for Meta's
 
 
-def test_missing_checkpoint_is_downloaded_verified_and_cached(tiny_archs, tiny_checkpoints, tmp_path, monkeypatch):
+def test_missing_checkpoint_is_downloaded_verified_and_cached(
+    tiny_archs, tiny_checkpoints, tmp_path, monkeypatch
+):
     source = tiny_checkpoints["vit_b"]
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
@@ -322,9 +358,13 @@ def test_missing_checkpoint_is_downloaded_verified_and_cached(tiny_archs, tiny_c
     assert sorted(p.name for p in cached.parent.iterdir()) == [source.name]
 
 
-def test_corrupt_download_is_rejected_and_not_kept(tiny_archs, tiny_checkpoints, tmp_path, monkeypatch):
+def test_corrupt_download_is_rejected_and_not_kept(
+    tiny_archs, tiny_checkpoints, tmp_path, monkeypatch
+):
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (tiny_checkpoints["vit_b"].as_uri(), "0" * 64))
+    monkeypatch.setitem(
+        uad.CHECKPOINT_URLS, "vit_b", (tiny_checkpoints["vit_b"].as_uri(), "0" * 64)
+    )
     with pytest.raises(uad.UADError, match="SHA-256 mismatch"):
         uad.load_sam("vit_b", None, "cpu", quiet=True)
     assert list((tmp_path / "cache").iterdir()) == []
