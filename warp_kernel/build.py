@@ -13,8 +13,9 @@ Environment:
   CUDA_HOME              CUDA toolkit with nvcc (e.g. /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   GPU archs, e.g. "8.6" or "7.5;8.0+PTX"; default: the visible GPUs, or
                          DEFAULT_CUDA_ARCHS when there is none
-  WARP_KERNEL_CPU_ISA    x86 ISA level the CPU extension targets: "auto" (default: the best of
-                         x86-64-v4 / -v3 / baseline this CPU runs), "native", or "baseline"
+  WARP_KERNEL_CPU_ISA    instruction set of the CPU extension: "auto" (default: the best of
+                         x86-64-v4 / x86-64-v3 / baseline this CPU runs), one of those, or
+                         "native" (-march=native)
   MAX_JOBS               parallel compile jobs (ninja)
 """
 
@@ -57,30 +58,38 @@ def build_root():
     return root / tag.replace("+", "_")
 
 
+_ISA_FLAGS = {
+    "x86-64-v4": ("x86v4", ["-march=x86-64-v4", "-mtune=icelake-server", "-mprefer-vector-width=512"]),
+    "x86-64-v3": ("x86v3", ["-march=x86-64-v3", "-mtune=skylake"]),
+    "native": ("native", ["-march=native"]),
+    "baseline": ("base", []),
+}
+
+
 def _cpu_isa():
-    """(name suffix, compiler flags) for the CPU extension. The cached library is only valid
-    for CPUs with the ISA it was built for, so the ISA is part of the extension's name."""
+    """(name suffix, compiler flags) for the CPU extension. A cached library only runs on CPUs
+    with the instruction set it was built for, so the level is part of the extension's name:
+    x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) or the compiler's baseline. The tuning options
+    let the compiler use gather instructions for the bilinear samples."""
     isa = os.environ.get("WARP_KERNEL_CPU_ISA", "auto")
-    if isa == "native":
-        return "native", ["-march=native"]
-    if isa == "baseline" or os.uname().machine not in ("x86_64", "AMD64"):
-        return "base", []
+    if isa != "auto":
+        if isa not in _ISA_FLAGS:
+            raise ValueError(f"WARP_KERNEL_CPU_ISA={isa!r} is not one of auto, {', '.join(_ISA_FLAGS)}")
+        return _ISA_FLAGS[isa]
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return _ISA_FLAGS["baseline"]
     try:
-        flags = set()
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+            flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
     except OSError:
-        return "base", []
+        return _ISA_FLAGS["baseline"]
     v3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
     v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
     if v4 <= flags:
-        return "x86v4", ["-march=x86-64-v4", "-mtune=icelake-server", "-mprefer-vector-width=512"]
+        return _ISA_FLAGS["x86-64-v4"]
     if v3 <= flags:
-        return "x86v3", ["-march=x86-64-v3", "-mtune=skylake"]
-    return "base", []
+        return _ISA_FLAGS["x86-64-v3"]
+    return _ISA_FLAGS["baseline"]
 
 
 def _cuda_arch_flags():

@@ -26,7 +26,9 @@
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor (lighter than torch/extension.h)
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "warp_ssim_checks.h"
@@ -37,6 +39,26 @@ namespace {
 
 constexpr int kRing = kTaps;  // rows a vertical 11-tap pass needs at once
 constexpr int kPad = 2 * kRadius;
+
+// Scratch rows aligned to cache lines (row strides are multiples of 64 bytes too), so that
+// vector loads never straddle two lines.
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const CacheAligned&) const { return true; }
+  bool operator!=(const CacheAligned&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, CacheAligned<T>>;
 
 template <typename T>
 struct Gauss {
@@ -91,8 +113,8 @@ void for_each_band(const Geometry& g, const F& f) {
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct TapRow {
-  std::vector<int> offset, step_x, step_y;
-  std::vector<T> wx, wy, dx, dy;
+  Buffer<int> offset, step_x, step_y;
+  Buffer<T> wx, wy, dx, dy;
   explicit TapRow(int W) : offset(W), step_x(W), step_y(W), wx(W), wy(W), dx(W), dy(W) {}
 
   BilinearTap<T> at(int j) const {
@@ -214,7 +236,7 @@ class BandPass {
   // Ring slot of input row r, channel c: [x (S) | y (S)]; for the flow gradient a parallel
   // ring holds [d x / d flow_x (S) | d x / d flow_y (S)]. One base pointer per row keeps the
   // 11-row loops within the registers.
-  T* row(std::vector<T>& ring, int c, int r) {
+  T* row(Buffer<T>& ring, int c, int r) {
     return ring.data() + (size_t(c) * kRing + r % kRing) * 2 * S_;
   }
   // Blurred partials of output row p: [map 0 (S) | map 1 | ... | map K-1].
@@ -315,9 +337,10 @@ class BandPass {
         ssim[j] = ssim_from_moments(ux, uy, uxx, uyy, uxy, c1, c2);
       }
     }
-    double sum = 0;
+    // Vector lanes of T each add ~Wo/16 values; the rows are then added in float64.
+    T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < g_.Wo; ++j) sum += double(ssim[j]);
+    for (int j = 0; j < g_.Wo; ++j) sum += ssim[j];
     if (kGrad) {
       T* e = e_row(c, p);
       for (int i = 0; i < K_; ++i) {
@@ -332,7 +355,7 @@ class BandPass {
         }
       }
     }
-    return sum;
+    return double(sum);
   }
 
   // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of input row q ----
@@ -409,15 +432,15 @@ class BandPass {
   const int K_;  // partial maps carried: d_mu_x, d_sq, d_xy (and d_mu_y for grad_y)
   const Gauss<T> gauss_;
   TapRow<T> taps_;
-  std::vector<T> rows_;   // ring (C, kRing, [x | y])
-  std::vector<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
-  std::vector<T> m_;      // (5, S) column moments of one output row
-  std::vector<T> s_;      // (S) SSIM of one output row
-  std::vector<T> d_;      // (4, S + 10) partials of one output row, zero-padded
-  std::vector<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row
-  std::vector<T> zeros_;  // (K, S) stands in for rows outside the SSIM map
-  std::vector<T> f_;      // (4, S) partials blurred back onto one input row
-  std::vector<T> dx_;     // (S) gradient of one row of x
+  Buffer<T> rows_;   // ring (C, kRing, [x | y])
+  Buffer<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
+  Buffer<T> m_;      // (5, S) column moments of one output row
+  Buffer<T> s_;      // (S) SSIM of one output row
+  Buffer<T> d_;      // (4, S + 10) partials of one output row, zero-padded
+  Buffer<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row
+  Buffer<T> zeros_;  // (K, S) stands in for rows outside the SSIM map
+  Buffer<T> f_;      // (4, S) partials blurred back onto one input row
+  Buffer<T> dx_;     // (S) gradient of one row of x
   int q0_ = 0, q1_ = 0, next_ = 0;
 };
 
@@ -470,7 +493,7 @@ void warp_flow_grad(const T* grad_out, const T* img, const T* flow, const Geomet
   const int64_t rows_per_task = std::max<int64_t>(16, grain(rows, rows * g.C * g.W));
   at::parallel_for(0, rows, rows_per_task, [&](int64_t begin, int64_t end) {
     TapRow<T> taps(g.W);
-    std::vector<T> v(g.W), dfx(g.W), dfy(g.W);
+    Buffer<T> v(g.W), dfx(g.W), dfy(g.W);
     for (int64_t by = begin; by < end; ++by) {
       const int b = int(by / g.H), y = int(by % g.H);
       taps.fill(flow + size_t(b) * 2 * g.plane, y, g.H, g.W, padding);
