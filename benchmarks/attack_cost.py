@@ -1,12 +1,15 @@
-"""What one protected image costs: encoder passes per preset and seconds per image.
+"""What one protected image costs: encoder passes per preset and CPU seconds per image.
 
     python benchmarks/attack_cost.py [--model-type vit_b] [--size 1024] [--threads 2] [--full]
 
-Builds a random-init SAM (no checkpoint needed: the cost does not depend on the weights) and
-runs short attacks of each preset, whose differences give the passes and seconds of one step of
-each stage; the default step counts scale them up to one image. --full also times complete
-attacks. The reference code's cost is its 237 forwards and 196 backwards of the whole encoder,
-each timed here.
+Counts the encoder passes of each preset at the default step counts, by running short attacks
+on a tiny random-init SAM (passes do not depend on the model) and extrapolating by difference.
+Then times, on a random-init SAM of --model-type (the cost does not depend on the weights), one
+feature forward (blocks 0..6), one feature forward+backward, the non-encoder work of one
+deformation step (warp + SSIM + flow regulariser + Adam), and the whole encoder's forward and
+forward+backward. Seconds per image = passes x timed seconds per pass, plus the deformation
+steps' own work; the reference code's cost is its 237 forwards and 196 backwards of the whole
+encoder priced the same way. --full also times complete attacks of each preset.
 """
 
 import argparse
@@ -24,37 +27,40 @@ import warp_kernel  # noqa: E402
 REFERENCE_PASSES = (237, 196)  # full-encoder forwards, backwards per image in the authors' code
 
 
-def timed_attack(image, sam, config) -> tuple:
-    """(seconds, forwards, backwards) of one uad.attack run."""
-    start = time.perf_counter()
-    stats = uad.attack(image, sam, config)[2]
-    return time.perf_counter() - start, stats.forwards, stats.backwards
+def random_sam(embed_dim, depth, num_heads, global_attn_indexes):
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    sam = _build_sam(embed_dim, depth, num_heads, list(global_attn_indexes))
+    return sam.eval().requires_grad_(False)
 
 
-def per_image(image, sam, preset: str) -> tuple:
-    """(seconds, forwards, backwards) per image at the default step counts, from three short runs.
+def passes_per_image(preset: str) -> tuple:
+    """(forwards, backwards) of one image at the preset's default step counts.
 
-    Runs of (1, 1), (2, 1) and (1, 2) deformation and PGD steps give the cost of one step of
-    each stage by difference, and the fixed cost; the default counts then scale them up.
+    Short attacks of (1, 1), (2, 1) and (1, 2) deformation and PGD steps on a tiny model give
+    the passes of one step of each stage by difference; the default counts scale them up.
     """
+    tiny = random_sam(64, 8, 2, ())
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(d, s):
+        stats = uad.attack(image, tiny, uad.preset_config(preset, deform_steps=d, steps=s))[2]
+        return np.array([stats.forwards, stats.backwards])
+
     full = uad.preset_config(preset)
-    a = timed_attack(image, sam, uad.preset_config(preset, deform_steps=1, steps=1))
-    b = timed_attack(image, sam, uad.preset_config(preset, deform_steps=2, steps=1))
-    c = timed_attack(image, sam, uad.preset_config(preset, deform_steps=1, steps=2))
-    return tuple(
-        a[i] + (full.deform_steps - 1) * (b[i] - a[i]) + (full.steps - 1) * (c[i] - a[i])
-        for i in range(3)
-    )
+    a, b, c = run(1, 1), run(2, 1), run(1, 2)
+    return tuple(a + (full.deform_steps - 1) * (b - a) + (full.steps - 1) * (c - a))
 
 
-def full_encoder_seconds(sam, image, backward: bool) -> float:
-    """One pass of the whole image encoder (all blocks and the neck), as the reference runs it."""
-    x = uad.sam_input(image, sam).requires_grad_(backward)
-    start = time.perf_counter()
-    out = sam.image_encoder(x)
-    if backward:
-        out.sum().backward()
-    return time.perf_counter() - start
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def main() -> None:
@@ -62,46 +68,77 @@ def main() -> None:
     p.add_argument("--model-type", default="vit_b", choices=list(uad.SAM_ARCHS))
     p.add_argument("--size", type=int, default=1024, help="side of the (square) test photo")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per pass (median)")
     p.add_argument("--full", action="store_true", help="also time complete attacks")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from PIL import Image
-    from segment_anything.build_sam import _build_sam
 
-    a = uad.SAM_ARCHS[args.model_type]
-    torch.manual_seed(0)
-    sam = _build_sam(a["embed_dim"], a["depth"], a["num_heads"], list(a["global_attn_indexes"]))
-    sam = sam.eval().requires_grad_(False)
+    passes = {preset: passes_per_image(preset) for preset in uad.PRESETS}
+    sam = random_sam(**uad.SAM_ARCHS[args.model_type])
     photo = Image.open(Path(__file__).resolve().parent.parent / "examples" / "astronaut.png")
     image = uad.to_tensor(np.asarray(photo.convert("RGB").resize((args.size, args.size))))
     print(
         f"{args.model_type} random-init, {args.size}x{args.size} photo, {args.threads} threads, "
-        f"torch {torch.__version__}, warp_kernel {warp_kernel.backends()}",
+        f"torch {torch.__version__}, warp_kernel backends {warp_kernel.backends()}",
+        flush=True,
+    )
+    layers = uad.UADConfig().layers
+
+    def features(backward: bool):
+        x = image.clone().requires_grad_(backward)
+        f = uad.encoder_features(sam, x, layers)
+        if backward:
+            sum(v.sum() for v in f).backward()
+
+    def whole_encoder(backward: bool):
+        x = uad.sam_input(image, sam).requires_grad_(backward)
+        out = sam.image_encoder(x)
+        if backward:
+            out.sum().backward()
+
+    with torch.no_grad():
+        t_f = median_seconds(lambda: features(False), args.repeats)
+    t_fb = median_seconds(lambda: features(True), args.repeats)
+    steps = 5
+    config = uad.preset_config("reference", deform_steps=steps)  # no encoder in its stage 1
+    gen = torch.Generator().manual_seed(0)
+    t_deform = (
+        median_seconds(lambda: uad.deform(image, None, None, config, gen, None), args.repeats)
+        / steps
+    )
+    with torch.no_grad():
+        t_ef = median_seconds(lambda: whole_encoder(False), args.repeats)
+    t_efb = median_seconds(lambda: whole_encoder(True), args.repeats)
+    print(
+        f"features (blocks 0..{max(layers)}): forward {t_f:.2f} s, forward+backward {t_fb:.2f} s; "
+        f"whole encoder: forward {t_ef:.2f} s, forward+backward {t_efb:.2f} s; "
+        f"one deformation step without the encoder {1000 * t_deform:.0f} ms",
         flush=True,
     )
 
     depth = len(sam.image_encoder.blocks)
-    rows = []
-    for preset in uad.PRESETS:
-        secs, fwd, bwd = per_image(image, sam, preset)
-        blocks = f"{max(uad.UADConfig().layers) + 1} of {depth}, no neck"
-        rows.append(f"| unsegment `{preset}` | {fwd:.0f} | {bwd:.0f} | {blocks} | {secs:.0f} |")
-        if args.full:
-            secs = timed_attack(image, sam, uad.preset_config(preset))[0]
-            rows.append(f"| unsegment `{preset}`, complete run | | | | {secs:.0f} |")
-        print(rows[-1], flush=True)
-    full_encoder_seconds(sam, image, False)  # warm-up
-    f = full_encoder_seconds(sam, image, False)
-    fb = full_encoder_seconds(sam, image, True)
-    fwd, bwd = REFERENCE_PASSES
-    rows.append(
-        f"| reference code (timed passes x its counts) | {fwd} | {bwd} | "
-        f"{depth} of {depth} + neck | {fwd * f + bwd * (fb - f):.0f} |"
-    )
-    print(f"\nfull encoder: forward {f:.2f} s, forward+backward {fb:.2f} s\n")
     print("| attack | encoder forwards | encoder backwards | blocks run | CPU s per image |")
     print("| --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
+    for preset, (fwd, bwd) in passes.items():
+        full = uad.preset_config(preset)
+        secs = fwd * t_f + bwd * (t_fb - t_f) + full.deform_steps * t_deform
+        print(
+            f"| unsegment `{preset}` | {fwd} | {bwd} | {max(layers) + 1} of {depth}, no neck "
+            f"| {secs:.0f} |",
+            flush=True,
+        )
+        if args.full:
+            start = time.perf_counter()
+            uad.attack(image, sam, full)
+            print(
+                f"| unsegment `{preset}`, complete run | | | | {time.perf_counter() - start:.0f} |"
+            )
+    fwd, bwd = REFERENCE_PASSES
+    print(
+        f"| reference code | {fwd} | {bwd} | {depth} of {depth} + neck "
+        f"| {fwd * t_ef + bwd * (t_efb - t_ef):.0f} |"
+    )
 
 
 if __name__ == "__main__":
