@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.9",
     py_modules=["uad", "eval"],
     packages=["warp_kernel"],
-    package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     install_requires=["torch", "torchvision", "segment-anything", "numpy", "pillow", "ninja"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["unsegment=uad:main", "unsegment-eval=eval:main"]},
