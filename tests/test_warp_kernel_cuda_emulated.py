@@ -23,9 +23,9 @@ def emu():
 
 def make_inputs(shape, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    b, c, h, w = shape
+    b, _, h, w = shape
     img = torch.rand(shape, generator=g, dtype=torch.float64)
-    ref = (0.5 * torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 * img.roll(1, -1))
+    ref = 0.5 * torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 * img.roll(1, -1)
     flow = (torch.rand(b, 2, h, w, generator=g, dtype=torch.float64) * 2 - 1) * 20
     flow = flow.floor() + 0.05 + 0.9 * (flow - flow.floor())  # away from integer positions
     grad_warped = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5

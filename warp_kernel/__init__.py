@@ -17,6 +17,12 @@ never fails. Asking for an unavailable backend by name raises RuntimeError with 
 "auto" falls back to torch with one warning.
 
 The extension ops take contiguous NCHW inputs; the functions below make inputs contiguous.
+
+The SSIM is one number per image, so the gradient of a loss through it is grad_ssim[b] times
+the SSIM's own gradient. The cpp and cuda backends compute that gradient during the forward
+pass, in the same sweep over the moment maps and only for inputs that require grad; the
+backward pass then scales it (plus, for warp_ssim, one warp backward if `warped` was used too).
+Under torch.no_grad(), or with no input requiring grad, the forward computes the SSIM alone.
 """
 
 import os
@@ -27,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from . import build as _build
 from . import reference
 
-__all__ = ["flow_warp", "ssim", "warp_ssim", "backends", "reference"]
+__all__ = ["backends", "flow_warp", "reference", "ssim", "warp_ssim"]
 
 PADDINGS = {"border": 0, "reflection": 1}
 IMPLS = ("auto", "cuda", "cpp", "torch")
@@ -51,10 +57,12 @@ def _resolve(impl, device):
     """The extension module to run on `device`, or None for the pure-PyTorch backend."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = os.environ.get(IMPL_ENV, "").strip() or "auto"
+    source = f"impl={impl!r}"
+    if impl == "auto" and os.environ.get(IMPL_ENV, "").strip():
+        impl = os.environ[IMPL_ENV].strip()
+        source = f"{IMPL_ENV}={impl!r}"
         if impl not in IMPLS:
-            raise ValueError(f"{IMPL_ENV}={impl!r} is not one of {IMPLS}")
+            raise ValueError(f"{source} is not one of {IMPLS}")
     if impl == "torch":
         return None
     if impl == "auto":
@@ -65,10 +73,10 @@ def _resolve(impl, device):
         return None
     wanted = "cpu" if impl == "cpp" else "cuda"
     if device.type != wanted:
-        raise ValueError(f"impl={impl!r} runs on {wanted.upper()} tensors, got tensors on {device}")
+        raise ValueError(f"{source} runs on {wanted.upper()} tensors, got tensors on {device}")
     module = _build.load(wanted, warn=False)
     if module is None:
-        raise RuntimeError(f"impl={impl!r} is unavailable: {_build.failure(wanted)}")
+        raise RuntimeError(f"{source} is unavailable: {_build.failure(wanted)}")
     return module
 
 

@@ -141,8 +141,12 @@ def run(ops, sizes, threads, backends, repeats, warmup, log):
                 for op in ops:
                     results = {}
                     for backend in order:
-                        fwd = time_ms(make_step(op, backend, tensors, False), device, repeats, warmup)
-                        bwd = time_ms(make_step(op, backend, tensors, True), device, repeats, warmup)
+                        fwd = time_ms(
+                            make_step(op, backend, tensors, False), device, repeats, warmup
+                        )
+                        bwd = time_ms(
+                            make_step(op, backend, tensors, True), device, repeats, warmup
+                        )
                         results[backend] = (fwd, bwd)
                         log(f"  {op} {size} threads={n} {backend}: fwd {fwd['median']:.1f} ms, "
                             f"fwd+bwd {bwd['median']:.1f} ms")  # fmt: skip

@@ -59,7 +59,10 @@ def build_root():
 
 
 _ISA_FLAGS = {
-    "x86-64-v4": ("x86v4", ["-march=x86-64-v4", "-mtune=icelake-server", "-mprefer-vector-width=512"]),
+    "x86-64-v4": (
+        "x86v4",
+        ["-march=x86-64-v4", "-mtune=icelake-server", "-mprefer-vector-width=512"],
+    ),
     "x86-64-v3": ("x86v3", ["-march=x86-64-v3", "-mtune=skylake"]),
     "native": ("native", ["-march=native"]),
     "baseline": ("base", []),
@@ -74,13 +77,17 @@ def _cpu_isa():
     isa = os.environ.get("WARP_KERNEL_CPU_ISA", "auto")
     if isa != "auto":
         if isa not in _ISA_FLAGS:
-            raise ValueError(f"WARP_KERNEL_CPU_ISA={isa!r} is not one of auto, {', '.join(_ISA_FLAGS)}")
+            raise ValueError(
+                f"WARP_KERNEL_CPU_ISA={isa!r} is not one of auto, {', '.join(_ISA_FLAGS)}"
+            )
         return _ISA_FLAGS[isa]
     if os.uname().machine not in ("x86_64", "AMD64"):
         return _ISA_FLAGS["baseline"]
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+            flags = next(
+                (set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set()
+            )
     except OSError:
         return _ISA_FLAGS["baseline"]
     v3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
@@ -96,7 +103,9 @@ def _cuda_arch_flags():
     """-gencode flags, always explicit so that the build cache is keyed on them."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not archs and torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        caps = sorted(
+            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        )
         archs = ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
     archs = archs or DEFAULT_CUDA_ARCHS
     flags = []
@@ -133,22 +142,22 @@ def _missing_tools(backend):
 
 
 def _build(backend, verbose):
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     common = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DNDEBUG"]
     if backend == "cpu":
         suffix, isa_flags = _cpu_isa()
         name = f"warp_kernel_cpu_{suffix}"
         sources = CPU_SOURCES
-        kwargs = dict(extra_cflags=common + isa_flags, extra_ldflags=["-fopenmp"])
+        kwargs = {"extra_cflags": common + isa_flags, "extra_ldflags": ["-fopenmp"]}
     else:
         name = "warp_kernel_cuda"
         sources = CUDA_SOURCES
-        kwargs = dict(
-            extra_cflags=["-O3", "-DNDEBUG"],
-            extra_cuda_cflags=["-O3", "-DNDEBUG", "-lineinfo"] + _cuda_arch_flags(),
-            with_cuda=True,
-        )
+        kwargs = {
+            "extra_cflags": ["-O3", "-DNDEBUG"],
+            "extra_cuda_cflags": ["-O3", "-DNDEBUG", "-lineinfo", *_cuda_arch_flags()],
+            "with_cuda": True,
+        }
     directory = build_root() / name
     directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
@@ -176,7 +185,7 @@ def load(backend, verbose=False, warn=True):
                 try:
                     _modules[backend] = _build(backend, verbose)
                     return _modules[backend]
-                except Exception as e:  # a compile error, a broken toolchain, a bad arch list
+                except Exception as e:  # noqa: BLE001 - any build failure means: fall back
                     lines = [line for line in str(e).strip().splitlines() if line.strip()]
                     reason = f"build failed: {type(e).__name__}: " + " | ".join(lines[-6:])[-600:]
             _failures[backend] = reason
@@ -195,7 +204,7 @@ def load(backend, verbose=False, warn=True):
 def load_cuda_emulation(verbose=False):
     """The CUDA kernels built for the CPU (one thread per CUDA thread; slow, small inputs only),
     with the same functions as the extensions but on CPU tensors. Raises if it cannot build."""
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     with _lock:
         if "emulation" not in _modules:

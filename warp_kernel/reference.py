@@ -80,4 +80,3 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, channels_last=Tr
     """(ssim(flow_warp(img, flow), ref) (B,), warped (B, C, H, W))."""
     warped = flow_warp(img, flow, padding)
     return ssim(warped, ref, data_range, channels_last), warped
-

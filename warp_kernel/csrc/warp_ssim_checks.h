@@ -67,14 +67,4 @@ inline void check_data_range(double data_range) {
   TORCH_CHECK(data_range > 0, "data_range must be positive, got ", data_range);
 }
 
-// grad_ssim: (B,) like the images.
-inline void check_grad_ssim(const at::Tensor& g, const at::Tensor& img, bool cuda) {
-  TORCH_CHECK(g.defined(), "grad_ssim is undefined");
-  TORCH_CHECK(g.dim() == 1 && g.size(0) == img.size(0), "grad_ssim must be (B,) = (",
-              img.size(0), ",), got ", g.sizes());
-  TORCH_CHECK(g.is_cuda() == cuda, "grad_ssim must be on ", img.device());
-  check_like(g, "grad_ssim", img, "the images");
-  TORCH_CHECK(g.is_contiguous(), "grad_ssim must be contiguous");
-}
-
 }  // namespace warp_kernel

@@ -7,16 +7,16 @@
 // would cost as much as the whole forward.
 //
 // Work is split into tasks of (image, band of rows) run with at::parallel_for (OpenMP threads,
-// torch.set_num_threads). A task walks down its band one row at a time, keeping only small ring
-// buffers of rows (padded so that the 11 rows in flight do not alias in the L1 cache):
+// torch.set_num_threads). A task walks down its band two rows at a time, keeping only small
+// ring buffers of rows (cache-line aligned, and padded so that rows do not alias in L1):
 //   1. produce input row r: sample the warped row (bilinear taps of the row, then one gathered
 //      sample per channel, plus d(sample)/d(flow) when the flow gradient is wanted), copy the
 //      reference row;
-//   2. vertical pass: rows p..p+10 -> the five Gaussian column moments of output row p;
+//   2. vertical pass: rows p..p+11 -> the five Gaussian column moments of output rows p, p+1;
 //   3. horizontal pass: window moments -> SSIM (summed), and the SSIM partial derivatives,
 //      which are then blurred back along the row with the transposed (full) window;
-//   4. vertical transposed pass: blurred partials of output rows q-10..q -> gradient of the
-//      SSIM with respect to every pixel of input row q, then of the flow at row q.
+//   4. vertical transposed pass: blurred partials of output rows q-10..q+1 -> gradient of the
+//      SSIM with respect to every pixel of input rows q, q+1, then of the flow there.
 // Every loop over a row runs over contiguous memory and is vectorised by the compiler.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "warp_ssim_checks.h"
@@ -37,11 +38,25 @@
 namespace warp_kernel {
 namespace {
 
-constexpr int kRing = kTaps;  // rows a vertical 11-tap pass needs at once
-constexpr int kPad = 2 * kRadius;
+// Output rows go in pairs: rows p and p+1 read 12 input rows, 10 of them shared, so every row
+// streamed from cache serves two outputs (the ring buffers hold 12 rows). Pairs halve the
+// traffic of the 11-row passes and were 16% faster than single rows here; groups of three or
+// four were slower again (register pressure).
+constexpr int kRows = 2;
+constexpr int kRing = kTaps + kRows - 1;
+constexpr int kPad = 2 * kRadius;  // rows (or columns) between a window's first and last tap
 
-// Scratch rows aligned to cache lines (row strides are multiples of 64 bytes too), so that
-// vector loads never straddle two lines.
+// f(std::integral_constant<int, n>{}) for n = 1 or 2 rows, so that the row loops are unrolled
+// over a compile-time number of rows.
+template <typename F>
+void with_rows(int n, const F& f) {
+  static_assert(kRows == 2, "with_rows dispatches groups of 1 or 2 rows");
+  if (n == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 1>{});
+}
+
 template <typename T>
 struct CacheAligned {
   using value_type = T;
@@ -197,13 +212,13 @@ class BandPass {
     const size_t S = size_t(S_);
     rows_.resize(size_t(g_.C) * kRing * 2 * S);
     if (pb.grad_flow) dflow_.resize(size_t(g_.C) * kRing * 2 * S);
-    m_.resize(5 * S);
+    m_.resize(kRows * 5 * S);
     s_.resize(S);
     if (pb.wants_grad()) {
       d_.assign(4 * (S + kPad), T(0));
       e_.resize(size_t(g_.C) * kRing * K_ * S);
       zeros_.assign(K_ * S, T(0));
-      f_.resize(4 * S);
+      f_.resize(kRows * 4 * S);
       dx_.resize(S);
     }
   }
@@ -218,17 +233,20 @@ class BandPass {
     q0_ = q0;
     q1_ = q1;
     next_ = p_begin;
-    for (int p = p_begin; p < p_end; ++p) {
-      produce_until(p + kPad);
+    for (int p = p_begin; p < p_end; p += kRows) {
+      const int n = std::min(kRows, p_end - p);  // output rows p .. p+n-1
+      produce_until(p + n - 1 + kPad);
       for (int c = 0; c < g_.C; ++c) {
-        column_moments(c, p);
-        const double s = grad ? window_row<true>(c, p) : window_row<false>(c, p);
-        if (p >= q0) pb_.row_sums[(size_t(b_) * g_.C + c) * g_.Ho + p] = s;
+        with_rows(n, [&](auto rows) { column_moments<rows()>(c, p); });
+        for (int i = 0; i < n; ++i) {
+          const T* m = m_.data() + i * 5 * S_;
+          const double s = grad ? window_row<true>(c, p + i, m) : window_row<false>(c, p + i, m);
+          if (p + i >= q0) pb_.row_sums[(size_t(b_) * g_.C + c) * g_.Ho + p + i] = s;
+        }
       }
-      if (grad && p >= q0) finish_row(p);
+      if (grad) finish_rows(std::max(p, q0), p + n);
     }
-    if (grad)
-      for (int q = std::max(q0, g_.Ho); q < q1; ++q) finish_row(q);  // below the last window
+    if (grad) finish_rows(std::max(q0, g_.Ho), q1);  // below the last window
     produce_until(q1 - 1);  // rows of the warped image nothing above needed
   }
 
@@ -271,35 +289,42 @@ class BandPass {
     }
   }
 
-  // ---- 2. vertical pass: rows p..p+10 -> m = (sum g x, sum g y, sum g x^2, sum g y^2,
-  // sum g xy) per column. Symmetric taps pair rows k and 10-k; two partial sums per moment
-  // keep the dependency chains short. ----
+  // ---- 2. vertical pass: rows p..p+10+N-1 -> the five Gaussian column moments
+  // m = (sum g x, sum g y, sum g x^2, sum g y^2, sum g xy) of output rows p..p+N-1. ----
+  template <int N>
   void column_moments(int c, int p) {
-    const T* r[kTaps];
-    for (int k = 0; k < kTaps; ++k) r[k] = row(rows_, c, p + k);
+    const T* r[kTaps + N - 1];
+    for (int k = 0; k < kTaps + N - 1; ++k) r[k] = row(rows_, c, p + k);
     const int S = S_;
     T* __restrict__ m = m_.data();
     const T* gk = gauss_.g;
 #pragma omp simd
     for (int j = 0; j < g_.W; ++j) {
-      T sx[2] = {0, 0}, sy[2] = {0, 0}, sxx[2] = {0, 0}, syy[2] = {0, 0}, sxy[2] = {0, 0};
-#pragma GCC unroll 5
-      for (int k = 0; k < kRadius; ++k) {
-        const T a0 = r[k][j], a1 = r[kPad - k][j];
-        const T b0 = r[k][S + j], b1 = r[kPad - k][S + j];
-        const int h = k & 1;
-        sx[h] += gk[k] * (a0 + a1);
-        sy[h] += gk[k] * (b0 + b1);
-        sxx[h] += gk[k] * (a0 * a0 + a1 * a1);
-        syy[h] += gk[k] * (b0 * b0 + b1 * b1);
-        sxy[h] += gk[k] * (a0 * b0 + a1 * b1);
+      T sx[N] = {}, sy[N] = {}, sxx[N] = {}, syy[N] = {}, sxy[N] = {};
+#pragma GCC unroll 12
+      for (int k = 0; k < kTaps + N - 1; ++k) {
+        const T a = r[k][j], b = r[k][S + j];
+        const T aa = a * a, bb = b * b, ab = a * b;
+#pragma GCC unroll 2
+        for (int i = 0; i < N; ++i) {
+          if (k - i < 0 || k - i >= kTaps) continue;  // row k is tap k - i of output row p + i
+          const T g = gk[k - i];
+          sx[i] += g * a;
+          sy[i] += g * b;
+          sxx[i] += g * aa;
+          syy[i] += g * bb;
+          sxy[i] += g * ab;
+        }
       }
-      const T a = r[kRadius][j], bb = r[kRadius][S + j], gc = gk[kRadius];
-      m[j] = (sx[0] + sx[1]) + gc * a;
-      m[S + j] = (sy[0] + sy[1]) + gc * bb;
-      m[2 * S + j] = (sxx[0] + sxx[1]) + gc * a * a;
-      m[3 * S + j] = (syy[0] + syy[1]) + gc * bb * bb;
-      m[4 * S + j] = (sxy[0] + sxy[1]) + gc * a * bb;
+#pragma GCC unroll 2
+      for (int i = 0; i < N; ++i) {
+        T* mi = m + i * 5 * S;
+        mi[j] = sx[i];
+        mi[S + j] = sy[i];
+        mi[2 * S + j] = sxx[i];
+        mi[3 * S + j] = syy[i];
+        mi[4 * S + j] = sxy[i];
+      }
     }
   }
 
@@ -307,10 +332,9 @@ class BandPass {
   // the gradient, the partials (zero-padded by 10 on both sides) blurred back along the row:
   // e[j] = sum_k g[k] d[j - k] = sum_t g[t] d_padded[j + t] (the window is symmetric). ----
   template <bool kGrad>
-  double window_row(int c, int p) {
+  double window_row(int c, int p, const T* m) {
     const int S = S_;
     const int Sd = S + kPad;
-    const T* m = m_.data();
     const T* gk = gauss_.g;
     const T c1 = pb_.c1, c2 = pb_.c2, scale = inv_count();
     T* __restrict__ d = d_.data();
@@ -358,66 +382,81 @@ class BandPass {
     return double(sum);
   }
 
-  // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of input row q ----
-  void finish_row(int q) {
+  // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of input rows
+  // [q, q_end), two rows at a time (rows q and q+1 share 10 of their 11 blurred partials) ----
+  void finish_rows(int q, int q_end) {
+    for (; q < q_end; q += kRows)
+      with_rows(std::min(kRows, q_end - q), [&](auto rows) { finish<rows()>(q); });
+  }
+
+  template <int N>
+  void finish(int q) {
     const int W = g_.W, S = S_;
     const T* gk = gauss_.g;
-    T* gflow_x = nullptr;
-    T* gflow_y = nullptr;
-    if (pb_.grad_flow) {
-      gflow_x = pb_.grad_flow + size_t(b_) * 2 * g_.plane + size_t(q) * W;
-      gflow_y = gflow_x + g_.plane;
-    }
     for (int c = 0; c < g_.C; ++c) {
-      // f[i] = sum_k g[k] e_i(row q - 10 + k): output row p weighs pixel row q by g[q - p].
-      const T* er[kTaps];
-      for (int k = 0; k < kTaps; ++k) {
+      // f_i(q) = sum_k g[k] e_i(row q - 10 + k): output row p weighs pixel row q by g[q - p].
+      const T* er[kTaps + N - 1];
+      for (int k = 0; k < kTaps + N - 1; ++k) {
         const int p = q - kPad + k;
         er[k] = (p >= 0 && p < g_.Ho) ? e_row(c, p) : zeros_.data();
       }
       for (int i = 0; i < K_; ++i) {
-        T* __restrict__ f = f_.data() + i * S;
+        T* __restrict__ f = f_.data() + i * S;  // row q; row q + n at f + n * 4 * S
         const int o = i * S;
 #pragma omp simd
         for (int j = 0; j < W; ++j) {
-          T acc = 0;
-#pragma GCC unroll 11
-          for (int k = 0; k < kTaps; ++k) acc += gk[k] * er[k][o + j];
-          f[j] = acc;
+          T acc[N] = {};
+#pragma GCC unroll 12
+          for (int k = 0; k < kTaps + N - 1; ++k) {
+            const T e = er[k][o + j];
+#pragma GCC unroll 2
+            for (int n = 0; n < N; ++n)
+              if (k - n >= 0 && k - n < kTaps) acc[n] += gk[k - n] * e;
+          }
+#pragma GCC unroll 2
+          for (int n = 0; n < N; ++n) f[n * 4 * S + j] = acc[n];
         }
       }
-      const T* xq = row(rows_, c, q);
-      const T* yq = xq + S;
-      const T* f_mu = f_.data();
-      const T* f_sq = f_mu + S;
-      const T* f_xy = f_mu + 2 * S;
-      T* __restrict__ dx = dx_.data();
-#pragma omp simd
-      for (int j = 0; j < W; ++j) dx[j] = ssim_grad_pixel(f_mu[j], f_sq[j], f_xy[j], xq[j], yq[j]);
+      for (int n = 0; n < N; ++n) pixel_grads(c, q + n, f_.data() + n * 4 * S);
+    }
+  }
 
-      const size_t at = size_t(b_) * g_.C * g_.plane + size_t(c) * g_.plane + size_t(q) * W;
-      if (pb_.grad_x) std::memcpy(pb_.grad_x + at, dx, sizeof(T) * W);
-      if (pb_.grad_y) {
-        const T* f_mu_y = f_mu + 3 * S;
-        T* __restrict__ gy = pb_.grad_y + at;
+  // Gradients at input row q of channel c from the blurred partials f = (mu_x, sq, xy, mu_y).
+  void pixel_grads(int c, int q, const T* f) {
+    const int W = g_.W, S = S_;
+    const T* xq = row(rows_, c, q);
+    const T* yq = xq + S;
+    const T* f_mu = f;
+    const T* f_sq = f + S;
+    const T* f_xy = f + 2 * S;
+    T* __restrict__ dx = dx_.data();
 #pragma omp simd
-        for (int j = 0; j < W; ++j) gy[j] = ssim_grad_pixel(f_mu_y[j], f_sq[j], f_xy[j], yq[j], xq[j]);
-      }
-      if (gflow_x) {
-        const T* dfx = row(dflow_, c, q);
-        const T* dfy = dfx + S;
-        if (c == 0) {
+    for (int j = 0; j < W; ++j) dx[j] = ssim_grad_pixel(f_mu[j], f_sq[j], f_xy[j], xq[j], yq[j]);
+
+    const size_t at = size_t(b_) * g_.C * g_.plane + size_t(c) * g_.plane + size_t(q) * W;
+    if (pb_.grad_x) std::memcpy(pb_.grad_x + at, dx, sizeof(T) * W);
+    if (pb_.grad_y) {
+      const T* f_mu_y = f + 3 * S;
+      T* __restrict__ gy = pb_.grad_y + at;
 #pragma omp simd
-          for (int j = 0; j < W; ++j) {
-            gflow_x[j] = dx[j] * dfx[j];
-            gflow_y[j] = dx[j] * dfy[j];
-          }
-        } else {
+      for (int j = 0; j < W; ++j) gy[j] = ssim_grad_pixel(f_mu_y[j], f_sq[j], f_xy[j], yq[j], xq[j]);
+    }
+    if (pb_.grad_flow) {  // sum over channels of d ssim / d x * d x / d flow
+      T* __restrict__ gfx = pb_.grad_flow + size_t(b_) * 2 * g_.plane + size_t(q) * W;
+      T* __restrict__ gfy = gfx + g_.plane;
+      const T* dfx = row(dflow_, c, q);
+      const T* dfy = dfx + S;
+      if (c == 0) {
 #pragma omp simd
-          for (int j = 0; j < W; ++j) {
-            gflow_x[j] += dx[j] * dfx[j];
-            gflow_y[j] += dx[j] * dfy[j];
-          }
+        for (int j = 0; j < W; ++j) {
+          gfx[j] = dx[j] * dfx[j];
+          gfy[j] = dx[j] * dfy[j];
+        }
+      } else {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          gfx[j] += dx[j] * dfx[j];
+          gfy[j] += dx[j] * dfy[j];
         }
       }
     }
@@ -434,12 +473,12 @@ class BandPass {
   TapRow<T> taps_;
   Buffer<T> rows_;   // ring (C, kRing, [x | y])
   Buffer<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
-  Buffer<T> m_;      // (5, S) column moments of one output row
+  Buffer<T> m_;      // (2, 5, S) column moments of two output rows
   Buffer<T> s_;      // (S) SSIM of one output row
   Buffer<T> d_;      // (4, S + 10) partials of one output row, zero-padded
   Buffer<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row
   Buffer<T> zeros_;  // (K, S) stands in for rows outside the SSIM map
-  Buffer<T> f_;      // (4, S) partials blurred back onto one input row
+  Buffer<T> f_;      // (2, 4, S) partials blurred back onto two input rows
   Buffer<T> dx_;     // (S) gradient of one row of x
   int q0_ = 0, q1_ = 0, next_ = 0;
 };
