@@ -23,7 +23,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
-#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor (lighter than torch/extension.h)
+#include <torch/csrc/utils/pybind.h>  // tensor <-> Python (much lighter than torch/extension.h)
 
 #include <algorithm>
 #include <cstdlib>
@@ -439,7 +439,8 @@ class BandPass {
       const T* f_mu_y = f + 3 * S;
       T* __restrict__ gy = pb_.grad_y + at;
 #pragma omp simd
-      for (int j = 0; j < W; ++j) gy[j] = ssim_grad_pixel(f_mu_y[j], f_sq[j], f_xy[j], yq[j], xq[j]);
+      for (int j = 0; j < W; ++j)
+        gy[j] = ssim_grad_pixel(f_mu_y[j], f_sq[j], f_xy[j], yq[j], xq[j]);
     }
     if (pb_.grad_flow) {  // sum over channels of d ssim / d x * d x / d flow
       T* __restrict__ gfx = pb_.grad_flow + size_t(b_) * 2 * g_.plane + size_t(q) * W;

@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   }
 
   // ---- Phase 4: block reduction of the SSIM sum, one atomicAdd per block ----
-  for (int offset = 16; offset > 0; offset /= 2) local += __shfl_down_sync(0xffffffff, local, offset);
+  for (int offset = 16; offset > 0; offset /= 2)
+    local += __shfl_down_sync(0xffffffff, local, offset);
   if (tid % 32 == 0) warp_sums[tid / 32] = local;
   __syncthreads();
   if (tid == 0) {
