@@ -455,6 +455,9 @@ def test_cpu_extension_builds():
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="PyTorch without CUDA")
 def test_cuda_extension_builds_links_and_imports():
+    missing = build._missing_tools("cuda")
+    if missing and not os.environ.get("CI"):  # CI has the toolkit: there this must build
+        pytest.skip(f"no CUDA toolkit to build with: {missing}")
     module = build.load("cuda", warn=False)
     assert module is not None, build.failure("cuda")
     for name in ("flow_warp_forward", "flow_warp_backward", "ssim_forward", "warp_ssim_forward"):
