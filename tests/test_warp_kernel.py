@@ -368,6 +368,24 @@ def test_extension_checks_every_input(cpu_ext):
             cpu_ext.flow_warp_forward(img.cuda(), flow.cuda(), 0)
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_border_samples_use_only_weighted_neighbours(cpu_ext, padding):
+    """Samples clamped to the last column or row give the edge pixel exactly; the pixel after
+    a row's end (here NaN, the first of the next row) must not leak in with weight 0."""
+    img = torch.rand(1, 2, 6, 7)
+    img[:, :, 1:, 0] = float("nan")  # first column of every row but the first
+    flow = torch.zeros(1, 2, 6, 7)
+    flow[:, 0] = 50.0  # far right: every sample clamps (or mirrors) onto a column
+    flow[:, 1, -1] = 50.0  # the last row also far down
+    out = warp_kernel.flow_warp(img, flow, padding, impl="cpp")
+    want = warp_kernel.flow_warp(img.nan_to_num(0.5), flow, padding, impl="torch")
+    mask = torch.isfinite(want)
+    assert torch.isfinite(out[mask]).all()
+    torch.testing.assert_close(out[mask], want[mask], rtol=0, atol=1e-5)
+    if padding == "border":  # the bottom-right corner, read without going past the plane
+        assert torch.equal(out[..., -1, :], img[..., -1, -1:].expand(-1, -1, 7))
+
+
 def test_non_finite_flow_does_not_crash(cpu_ext):
     img, flow, ref, _ = inputs((1, 2, 14, 14), seed=15)
     flow[0, 0, 3, 4], flow[0, 1, 5, 6], flow[0, 0, 7, 8] = float("nan"), float("inf"), -1e30

@@ -26,6 +26,7 @@
 #include <torch/csrc/utils/pybind.h>  // tensor <-> Python (much lighter than torch/extension.h)
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -43,6 +44,7 @@ namespace {
 // traffic of the 11-row passes and were 16% faster than single rows here; groups of three or
 // four were slower again (register pressure).
 constexpr int kRows = 2;
+constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // for the pair loads
 constexpr int kRing = kTaps + kRows - 1;
 constexpr int kPad = 2 * kRadius;  // rows (or columns) between a window's first and last tap
 
@@ -167,16 +169,73 @@ struct TapRow {
       fill<kBorder>(flow, y, H, W);
   }
 
-  void sample(const T* plane, int W, T* __restrict__ out) const {
+  // Samples of one row of `plane` (H * W values). For float32 the two horizontal neighbours
+  // of a sample are fetched as one 64-bit word, which halves the gathered elements.
+  void sample(const T* plane, int H, int W, T* __restrict__ out) const {
+    if constexpr (std::is_same_v<T, float> && kLittleEndian) {
+      if (H * W >= 2) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          T v00, v01, v10, v11;
+          corners(plane, H * W, j, &v00, &v01, &v10, &v11);
+          out[j] = bilinear_blend(v00, v01, v10, v11, at(j));
+        }
+        return;
+      }
+    }
 #pragma omp simd
     for (int j = 0; j < W; ++j) out[j] = bilinear_sample(plane, at(j));
   }
 
   // The samples and their derivatives with respect to flow_x and flow_y.
-  void sample_grad(const T* plane, int W, T* __restrict__ out, T* __restrict__ d_fx,
+  void sample_grad(const T* plane, int H, int W, T* __restrict__ out, T* __restrict__ d_fx,
                    T* __restrict__ d_fy) const {
+    if constexpr (std::is_same_v<T, float> && kLittleEndian) {
+      if (H * W >= 2) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          T v00, v01, v10, v11;
+          corners(plane, H * W, j, &v00, &v01, &v10, &v11);
+          out[j] = bilinear_blend_grad(v00, v01, v10, v11, at(j), &d_fx[j], &d_fy[j]);
+        }
+        return;
+      }
+    }
 #pragma omp simd
     for (int j = 0; j < W; ++j) out[j] = bilinear_sample_grad(plane, at(j), &d_fx[j], &d_fy[j]);
+  }
+
+ private:
+  // The four corners of sample j through two 64-bit loads, one per row: (v00, v01) and
+  // (v10, v11). A pair never starts at the plane's last value (it would read past the
+  // plane); the right neighbour is only used where its weight may be non-zero (step_x = 1),
+  // so a value beyond the row (even NaN) never leaks in.
+  void corners(const float* plane, int size, int j, float* v00, float* v01, float* v10,
+               float* v11) const {
+    const int top = offset[j], bottom = offset[j] + step_y[j];
+    const int top_pair = top < size - 1 ? top : size - 2;
+    const int bottom_pair = bottom < size - 1 ? bottom : size - 2;
+    uint64_t t, b;
+    std::memcpy(&t, plane + top_pair, sizeof(t));
+    std::memcpy(&b, plane + bottom_pair, sizeof(b));
+    const float t_lo = low_float(t), t_hi = high_float(t);
+    const float b_lo = low_float(b), b_hi = high_float(b);
+    *v00 = top == top_pair ? t_lo : t_hi;
+    *v10 = bottom == bottom_pair ? b_lo : b_hi;
+    *v01 = step_x[j] ? t_hi : *v00;  // step_x = 0 on the last column, where the pair is shifted
+    *v11 = step_x[j] ? b_hi : *v10;
+  }
+  static float low_float(uint64_t v) {
+    const uint32_t u = uint32_t(v);  // little-endian: the first float of the pair
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static float high_float(uint64_t v) {
+    const uint32_t u = uint32_t(v >> 32);
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
   }
 };
 
@@ -277,9 +336,9 @@ class BandPass {
           const T* plane = pb_.img + image + size_t(c) * g_.plane;
           if (pb_.grad_flow) {
             T* d = row(dflow_, c, r);
-            taps_.sample_grad(plane, W, xy, d, d + S_);
+            taps_.sample_grad(plane, g_.H, W, xy, d, d + S_);
           } else {
-            taps_.sample(plane, W, xy);
+            taps_.sample(plane, g_.H, W, xy);
           }
           if (pb_.warped != nullptr && r >= q0_ && r < q1_)
             std::memcpy(pb_.warped + at, xy, sizeof(T) * W);
@@ -519,7 +578,7 @@ void warp_forward(const T* img, const T* flow, const Geometry& g, int padding, T
       taps.fill(flow + size_t(b) * 2 * g.plane, y, g.H, g.W, padding);
       for (int c = 0; c < g.C; ++c) {
         const size_t plane = (size_t(b) * g.C + c) * g.plane;
-        taps.sample(img + plane, g.W, out + plane + size_t(y) * g.W);
+        taps.sample(img + plane, g.H, g.W, out + plane + size_t(y) * g.W);
       }
     }
   });
@@ -541,7 +600,7 @@ void warp_flow_grad(const T* grad_out, const T* img, const T* flow, const Geomet
       T* __restrict__ gy = gx + g.plane;
       for (int c = 0; c < g.C; ++c) {
         const size_t plane = (size_t(b) * g.C + c) * g.plane;
-        taps.sample_grad(img + plane, g.W, v.data(), dfx.data(), dfy.data());
+        taps.sample_grad(img + plane, g.H, g.W, v.data(), dfx.data(), dfy.data());
         const T* go = grad_out + plane + size_t(y) * g.W;
 #pragma omp simd
         for (int j = 0; j < g.W; ++j) {

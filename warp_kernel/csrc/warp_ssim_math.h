@@ -112,28 +112,38 @@ WK_HD BilinearTap<T> bilinear_tap(T ix, T iy, int H, int W, int padding) {
   return t;
 }
 
-// Integer index arithmetic (not pointer arithmetic) lets the CPU loops use 32-bit gathers.
+// The blend of the four corner values (top-left, top-right, bottom-left, bottom-right).
 template <typename T>
-WK_HD T bilinear_sample(const T* plane, const BilinearTap<T>& t) {
-  const int i = t.offset;
-  const T top = plane[i] + t.wx * (plane[i + t.step_x] - plane[i]);
-  const int k = i + t.step_y;
-  const T bottom = plane[k] + t.wx * (plane[k + t.step_x] - plane[k]);
+WK_HD T bilinear_blend(T v00, T v01, T v10, T v11, const BilinearTap<T>& t) {
+  const T top = v00 + t.wx * (v01 - v00);
+  const T bottom = v10 + t.wx * (v11 - v10);
   return top + t.wy * (bottom - top);
 }
 
-// The sample, and its derivatives with respect to flow_x and flow_y.
+// The blend, and its derivatives with respect to flow_x and flow_y.
 template <typename T>
-WK_HD T bilinear_sample_grad(const T* plane, const BilinearTap<T>& t, T* d_flow_x,
-                             T* d_flow_y) {
-  const int i = t.offset;
-  const int k = i + t.step_y;
-  const T v00 = plane[i], v01 = plane[i + t.step_x], v10 = plane[k], v11 = plane[k + t.step_x];
+WK_HD T bilinear_blend_grad(T v00, T v01, T v10, T v11, const BilinearTap<T>& t, T* d_flow_x,
+                            T* d_flow_y) {
   const T top = v00 + t.wx * (v01 - v00);
   const T bottom = v10 + t.wx * (v11 - v10);
   *d_flow_x = t.dx * ((T(1) - t.wy) * (v01 - v00) + t.wy * (v11 - v10));
   *d_flow_y = t.dy * (bottom - top);
   return top + t.wy * (bottom - top);
+}
+
+// Integer index arithmetic (not pointer arithmetic) lets the CPU loops use 32-bit gathers.
+template <typename T>
+WK_HD T bilinear_sample(const T* plane, const BilinearTap<T>& t) {
+  const int i = t.offset, k = i + t.step_y;
+  return bilinear_blend(plane[i], plane[i + t.step_x], plane[k], plane[k + t.step_x], t);
+}
+
+template <typename T>
+WK_HD T bilinear_sample_grad(const T* plane, const BilinearTap<T>& t, T* d_flow_x,
+                             T* d_flow_y) {
+  const int i = t.offset, k = i + t.step_y;
+  return bilinear_blend_grad(plane[i], plane[i + t.step_x], plane[k], plane[k + t.step_x], t,
+                             d_flow_x, d_flow_y);
 }
 
 // Weights with which a gradient at the output pixel flows back to the four image corners
