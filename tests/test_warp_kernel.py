@@ -162,6 +162,27 @@ def test_warp_ssim_data_range_and_no_grad(cpu_ext):
     assert not s_cpp.requires_grad
 
 
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_backward_twice_with_a_retained_graph(cpu_ext, weight):
+    """The backward scales gradients saved by the forward: running the backward of a retained
+    graph again, after modifying the first results in place, gives the same gradients."""
+    img, flow, ref, grad_warped = inputs((2, 3, 20, 21), seed=20)
+    for use_warped in (False, True):
+        i, f, r = (t.clone().requires_grad_() for t in (img, flow, ref))
+        s, w = warp_kernel.warp_ssim(i, f, r, impl="cpp")
+        x, y = img.clone().requires_grad_(), ref.clone().requires_grad_()
+        s2 = warp_kernel.ssim(x, y, impl="cpp")
+        loss = weight * (s.sum() + s2.sum()) + ((w * grad_warped).sum() if use_warped else 0)
+        leaves = (i, f, r, x, y)
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        kept = [g.clone() for g in first]
+        for g in first:
+            g.mul_(-3.0)  # e.g. an in-place clip or rescale of the returned gradients
+        second = torch.autograd.grad(loss, leaves)
+        for a, b in zip(kept, second):
+            assert torch.equal(a, b)
+
+
 def test_cpp_result_does_not_depend_on_thread_count(cpu_ext):
     img, flow, ref, _ = inputs((1, 3, 96, 70), seed=5)
     results = []

@@ -234,6 +234,12 @@ class _FlowWarp(torch.autograd.Function):
 # forward), for exactly the inputs that require grad; the backward only scales it.
 
 
+def _scaled(unit, grad_ssim):
+    """unit * grad_ssim[b] for every image b: a new tensor, so the saved one stays intact for
+    a graph kept with retain_graph=True."""
+    return unit * grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1) scale
+
+
 class _SSIM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, data_range, wants, ext):
@@ -245,9 +251,8 @@ class _SSIM(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_ssim):
         unit_x, unit_y = ctx.saved_tensors
-        scale = grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        grad_x = unit_x * scale if ctx.needs_input_grad[0] else None
-        grad_y = unit_y * scale if ctx.needs_input_grad[1] else None
+        grad_x = _scaled(unit_x, grad_ssim) if ctx.needs_input_grad[0] else None
+        grad_y = _scaled(unit_y, grad_ssim) if ctx.needs_input_grad[1] else None
         return grad_x, grad_y, None, None, None
 
 
@@ -267,23 +272,23 @@ class _WarpSSIM(torch.autograd.Function):
     def backward(ctx, grad_ssim, grad_warped):
         img, flow, unit_warped, unit_flow, unit_ref = ctx.saved_tensors
         need_img, need_flow, need_ref = ctx.needs_input_grad[:3]
-        scale = None if grad_ssim is None else grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         if grad_warped is not None:
             grad_warped = grad_warped.contiguous()
         grad_img = grad_flow = grad_ref = None
         if need_flow:
-            if scale is not None:
-                grad_flow = unit_flow * scale
+            if grad_ssim is not None:
+                grad_flow = _scaled(unit_flow, grad_ssim)
             if grad_warped is not None:  # the warped image was used too: one more warp backward
                 _, g = ctx.ext.flow_warp_backward(grad_warped, img, flow, ctx.padding, False, True)
-                grad_flow = g if grad_flow is None else grad_flow.add_(g)
+                grad_flow = g if grad_flow is None else g.add_(grad_flow)
         if need_img:
             # Total gradient of the warped image, scattered back through the warp.
             g = grad_warped
-            if scale is not None:
-                g = unit_warped * scale if g is None else torch.addcmul(g, unit_warped, scale)
+            if grad_ssim is not None:
+                scaled = _scaled(unit_warped, grad_ssim)
+                g = scaled if g is None else g + scaled
             if g is not None:
                 grad_img, _ = ctx.ext.flow_warp_backward(g, img, flow, ctx.padding, True, False)
-        if need_ref and scale is not None:
-            grad_ref = unit_ref * scale
+        if need_ref and grad_ssim is not None:
+            grad_ref = _scaled(unit_ref, grad_ssim)
         return grad_img, grad_flow, grad_ref, None, None, None, None
