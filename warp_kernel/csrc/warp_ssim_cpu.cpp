@@ -3,7 +3,7 @@
 // The SSIM is one number per image, so its gradient with respect to any input is that input's
 // gradient "per unit of grad_ssim" times grad_ssim[b]. When a gradient is wanted, the forward
 // pass computes these unit gradients in the same streaming pass that computes the SSIM, and the
-// backward pass only scales them (in Python). Recomputing the five moment maps in the backward
+// backward pass only scales them (in Python). Recomputing the four moment maps in the backward
 // would cost as much as the whole forward.
 //
 // Work is split into tasks of (image, band of rows) run with at::parallel_for (OpenMP threads,
@@ -12,7 +12,7 @@
 //   1. produce input row r: sample the warped row (bilinear taps of the row, then one gathered
 //      sample per channel, plus d(sample)/d(flow) when the flow gradient is wanted), copy the
 //      reference row;
-//   2. vertical pass: rows p..p+11 -> the five Gaussian column moments of output rows p, p+1;
+//   2. vertical pass: rows p..p+11 -> the four Gaussian column moments of output rows p, p+1;
 //   3. horizontal pass: window moments -> SSIM (summed), and the SSIM partial derivatives,
 //      which are then blurred back along the row with the transposed (full) window;
 //   4. vertical transposed pass: blurred partials of output rows q-10..q+1 -> gradient of the
@@ -46,6 +46,7 @@ namespace {
 constexpr int kRows = 2;
 constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // for the pair loads
 constexpr int kRing = kTaps + kRows - 1;
+constexpr int kMoments = 4;  // x, y, x^2 + y^2, xy
 constexpr int kPad = 2 * kRadius;  // rows (or columns) between a window's first and last tap
 
 // f(std::integral_constant<int, n>{}) for n = 1 or 2 rows, so that the row loops are unrolled
@@ -271,7 +272,7 @@ class BandPass {
     const size_t S = size_t(S_);
     rows_.resize(size_t(g_.C) * kRing * 2 * S);
     if (pb.grad_flow) dflow_.resize(size_t(g_.C) * kRing * 2 * S);
-    m_.resize(kRows * 5 * S);
+    m_.resize(kRows * kMoments * S);
     s_.resize(S);
     if (pb.wants_grad()) {
       d_.assign(4 * (S + kPad), T(0));
@@ -298,7 +299,7 @@ class BandPass {
       for (int c = 0; c < g_.C; ++c) {
         with_rows(n, [&](auto rows) { column_moments<rows()>(c, p); });
         for (int i = 0; i < n; ++i) {
-          const T* m = m_.data() + i * 5 * S_;
+          const T* m = m_.data() + i * kMoments * S_;
           const double s = grad ? window_row<true>(c, p + i, m) : window_row<false>(c, p + i, m);
           if (p + i >= q0) pb_.row_sums[(size_t(b_) * g_.C + c) * g_.Ho + p + i] = s;
         }
@@ -348,8 +349,8 @@ class BandPass {
     }
   }
 
-  // ---- 2. vertical pass: rows p..p+10+N-1 -> the five Gaussian column moments
-  // m = (sum g x, sum g y, sum g x^2, sum g y^2, sum g xy) of output rows p..p+N-1. ----
+  // ---- 2. vertical pass: rows p..p+10+N-1 -> the four Gaussian column moments
+  // m = (sum g x, sum g y, sum g (x^2 + y^2), sum g xy) of output rows p..p+N-1. ----
   template <int N>
   void column_moments(int c, int p) {
     const T* r[kTaps + N - 1];
@@ -359,30 +360,28 @@ class BandPass {
     const T* gk = gauss_.g;
 #pragma omp simd
     for (int j = 0; j < g_.W; ++j) {
-      T sx[N] = {}, sy[N] = {}, sxx[N] = {}, syy[N] = {}, sxy[N] = {};
+      T sx[N] = {}, sy[N] = {}, ssq[N] = {}, sxy[N] = {};
 #pragma GCC unroll 12
       for (int k = 0; k < kTaps + N - 1; ++k) {
         const T a = r[k][j], b = r[k][S + j];
-        const T aa = a * a, bb = b * b, ab = a * b;
+        const T sq = a * a + b * b, ab = a * b;
 #pragma GCC unroll 2
         for (int i = 0; i < N; ++i) {
           if (k - i < 0 || k - i >= kTaps) continue;  // row k is tap k - i of output row p + i
           const T g = gk[k - i];
           sx[i] += g * a;
           sy[i] += g * b;
-          sxx[i] += g * aa;
-          syy[i] += g * bb;
+          ssq[i] += g * sq;
           sxy[i] += g * ab;
         }
       }
 #pragma GCC unroll 2
       for (int i = 0; i < N; ++i) {
-        T* mi = m + i * 5 * S;
+        T* mi = m + i * kMoments * S;
         mi[j] = sx[i];
         mi[S + j] = sy[i];
-        mi[2 * S + j] = sxx[i];
-        mi[3 * S + j] = syy[i];
-        mi[4 * S + j] = sxy[i];
+        mi[2 * S + j] = ssq[i];
+        mi[3 * S + j] = sxy[i];
       }
     }
   }
@@ -400,24 +399,23 @@ class BandPass {
     T* __restrict__ ssim = s_.data();
 #pragma omp simd
     for (int j = 0; j < g_.Wo; ++j) {
-      T ux = 0, uy = 0, uxx = 0, uyy = 0, uxy = 0;
+      T ux = 0, uy = 0, usq = 0, uxy = 0;
 #pragma GCC unroll 11
       for (int k = 0; k < kTaps; ++k) {
         ux += gk[k] * m[j + k];
         uy += gk[k] * m[S + j + k];
-        uxx += gk[k] * m[2 * S + j + k];
-        uyy += gk[k] * m[3 * S + j + k];
-        uxy += gk[k] * m[4 * S + j + k];
+        usq += gk[k] * m[2 * S + j + k];
+        uxy += gk[k] * m[3 * S + j + k];
       }
       if (kGrad) {
-        const SSIMPartials<T> q = ssim_partials(ux, uy, uxx, uyy, uxy, c1, c2);
+        const SSIMPartials<T> q = ssim_partials(ux, uy, usq, uxy, c1, c2);
         d[kPad + j] = scale * q.mu_x;
         d[Sd + kPad + j] = scale * q.sq;
         d[2 * Sd + kPad + j] = scale * q.xy;
         d[3 * Sd + kPad + j] = scale * q.mu_y;  // read only when K == 4
         ssim[j] = q.s;
       } else {
-        ssim[j] = ssim_from_moments(ux, uy, uxx, uyy, uxy, c1, c2);
+        ssim[j] = ssim_from_moments(ux, uy, usq, uxy, c1, c2);
       }
     }
     // Vector lanes of T each add ~Wo/16 values; the rows are then added in float64.
@@ -533,7 +531,7 @@ class BandPass {
   TapRow<T> taps_;
   Buffer<T> rows_;   // ring (C, kRing, [x | y])
   Buffer<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
-  Buffer<T> m_;      // (2, 5, S) column moments of two output rows
+  Buffer<T> m_;      // (2, 4, S) column moments of two output rows
   Buffer<T> s_;      // (S) SSIM of one output row
   Buffer<T> d_;      // (4, S + 10) partials of one output row, zero-padded
   Buffer<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row

@@ -5,7 +5,7 @@
 // The fused SSIM runs as two kernels over 16x16 tiles of pixels, one thread per pixel, each
 // tile loading a 5-pixel halo into shared memory and looping over the channels:
 //   ssim_forward_kernel: warped pixels sampled on the fly (and written out), horizontal then
-//     vertical Gaussian pass for the five moments, SSIM reduced inside the block and added to
+//     vertical Gaussian pass for the four moments (x, y, x^2 + y^2, xy), SSIM reduced inside the block and added to
 //     the image's total with one atomicAdd per block; for a gradient, the SSIM partial
 //     derivatives of every window, per unit of grad_ssim.
 //   ssim_grad_kernel: the partials blurred back onto the pixels (the window is symmetric, so
@@ -100,7 +100,7 @@ template <typename T, bool kWarp, bool kGrad>
 __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   __shared__ T sx[kSpan][kSpan + 1];
   __shared__ T sy[kSpan][kSpan + 1];
-  __shared__ T sh[5][kSpan][kTile];
+  __shared__ T sh[4][kSpan][kTile];
   __shared__ double warp_sums[kThreads / 32];
 
   const int H = a.s.H, W = a.s.W, C = a.s.C, plane = H * W;
@@ -145,35 +145,33 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
     // ---- Phase 2: horizontal pass over the 26 rows of the 16 centre columns ----
     for (int i = tid; i < kSpan * kTile; i += kThreads) {
       const int ly = i / kTile, lx = i % kTile;
-      T m0 = 0, m1 = 0, m2 = 0, m3 = 0, m4 = 0;
+      T m0 = 0, m1 = 0, m2 = 0, m3 = 0;
 #pragma unroll
       for (int k = 0; k < kTaps; ++k) {
         const T g = gauss<T>(k), xv = sx[ly][lx + k], yv = sy[ly][lx + k];
         m0 += g * xv;
         m1 += g * yv;
-        m2 += g * xv * xv;
-        m3 += g * yv * yv;
-        m4 += g * xv * yv;
+        m2 += g * (xv * xv + yv * yv);
+        m3 += g * xv * yv;
       }
       sh[0][ly][lx] = m0;
       sh[1][ly][lx] = m1;
       sh[2][ly][lx] = m2;
       sh[3][ly][lx] = m3;
-      sh[4][ly][lx] = m4;
     }
     __syncthreads();
 
     // ---- Phase 3: vertical pass, SSIM and its partials at this thread's centre ----
     if (valid) {
-      T u[5] = {0, 0, 0, 0, 0};
+      T u[4] = {0, 0, 0, 0};
 #pragma unroll
       for (int k = 0; k < kTaps; ++k) {
         const T g = gauss<T>(k);
 #pragma unroll
-        for (int q = 0; q < 5; ++q) u[q] += g * sh[q][ty + k][tx];
+        for (int q = 0; q < 4; ++q) u[q] += g * sh[q][ty + k][tx];
       }
       if (kGrad) {
-        const SSIMPartials<T> p = ssim_partials(u[0], u[1], u[2], u[3], u[4], a.c1, a.c2);
+        const SSIMPartials<T> p = ssim_partials(u[0], u[1], u[2], u[3], a.c1, a.c2);
         local += double(p.s);
         T* d = a.partials + (size_t(b) * C + c) * K * plane + cy * W + cx;
         d[0] = inv_count * p.mu_x;
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
         d[2 * plane] = inv_count * p.xy;
         if (K == 4) d[3 * plane] = inv_count * p.mu_y;
       } else {
-        local += double(ssim_from_moments(u[0], u[1], u[2], u[3], u[4], a.c1, a.c2));
+        local += double(ssim_from_moments(u[0], u[1], u[2], u[3], a.c1, a.c2));
       }
     } else if (kGrad && in_image) {
       T* d = a.partials + (size_t(b) * C + c) * K * plane + cy * W + cx;

@@ -159,40 +159,41 @@ WK_HD void bilinear_weights(const BilinearTap<T>& t, T* w00, T* w01, T* w10, T* 
 // ---------------------------------------------------------------------------------------------
 // SSIM from the Gaussian-weighted moments of one window
 // ---------------------------------------------------------------------------------------------
-// mu_x = E[x], mu_y = E[y], xx = E[x^2], yy = E[y^2], xy = E[xy] under the window;
+// mu_x = E[x], mu_y = E[y], sq = E[x^2] + E[y^2], xy = E[xy] under the window;
 // c1 = (0.01 L)^2, c2 = (0.03 L)^2.
 //   S = (2 mu_x mu_y + c1)(2 cov_xy + c2) / ((mu_x^2 + mu_y^2 + c1)(var_x + var_y + c2))
+// The variances only appear as their sum var_x + var_y = sq - mu_x^2 - mu_y^2, so four moment
+// maps suffice, not five.
 
 template <typename T>
-WK_HD T ssim_from_moments(T mu_x, T mu_y, T xx, T yy, T xy, T c1, T c2) {
+WK_HD T ssim_from_moments(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
   const T mu_xy = mu_x * mu_y;
-  const T mu_xx = mu_x * mu_x;
-  const T mu_yy = mu_y * mu_y;
+  const T mu_sq = mu_x * mu_x + mu_y * mu_y;
   const T a1 = T(2) * mu_xy + c1;
   const T a2 = T(2) * (xy - mu_xy) + c2;
-  const T b1 = mu_xx + mu_yy + c1;
-  const T b2 = (xx - mu_xx) + (yy - mu_yy) + c2;
+  const T b1 = mu_sq + c1;
+  const T b2 = (sq - mu_sq) + c2;
   return (a1 * a2) / (b1 * b2);
 }
 
-// S and its partial derivatives with respect to the five moments (d/d_xx == d/d_yy).
+// S and its partial derivatives with respect to the four moments.
 template <typename T>
 struct SSIMPartials {
   T s, mu_x, mu_y, sq, xy;
 };
 
 template <typename T>
-WK_HD SSIMPartials<T> ssim_partials(T mu_x, T mu_y, T xx, T yy, T xy, T c1, T c2) {
+WK_HD SSIMPartials<T> ssim_partials(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
   const T mu_xy = mu_x * mu_y;
-  const T mu_xx = mu_x * mu_x;
-  const T mu_yy = mu_y * mu_y;
+  const T mu_sq = mu_x * mu_x + mu_y * mu_y;
   const T a1 = T(2) * mu_xy + c1;
   const T a2 = T(2) * (xy - mu_xy) + c2;
-  const T b1 = mu_xx + mu_yy + c1;
-  const T b2 = (xx - mu_xx) + (yy - mu_yy) + c2;
-  const T inv_b1 = T(1) / b1;
-  const T inv_b2 = T(1) / b2;
-  const T inv_b = inv_b1 * inv_b2;
+  const T b1 = mu_sq + c1;
+  const T b2 = (sq - mu_sq) + c2;
+  // One division instead of two: 1 / b1 = b2 / (b1 b2), 1 / b2 = b1 / (b1 b2).
+  const T inv_b = T(1) / (b1 * b2);
+  const T inv_b1 = b2 * inv_b;
+  const T inv_b2 = b1 * inv_b;
   const T s = a1 * a2 * inv_b;
   const T mix = T(2) * (a2 - a1) * inv_b;     // from the mu_x mu_y terms of a1 and a2
   const T spread = T(2) * s * (inv_b2 - inv_b1);  // from mu^2 in b1 and in var = E[.^2] - mu^2
