@@ -15,8 +15,8 @@
 //   2. vertical pass: rows p..p+11 -> the four Gaussian column moments of output rows p, p+1;
 //   3. horizontal pass: window moments -> SSIM (summed), and the SSIM partial derivatives,
 //      which are then blurred back along the row with the transposed (full) window;
-//   4. vertical transposed pass: blurred partials of output rows q-10..q+1 -> gradient of the
-//      SSIM with respect to every pixel of input rows q, q+1, then of the flow there.
+//   4. vertical transposed pass: blurred partials of output rows q-10..q+3 -> gradient of the
+//      SSIM with respect to every pixel of input rows q..q+3, then of the flow there.
 // Every loop over a row runs over contiguous memory and is vectorised by the compiler.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -39,25 +39,29 @@
 namespace warp_kernel {
 namespace {
 
-// Output rows go in pairs: rows p and p+1 read 12 input rows, 10 of them shared, so every row
-// streamed from cache serves two outputs (the ring buffers hold 12 rows). Pairs halve the
-// traffic of the 11-row passes and were 16% faster than single rows here; groups of three or
-// four were slower again (register pressure).
+// The 11-row passes handle several rows at once, so that every row streamed from cache serves
+// several outputs. The forward pass takes output rows in pairs (rows p and p+1 read 12 input
+// rows, 10 of them shared): 16% faster than single rows here, while larger groups run out of
+// vector registers. The transposed pass of the gradient keeps one accumulator per row and
+// takes four rows (14 rows of partials read for 4 outputs, against 12 for 2).
 constexpr int kRows = 2;
-constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // for the pair loads
-constexpr int kRing = kTaps + kRows - 1;
-constexpr int kMoments = 4;  // x, y, x^2 + y^2, xy
+constexpr int kGradRows = 4;
 constexpr int kPad = 2 * kRadius;  // rows (or columns) between a window's first and last tap
+// Rows kept by the ring buffers. The gradient of input rows [q, q + 4) is computed once the
+// partials of output row q + 3 exist, at most kRows - 1 rows later, when input rows up to
+// q + 3 + kRows - 1 + kPad have been produced.
+constexpr int kRing = kPad + kRows + kGradRows - 1;
+constexpr int kMoments = 4;  // x, y, x^2 + y^2, xy
+constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // for the pair loads
 
-// f(std::integral_constant<int, n>{}) for n = 1 or 2 rows, so that the row loops are unrolled
+// f(std::integral_constant<int, n>{}) for n = 1..Max rows, so that the row loops are unrolled
 // over a compile-time number of rows.
-template <typename F>
+template <int Max, typename F>
 void with_rows(int n, const F& f) {
-  static_assert(kRows == 2, "with_rows dispatches groups of 1 or 2 rows");
-  if (n == 2)
-    f(std::integral_constant<int, 2>{});
-  else
-    f(std::integral_constant<int, 1>{});
+  if constexpr (Max > 1) {
+    if (n < Max) return with_rows<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
 }
 
 template <typename T>
@@ -278,7 +282,7 @@ class BandPass {
       d_.assign(4 * (S + kPad), T(0));
       e_.resize(size_t(g_.C) * kRing * K_ * S);
       zeros_.assign(K_ * S, T(0));
-      f_.resize(kRows * 4 * S);
+      f_.resize(kGradRows * 4 * S);
       dx_.resize(S);
     }
   }
@@ -293,20 +297,21 @@ class BandPass {
     q0_ = q0;
     q1_ = q1;
     next_ = p_begin;
+    done_ = q0;
     for (int p = p_begin; p < p_end; p += kRows) {
       const int n = std::min(kRows, p_end - p);  // output rows p .. p+n-1
       produce_until(p + n - 1 + kPad);
       for (int c = 0; c < g_.C; ++c) {
-        with_rows(n, [&](auto rows) { column_moments<rows()>(c, p); });
+        with_rows<kRows>(n, [&](auto rows) { column_moments<rows()>(c, p); });
         for (int i = 0; i < n; ++i) {
           const T* m = m_.data() + i * kMoments * S_;
           const double s = grad ? window_row<true>(c, p + i, m) : window_row<false>(c, p + i, m);
           if (p + i >= q0) pb_.row_sums[(size_t(b_) * g_.C + c) * g_.Ho + p + i] = s;
         }
       }
-      if (grad) finish_rows(std::max(p, q0), p + n);
+      if (grad) finish_rows(p + n, false);
     }
-    if (grad) finish_rows(std::max(q0, g_.Ho), q1);  // below the last window
+    if (grad) finish_rows(q1, true);  // every row left, down to those below the last window
     produce_until(q1 - 1);  // rows of the warped image nothing above needed
   }
 
@@ -439,11 +444,15 @@ class BandPass {
     return double(sum);
   }
 
-  // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of input rows
-  // [q, q_end), two rows at a time (rows q and q+1 share 10 of their 11 blurred partials) ----
-  void finish_rows(int q, int q_end) {
-    for (; q < q_end; q += kRows)
-      with_rows(std::min(kRows, q_end - q), [&](auto rows) { finish<rows()>(q); });
+  // ---- 4. vertical transposed pass: gradient of the SSIM at every pixel of the input rows
+  // not done yet below `end`, four rows at a time (they share 8 of their 11 blurred partials);
+  // a group of fewer rows only for the last ones. ----
+  void finish_rows(int end, bool last) {
+    while (done_ + kGradRows <= end || (last && done_ < end)) {
+      const int n = std::min(kGradRows, end - done_);
+      with_rows<kGradRows>(n, [&](auto rows) { finish<rows()>(done_); });
+      done_ += n;
+    }
   }
 
   template <int N>
@@ -463,14 +472,14 @@ class BandPass {
 #pragma omp simd
         for (int j = 0; j < W; ++j) {
           T acc[N] = {};
-#pragma GCC unroll 12
+#pragma GCC unroll 16
           for (int k = 0; k < kTaps + N - 1; ++k) {
             const T e = er[k][o + j];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int n = 0; n < N; ++n)
               if (k - n >= 0 && k - n < kTaps) acc[n] += gk[k - n] * e;
           }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
           for (int n = 0; n < N; ++n) f[n * 4 * S + j] = acc[n];
         }
       }
@@ -536,9 +545,10 @@ class BandPass {
   Buffer<T> d_;      // (4, S + 10) partials of one output row, zero-padded
   Buffer<T> e_;      // ring (C, kRing, K, S) of partials blurred along their row
   Buffer<T> zeros_;  // (K, S) stands in for rows outside the SSIM map
-  Buffer<T> f_;      // (2, 4, S) partials blurred back onto two input rows
+  Buffer<T> f_;      // (4, 4, S) partials blurred back onto four input rows
   Buffer<T> dx_;     // (S) gradient of one row of x
   int q0_ = 0, q1_ = 0, next_ = 0;
+  int done_ = 0;  // first input row whose gradient is not computed yet
 };
 
 // Runs the fused pass over every band and returns the (B,) mean SSIM.
