@@ -10,8 +10,9 @@
 // torch.set_num_threads). A task walks down its band two rows at a time, keeping only small
 // ring buffers of rows (cache-line aligned, and padded so that rows do not alias in L1):
 //   1. produce input row r: sample the warped row (bilinear taps of the row, then one gathered
-//      sample per channel, plus d(sample)/d(flow) when the flow gradient is wanted), copy the
-//      reference row;
+//      sample per channel, plus d(sample)/d(flow) when the flow gradient is wanted) straight
+//      into the warped output, or into the ring for the rows of the halo; x (for ssim) and y
+//      are read where they lie, never copied;
 //   2. vertical pass: rows p..p+11 -> the four Gaussian column moments of output rows p, p+1;
 //   3. horizontal pass: window moments -> SSIM (summed), and the SSIM partial derivatives,
 //      which are then blurred back along the row with the transposed (full) window;
@@ -274,7 +275,8 @@ class BandPass {
   BandPass(const Problem<T>& pb, int b)
       : pb_(pb), g_(pb.g), b_(b), S_(pb.g.stride), K_(pb.grad_y ? 4 : 3), taps_(pb.g.W) {
     const size_t S = size_t(S_);
-    rows_.resize(size_t(g_.C) * kRing * 2 * S);
+    x_rows_.resize(size_t(g_.C) * kRing);
+    if (pb.img != nullptr) halo_.resize(size_t(g_.C) * kRing * S);
     if (pb.grad_flow) dflow_.resize(size_t(g_.C) * kRing * 2 * S);
     m_.resize(kRows * kMoments * S);
     s_.resize(S);
@@ -316,16 +318,19 @@ class BandPass {
   }
 
  private:
-  // Ring slot of input row r, channel c: [x (S) | y (S)]; for the flow gradient a parallel
-  // ring holds [d x / d flow_x (S) | d x / d flow_y (S)]. One base pointer per row keeps the
-  // 11-row loops within the registers.
-  T* row(Buffer<T>& ring, int c, int r) {
-    return ring.data() + (size_t(c) * kRing + r % kRing) * 2 * S_;
+  // Input row r of channel c: x is read where it lies (the input x, or the warped output for
+  // the band's own rows) or, for the rows of the halo, from a ring slot; y is read from y.
+  const T*& x_row(int c, int r) { return x_rows_[size_t(c) * kRing + r % kRing]; }
+  const T* y_row(int c, int r) const {
+    return pb_.y + (size_t(b_) * g_.C + c) * g_.plane + size_t(r) * g_.W;
   }
+  // Ring slots: x (S) of a halo row; for the flow gradient [d x / d flow_x | d x / d flow_y].
+  T* halo_row(int c, int r) { return halo_.data() + (size_t(c) * kRing + r % kRing) * S_; }
+  T* dflow_row(int c, int r) { return dflow_.data() + (size_t(c) * kRing + r % kRing) * 2 * S_; }
   // Blurred partials of output row p: [map 0 (S) | map 1 | ... | map K-1].
   T* e_row(int c, int p) { return e_.data() + (size_t(c) * kRing + p % kRing) * K_ * S_; }
 
-  // ---- 1. input rows: warped (or copied) x, and y ----
+  // ---- 1. input rows: x warped (straight into the output when the row is the band's) ----
   void produce_until(int last) {
     const int W = g_.W;
     for (; next_ <= last; ++next_) {
@@ -335,21 +340,20 @@ class BandPass {
         taps_.fill(pb_.flow + size_t(b_) * 2 * g_.plane, r, g_.H, W, pb_.padding);
       for (int c = 0; c < g_.C; ++c) {
         const size_t at = image + size_t(c) * g_.plane + size_t(r) * W;
-        T* xy = row(rows_, c, r);
         if (pb_.img == nullptr) {
-          std::memcpy(xy, pb_.x + at, sizeof(T) * W);
-        } else {
-          const T* plane = pb_.img + image + size_t(c) * g_.plane;
-          if (pb_.grad_flow) {
-            T* d = row(dflow_, c, r);
-            taps_.sample_grad(plane, g_.H, W, xy, d, d + S_);
-          } else {
-            taps_.sample(plane, g_.H, W, xy);
-          }
-          if (pb_.warped != nullptr && r >= q0_ && r < q1_)
-            std::memcpy(pb_.warped + at, xy, sizeof(T) * W);
+          x_row(c, r) = pb_.x + at;
+          continue;
         }
-        std::memcpy(xy + S_, pb_.y + at, sizeof(T) * W);
+        const T* plane = pb_.img + image + size_t(c) * g_.plane;
+        const bool own = pb_.warped != nullptr && r >= q0_ && r < q1_;
+        T* x = own ? pb_.warped + at : halo_row(c, r);
+        if (pb_.grad_flow) {
+          T* d = dflow_row(c, r);
+          taps_.sample_grad(plane, g_.H, W, x, d, d + S_);
+        } else {
+          taps_.sample(plane, g_.H, W, x);
+        }
+        x_row(c, r) = x;
       }
     }
   }
@@ -359,7 +363,11 @@ class BandPass {
   template <int N>
   void column_moments(int c, int p) {
     const T* r[kTaps + N - 1];
-    for (int k = 0; k < kTaps + N - 1; ++k) r[k] = row(rows_, c, p + k);
+    const T* yr[kTaps + N - 1];
+    for (int k = 0; k < kTaps + N - 1; ++k) {
+      r[k] = x_row(c, p + k);
+      yr[k] = y_row(c, p + k);
+    }
     const int S = S_;
     T* __restrict__ m = m_.data();
     const T* gk = gauss_.g;
@@ -368,7 +376,7 @@ class BandPass {
       T sx[N] = {}, sy[N] = {}, ssq[N] = {}, sxy[N] = {};
 #pragma GCC unroll 12
       for (int k = 0; k < kTaps + N - 1; ++k) {
-        const T a = r[k][j], b = r[k][S + j];
+        const T a = r[k][j], b = yr[k][j];
         const T sq = a * a + b * b, ab = a * b;
 #pragma GCC unroll 2
         for (int i = 0; i < N; ++i) {
@@ -490,8 +498,8 @@ class BandPass {
   // Gradients at input row q of channel c from the blurred partials f = (mu_x, sq, xy, mu_y).
   void pixel_grads(int c, int q, const T* f) {
     const int W = g_.W, S = S_;
-    const T* xq = row(rows_, c, q);
-    const T* yq = xq + S;
+    const T* xq = x_row(c, q);
+    const T* yq = y_row(c, q);
     const T* f_mu = f;
     const T* f_sq = f + S;
     const T* f_xy = f + 2 * S;
@@ -511,7 +519,7 @@ class BandPass {
     if (pb_.grad_flow) {  // sum over channels of d ssim / d x * d x / d flow
       T* __restrict__ gfx = pb_.grad_flow + size_t(b_) * 2 * g_.plane + size_t(q) * W;
       T* __restrict__ gfy = gfx + g_.plane;
-      const T* dfx = row(dflow_, c, q);
+      const T* dfx = dflow_row(c, q);
       const T* dfy = dfx + S;
       if (c == 0) {
 #pragma omp simd
@@ -538,7 +546,8 @@ class BandPass {
   const int K_;  // partial maps carried: d_mu_x, d_sq, d_xy (and d_mu_y for grad_y)
   const Gauss<T> gauss_;
   TapRow<T> taps_;
-  Buffer<T> rows_;   // ring (C, kRing, [x | y])
+  std::vector<const T*> x_rows_;  // ring (C, kRing) of pointers to the rows of x
+  Buffer<T> halo_;   // ring (C, kRing, S): x of the rows above or below the band
   Buffer<T> dflow_;  // ring (C, kRing, [d/d flow_x | d/d flow_y])
   Buffer<T> m_;      // (2, 4, S) column moments of two output rows
   Buffer<T> s_;      // (S) SSIM of one output row
