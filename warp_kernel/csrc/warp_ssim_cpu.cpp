@@ -19,12 +19,7 @@
 //   4. vertical transposed pass: blurred partials of output rows q-10..q+3 -> gradient of the
 //      SSIM with respect to every pixel of input rows q..q+3, then of the flow there.
 // Every loop over a row runs over contiguous memory and is vectorised by the compiler.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
-#include <torch/csrc/utils/pybind.h>  // tensor <-> Python (much lighter than torch/extension.h)
 
 #include <algorithm>
 #include <cstdint>
@@ -34,8 +29,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "warp_ssim_checks.h"
 #include "warp_ssim_math.h"
+#include "warp_ssim_ops.h"
 
 namespace warp_kernel {
 namespace {
@@ -52,7 +47,7 @@ constexpr int kPad = 2 * kRadius;  // rows (or columns) between a window's first
 // partials of output row q + 3 exist, at most kRows - 1 rows later, when input rows up to
 // q + 3 + kRows - 1 + kPad have been produced.
 constexpr int kRing = kPad + kRows + kGradRows - 1;
-constexpr int kPrefetchRows = 8;  // image rows fetched ahead of the warped row (9% faster)
+constexpr int kPrefetchRows = 8;  // image rows fetched ahead: the forward ran 7-10% faster
 constexpr int kMoments = 4;  // x, y, x^2 + y^2, xy
 constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;  // for the pair loads
 
@@ -98,9 +93,8 @@ struct Geometry {
   int Ho, Wo;  // size of the 'valid' SSIM map
   int plane;   // H * W
   int stride;  // row stride of the ring buffers: W rounded up, plus a cache line
-  explicit Geometry(const at::Tensor& t)
-      : B(int(t.size(0))), C(int(t.size(1))), H(int(t.size(2))), W(int(t.size(3))),
-        Ho(H - 2 * kRadius), Wo(W - 2 * kRadius), plane(H * W),
+  explicit Geometry(Shape s)
+      : B(s.B), C(s.C), H(s.H), W(s.W), Ho(H - 2 * kRadius), Wo(W - 2 * kRadius), plane(H * W),
         stride((W + 15) / 16 * 16 + 16) {}
 };
 
@@ -250,24 +244,13 @@ struct TapRow {
 // The fused pass of one band
 // ---------------------------------------------------------------------------------------------
 
-// What one call computes. x comes from `x` or, when `img` is set, is the warp of img by flow.
-// The gradients are per unit of grad_ssim[b] (already divided by the C * Ho * Wo windows).
+// What one call computes (SSIMArgs: x comes from `x` or, when `img` is set, is the warp of img
+// by flow; the gradients are per unit of grad_ssim[b]), with the sizes the passes use.
 template <typename T>
-struct Problem {
+struct Problem : SSIMArgs<T> {
   Geometry g;
-  const T* x = nullptr;     // (B, C, H, W), or
-  const T* img = nullptr;   // (B, C, H, W) and
-  const T* flow = nullptr;  // (B, 2, H, W)
-  int padding = kBorder;
-  const T* y = nullptr;     // (B, C, H, W)
-  T c1 = 0, c2 = 0;
-  T* warped = nullptr;      // out (B, C, H, W), optional
-  T* grad_x = nullptr;      // out (B, C, H, W): d ssim / d x, optional
-  T* grad_y = nullptr;      // out (B, C, H, W): d ssim / d y, optional
-  T* grad_flow = nullptr;   // out (B, 2, H, W): d ssim / d flow, optional (warp only)
   double* row_sums = nullptr;  // out (B, C, Ho): SSIM summed over each output row
-  explicit Problem(const at::Tensor& t) : g(t) {}
-  bool wants_grad() const { return grad_x || grad_y || grad_flow; }
+  explicit Problem(const SSIMArgs<T>& a) : SSIMArgs<T>(a), g(a.s) {}
 };
 
 template <typename T>
@@ -668,126 +651,40 @@ void warp_image_grad(const T* grad_out, const T* flow, const Geometry& g, int pa
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ops (the Python-visible functions)
+// The backend of the Python-visible ops (warp_ssim_ops.h)
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
-T* ptr_or_null(at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
+struct CpuBackend {
+  static constexpr bool kCuda = false;
 
-at::Tensor flow_warp_forward(const at::Tensor& img, const at::Tensor& flow, int64_t padding) {
-  check_image(img, "img", false);
-  check_flow(flow, img, false);
-  check_padding(padding);
-  const Geometry g(img);
-  at::Tensor out = at::empty_like(img);
-  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_forward_cpu", [&] {
-    warp_forward(img.data_ptr<scalar_t>(), flow.data_ptr<scalar_t>(), g, int(padding),
-                 out.data_ptr<scalar_t>());
-  });
-  return out;
-}
+  struct Scope {
+    explicit Scope(const at::Tensor&) {}
+  };
 
-// -> [grad_img or None, grad_flow or None]
-std::vector<at::Tensor> flow_warp_backward(const at::Tensor& grad_out, const at::Tensor& img,
-                                           const at::Tensor& flow, int64_t padding,
-                                           bool need_img, bool need_flow) {
-  check_image(img, "img", false);
-  check_flow(flow, img, false);
-  check_same_shape(grad_out, "grad_out", img, "img", false);
-  check_padding(padding);
-  const Geometry g(img);
-  at::Tensor grad_img = need_img ? at::zeros_like(img) : at::Tensor();
-  at::Tensor grad_flow = need_flow ? at::empty_like(flow) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_backward_cpu", [&] {
-    const scalar_t* go = grad_out.data_ptr<scalar_t>();
-    const scalar_t* fl = flow.data_ptr<scalar_t>();
-    if (need_flow)
-      warp_flow_grad(go, img.data_ptr<scalar_t>(), fl, g, int(padding),
-                     grad_flow.data_ptr<scalar_t>());
-    if (need_img) warp_image_grad(go, fl, g, int(padding), grad_img.data_ptr<scalar_t>());
-  });
-  return {grad_img, grad_flow};
-}
+  template <typename T>
+  static void warp(const T* img, const T* flow, T* out, Shape s, int padding, Scope&) {
+    warp_forward(img, flow, Geometry(s), padding, out);
+  }
 
-// -> [ssim (B,), d ssim/d x per unit grad or None, d ssim/d y per unit grad or None]
-std::vector<at::Tensor> ssim_forward(const at::Tensor& x, const at::Tensor& y, double data_range,
-                                     bool want_grad_x, bool want_grad_y) {
-  check_image(x, "x", false);
-  check_same_shape(y, "y", x, "x", false);
-  check_ssim_size(x);
-  check_data_range(data_range);
-  at::Tensor grad_x = want_grad_x ? at::empty_like(x) : at::Tensor();
-  at::Tensor grad_y = want_grad_y ? at::empty_like(y) : at::Tensor();
-  at::Tensor ssim;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssim_forward_cpu", [&] {
-    Problem<scalar_t> pb(x);
-    pb.x = x.data_ptr<scalar_t>();
-    pb.y = y.data_ptr<scalar_t>();
-    pb.c1 = scalar_t((0.01 * data_range) * (0.01 * data_range));
-    pb.c2 = scalar_t((0.03 * data_range) * (0.03 * data_range));
-    pb.grad_x = ptr_or_null<scalar_t>(grad_x);
-    pb.grad_y = ptr_or_null<scalar_t>(grad_y);
-    ssim = run_fused(pb, x.options());
-  });
-  return {ssim, grad_x, grad_y};
-}
+  template <typename T>
+  static void warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
+                            T* grad_flow, Shape s, int padding, Scope&) {
+    const Geometry g(s);
+    if (grad_flow != nullptr) warp_flow_grad(grad_out, img, flow, g, padding, grad_flow);
+    if (grad_img != nullptr) warp_image_grad(grad_out, flow, g, padding, grad_img);
+  }
 
-// -> [ssim (B,), warped, and per unit grad_ssim: d ssim/d warped (for the image gradient),
-//     d ssim/d flow, d ssim/d ref, each None unless wanted]
-std::vector<at::Tensor> warp_ssim_forward(const at::Tensor& img, const at::Tensor& flow,
-                                          const at::Tensor& ref, int64_t padding,
-                                          double data_range, bool want_grad_warped,
-                                          bool want_grad_flow, bool want_grad_ref) {
-  check_image(img, "img", false);
-  check_flow(flow, img, false);
-  check_same_shape(ref, "ref", img, "img", false);
-  check_ssim_size(img);
-  check_padding(padding);
-  check_data_range(data_range);
-  at::Tensor warped = at::empty_like(img);
-  at::Tensor grad_warped = want_grad_warped ? at::empty_like(img) : at::Tensor();
-  at::Tensor grad_flow = want_grad_flow ? at::empty_like(flow) : at::Tensor();
-  at::Tensor grad_ref = want_grad_ref ? at::empty_like(ref) : at::Tensor();
-  at::Tensor ssim;
-  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "warp_ssim_forward_cpu", [&] {
-    Problem<scalar_t> pb(img);
-    pb.img = img.data_ptr<scalar_t>();
-    pb.flow = flow.data_ptr<scalar_t>();
-    pb.padding = int(padding);
-    pb.y = ref.data_ptr<scalar_t>();
-    pb.c1 = scalar_t((0.01 * data_range) * (0.01 * data_range));
-    pb.c2 = scalar_t((0.03 * data_range) * (0.03 * data_range));
-    pb.warped = warped.data_ptr<scalar_t>();
-    pb.grad_x = ptr_or_null<scalar_t>(grad_warped);
-    pb.grad_y = ptr_or_null<scalar_t>(grad_ref);
-    pb.grad_flow = ptr_or_null<scalar_t>(grad_flow);
-    ssim = run_fused(pb, img.options());
-  });
-  return {ssim, warped, grad_warped, grad_flow, grad_ref};
-}
-
-at::Tensor gaussian_taps() {
-  const double d[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
-  at::Tensor t = at::empty({kTaps}, at::TensorOptions().dtype(at::kDouble));
-  std::memcpy(t.data_ptr<double>(), d, sizeof(d));
-  return t;
-}
+  template <typename T>
+  static at::Tensor ssim(SSIMArgs<T>& a, const at::Tensor& like, Scope&) {
+    Problem<T> pb(a);
+    return run_fused(pb, like.options());
+  }
+};
 
 }  // namespace
 }  // namespace warp_kernel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace warp_kernel;
-  m.doc() = "warp_kernel CPU ops: fused bilinear flow-warp + SSIM (float32/float64)";
-  m.def("flow_warp_forward", &flow_warp_forward, "img (B,C,H,W), flow (B,2,H,W), padding code");
-  m.def("flow_warp_backward", &flow_warp_backward,
-        "grad_out, img, flow, padding, need_img, need_flow -> [grad_img, grad_flow]");
-  m.def("ssim_forward", &ssim_forward,
-        "x, y, data_range, want_grad_x, want_grad_y -> [ssim (B,), unit grad_x, unit grad_y]");
-  m.def("warp_ssim_forward", &warp_ssim_forward,
-        "img, flow, ref, padding, data_range, want_grad_warped, want_grad_flow, want_grad_ref"
-        " -> [ssim (B,), warped, unit grad_warped, unit grad_flow, unit grad_ref]");
-  m.def("gaussian_taps", &gaussian_taps, "the 11 window taps (float64)");
+  warp_kernel::Ops<warp_kernel::CpuBackend>::define(
+      m, "warp_kernel CPU ops: fused bilinear flow-warp + SSIM (float32/float64)");
 }

@@ -1,53 +1,50 @@
 // Launchers of the CUDA kernels (warp_ssim_kernels.cuh), on the caller's stream.
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "warp_ssim_cuda.h"
 #include "warp_ssim_kernels.cuh"
 
 namespace warp_kernel {
+namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Launchers
-// ---------------------------------------------------------------------------------------------
+// kernel<<<grid, block>>> on the stream; after a failed launch, nothing more is launched and
+// err keeps the first error.
+struct StreamLaunch {
+  cudaStream_t stream;
+  cudaError_t err = cudaSuccess;
+  template <typename... Params, typename... Args>
+  void operator()(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
+    if (err != cudaSuccess) return;
+    kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+    err = cudaGetLastError();
+  }
+};
+
+}  // namespace
 
 template <typename T>
 cudaError_t launch_flow_warp_forward(const T* img, const T* flow, T* out, Shape s, int padding,
                                      cudaStream_t stream) {
-  const dim3 grid((s.H * s.W + 255) / 256, s.B);
-  flow_warp_forward_kernel<T><<<grid, 256, 0, stream>>>(img, flow, out, s, padding);
-  return cudaGetLastError();
+  StreamLaunch launch{stream};
+  launch_flow_warp_forward(launch, img, flow, out, s, padding);
+  return launch.err;
 }
 
 template <typename T>
 cudaError_t launch_flow_warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
                                       T* grad_flow, Shape s, int padding, cudaStream_t stream) {
-  const dim3 grid((s.H * s.W + 255) / 256, s.B);
-  flow_warp_backward_kernel<T><<<grid, 256, 0, stream>>>(grad_out, img, flow, grad_img,
-                                                         grad_flow, s, padding);
-  return cudaGetLastError();
+  StreamLaunch launch{stream};
+  launch_flow_warp_backward(launch, grad_out, img, flow, grad_img, grad_flow, s, padding);
+  return launch.err;
 }
 
 template <typename T>
 cudaError_t launch_ssim(const SSIMArgs<T>& a, cudaStream_t stream) {
-  const dim3 grid((a.s.W + kTile - 1) / kTile, (a.s.H + kTile - 1) / kTile, a.s.B);
-  const dim3 block(kTile, kTile);
-  const bool warp = a.img != nullptr;
-  const bool grad = a.grad_x != nullptr || a.grad_y != nullptr || a.grad_flow != nullptr;
-  if (warp && grad)
-    ssim_forward_kernel<T, true, true><<<grid, block, 0, stream>>>(a);
-  else if (warp)
-    ssim_forward_kernel<T, true, false><<<grid, block, 0, stream>>>(a);
-  else if (grad)
-    ssim_forward_kernel<T, false, true><<<grid, block, 0, stream>>>(a);
-  else
-    ssim_forward_kernel<T, false, false><<<grid, block, 0, stream>>>(a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || !grad) return err;
-  if (warp)
-    ssim_grad_kernel<T, true><<<grid, block, 0, stream>>>(a);
-  else
-    ssim_grad_kernel<T, false><<<grid, block, 0, stream>>>(a);
-  return cudaGetLastError();
+  StreamLaunch launch{stream};
+  launch_ssim(launch, a);
+  return launch.err;
 }
 
 #define WARP_KERNEL_INSTANTIATE(T)                                                          \

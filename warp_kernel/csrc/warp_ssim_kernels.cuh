@@ -284,4 +284,45 @@ __global__ void __launch_bounds__(kThreads) ssim_grad_kernel(SSIMArgs<T> a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Launch configurations, shared by warp_ssim_cuda.cu and the CPU emulation: launch(grid, block,
+// kernel, args...) runs the kernel over the grid (with <<<>>> on a stream, or on CPU threads).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename Launch>
+void launch_flow_warp_forward(Launch& launch, const T* img, const T* flow, T* out, Shape s,
+                              int padding) {
+  launch(dim3((s.H * s.W + 255) / 256, s.B), dim3(256), flow_warp_forward_kernel<T>, img, flow,
+         out, s, padding);
+}
+
+template <typename T, typename Launch>
+void launch_flow_warp_backward(Launch& launch, const T* grad_out, const T* img, const T* flow,
+                               T* grad_img, T* grad_flow, Shape s, int padding) {
+  launch(dim3((s.H * s.W + 255) / 256, s.B), dim3(256), flow_warp_backward_kernel<T>, grad_out,
+         img, flow, grad_img, grad_flow, s, padding);
+}
+
+// a.partials and a.ssim must be set (see SSIMArgs).
+template <typename T, typename Launch>
+void launch_ssim(Launch& launch, const SSIMArgs<T>& a) {
+  const dim3 grid((a.s.W + kTile - 1) / kTile, (a.s.H + kTile - 1) / kTile, a.s.B);
+  const dim3 block(kTile, kTile);
+  const bool warp = a.img != nullptr;
+  const bool grad = a.wants_grad();
+  if (warp && grad)
+    launch(grid, block, ssim_forward_kernel<T, true, true>, a);
+  else if (warp)
+    launch(grid, block, ssim_forward_kernel<T, true, false>, a);
+  else if (grad)
+    launch(grid, block, ssim_forward_kernel<T, false, true>, a);
+  else
+    launch(grid, block, ssim_forward_kernel<T, false, false>, a);
+  if (!grad) return;
+  if (warp)
+    launch(grid, block, ssim_grad_kernel<T, true>, a);
+  else
+    launch(grid, block, ssim_grad_kernel<T, false>, a);
+}
+
 }  // namespace warp_kernel

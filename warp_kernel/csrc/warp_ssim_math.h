@@ -165,15 +165,28 @@ WK_HD void bilinear_weights(const BilinearTap<T>& t, T* w00, T* w01, T* w10, T* 
 // The variances only appear as their sum var_x + var_y = sq - mu_x^2 - mu_y^2, so four moment
 // maps suffice, not five.
 
+// The four factors of S = (a1 a2) / (b1 b2).
 template <typename T>
-WK_HD T ssim_from_moments(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
+struct SSIMTerms {
+  T a1, a2, b1, b2;
+};
+
+template <typename T>
+WK_HD SSIMTerms<T> ssim_terms(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
   const T mu_xy = mu_x * mu_y;
   const T mu_sq = mu_x * mu_x + mu_y * mu_y;
-  const T a1 = T(2) * mu_xy + c1;
-  const T a2 = T(2) * (xy - mu_xy) + c2;
-  const T b1 = mu_sq + c1;
-  const T b2 = (sq - mu_sq) + c2;
-  return (a1 * a2) / (b1 * b2);
+  SSIMTerms<T> t;
+  t.a1 = T(2) * mu_xy + c1;
+  t.a2 = T(2) * (xy - mu_xy) + c2;
+  t.b1 = mu_sq + c1;
+  t.b2 = (sq - mu_sq) + c2;
+  return t;
+}
+
+template <typename T>
+WK_HD T ssim_from_moments(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
+  const SSIMTerms<T> t = ssim_terms(mu_x, mu_y, sq, xy, c1, c2);
+  return (t.a1 * t.a2) / (t.b1 * t.b2);
 }
 
 // S and its partial derivatives with respect to the four moments.
@@ -184,25 +197,20 @@ struct SSIMPartials {
 
 template <typename T>
 WK_HD SSIMPartials<T> ssim_partials(T mu_x, T mu_y, T sq, T xy, T c1, T c2) {
-  const T mu_xy = mu_x * mu_y;
-  const T mu_sq = mu_x * mu_x + mu_y * mu_y;
-  const T a1 = T(2) * mu_xy + c1;
-  const T a2 = T(2) * (xy - mu_xy) + c2;
-  const T b1 = mu_sq + c1;
-  const T b2 = (sq - mu_sq) + c2;
+  const SSIMTerms<T> t = ssim_terms(mu_x, mu_y, sq, xy, c1, c2);
   // One division instead of two: 1 / b1 = b2 / (b1 b2), 1 / b2 = b1 / (b1 b2).
-  const T inv_b = T(1) / (b1 * b2);
-  const T inv_b1 = b2 * inv_b;
-  const T inv_b2 = b1 * inv_b;
-  const T s = a1 * a2 * inv_b;
-  const T mix = T(2) * (a2 - a1) * inv_b;     // from the mu_x mu_y terms of a1 and a2
+  const T inv_b = T(1) / (t.b1 * t.b2);
+  const T inv_b1 = t.b2 * inv_b;
+  const T inv_b2 = t.b1 * inv_b;
+  const T s = t.a1 * t.a2 * inv_b;
+  const T mix = T(2) * (t.a2 - t.a1) * inv_b;     // from the mu_x mu_y terms of a1 and a2
   const T spread = T(2) * s * (inv_b2 - inv_b1);  // from mu^2 in b1 and in var = E[.^2] - mu^2
   SSIMPartials<T> d;
   d.s = s;
   d.mu_x = mu_y * mix + mu_x * spread;
   d.mu_y = mu_x * mix + mu_y * spread;
   d.sq = -s * inv_b2;
-  d.xy = T(2) * a1 * inv_b;
+  d.xy = T(2) * t.a1 * inv_b;
   return d;
 }
 
