@@ -30,7 +30,6 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import build as _build
 from . import reference
 
 __all__ = ["backends", "flow_warp", "reference", "ssim", "warp_ssim"]
@@ -41,6 +40,14 @@ IMPL_ENV = "WARP_KERNEL_IMPL"
 MIN_SSIM_SIZE = 2 * reference.RADIUS + 1
 
 
+def _build():
+    """warp_kernel.build, imported on first use, so that `python -m warp_kernel.build` runs it
+    as a script without an imported copy beside it."""
+    from . import build
+
+    return build
+
+
 def backends():
     """Which backends can run here: {"torch": True, "cpp": bool, "cuda": bool}.
 
@@ -48,8 +55,8 @@ def backends():
     and a GPU is visible (without a GPU the CUDA extension is not even built). The first call
     builds, or loads from the build cache, the extensions it reports on.
     """
-    cpp = _build.load("cpu") is not None
-    cuda = torch.cuda.is_available() and _build.load("cuda") is not None
+    cpp = _build().load("cpu") is not None
+    cuda = torch.cuda.is_available() and _build().load("cuda") is not None
     return {"torch": True, "cpp": cpp, "cuda": cuda}
 
 
@@ -67,16 +74,16 @@ def _resolve(impl, device):
         return None
     if impl == "auto":
         if device.type == "cuda":
-            return _build.load("cuda")
+            return _build().load("cuda")
         if device.type == "cpu":
-            return _build.load("cpu")
+            return _build().load("cpu")
         return None
     wanted = "cpu" if impl == "cpp" else "cuda"
     if device.type != wanted:
         raise ValueError(f"{source} runs on {wanted.upper()} tensors, got tensors on {device}")
-    module = _build.load(wanted, warn=False)
+    module = _build().load(wanted, warn=False)
     if module is None:
-        raise RuntimeError(f"{source} is unavailable: {_build.failure(wanted)}")
+        raise RuntimeError(f"{source} is unavailable: {_build().failure(wanted)}")
     return module
 
 

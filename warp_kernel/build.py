@@ -20,6 +20,7 @@ Environment:
 """
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -33,7 +34,14 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ["warp_ssim_cpu.cpp"]
 CUDA_SOURCES = ["warp_ssim_cuda.cu", "warp_ssim_cuda.cpp"]
-HEADERS = ["warp_ssim_math.h", "warp_ssim_checks.h", "warp_ssim_cuda.h", "warp_ssim_kernels.cuh"]
+HEADERS = [
+    "warp_ssim_math.h",
+    "warp_ssim_args.h",
+    "warp_ssim_checks.h",
+    "warp_ssim_ops.h",
+    "warp_ssim_cuda.h",
+    "warp_ssim_kernels.cuh",
+]
 # The CUDA kernels compiled for CPU threads: lets machines without a GPU test them.
 EMULATION_SOURCES = ["warp_ssim_emulated.cpp", "cuda_emulation.h"]
 # Turing (T4), Ampere and Ada (sm_80 code runs on 8.x), PTX for everything newer.
@@ -121,12 +129,25 @@ def _cuda_arch_flags():
     return flags
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the "No CUDA runtime is found" line it logs
+    on every machine without a GPU (where the CUDA extension still builds, and the CPU one is
+    the one used)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _missing_tools(backend):
     """Why the toolchain cannot build `backend`, or None."""
-    import torch.utils.cpp_extension
-
+    cpp_extension = _cpp_extension()
     try:
-        torch.utils.cpp_extension.verify_ninja_availability()
+        cpp_extension.verify_ninja_availability()
     except RuntimeError:
         return "ninja is not installed (pip install ninja)"
     cxx = os.environ.get("CXX", "c++")
@@ -135,14 +156,14 @@ def _missing_tools(backend):
     if backend == "cuda":
         if torch.version.cuda is None:
             return "this PyTorch build has no CUDA support"
-        home = torch.utils.cpp_extension.CUDA_HOME
+        home = cpp_extension.CUDA_HOME
         if home is None or not (Path(home) / "bin" / "nvcc").exists():
             return f"nvcc not found (CUDA_HOME={home!r}; set CUDA_HOME to the CUDA toolkit)"
     return None
 
 
 def _build(backend, verbose):
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     common = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DNDEBUG"]
     if backend == "cpu":
@@ -204,7 +225,7 @@ def load(backend, verbose=False, warn=True):
 def load_cuda_emulation(verbose=False):
     """The CUDA kernels built for the CPU (one thread per CUDA thread; slow, small inputs only),
     with the same functions as the extensions but on CPU tensors. Raises if it cannot build."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     with _lock:
         if "emulation" not in _modules:
