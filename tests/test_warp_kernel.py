@@ -53,9 +53,13 @@ def random_flow(b, h, w, max_px, generator, dtype=torch.float32):
     integers: the bilinear derivative jumps there, and grid_sample's normalise / unnormalise
     round trip moves a coordinate by an ulp, which could put it on the other side."""
     flow = (torch.rand(b, 2, h, w, generator=generator, dtype=torch.float64) * 2 - 1) * max_px
+    return away_from_integers(flow).to(dtype)
+
+
+def away_from_integers(flow):
+    """The flow with its fractional parts squeezed into [0.05, 0.95] (see random_flow)."""
     frac = flow - flow.floor()
-    flow = flow.floor() + 0.05 + 0.9 * frac
-    return flow.to(dtype)
+    return flow.floor() + 0.05 + 0.9 * frac
 
 
 def inputs(shape, seed, dtype=torch.float32, device="cpu", max_px=20.0):
@@ -149,6 +153,50 @@ def test_warp_ssim_matches_torch(impl, device, padding, shape, case):
             assert actual is None
         else:
             assert_close(actual, expected, floor=SSIM_FLOOR if i == 0 else 0.0)
+
+
+def coherent_flow(kind, b, h, w, seed):
+    """(B, 2, H, W) float32 flows whose neighbouring pixels move alike, as uad.py's do: the
+    C++ path reads the corners of 16 such samples from a few rows with permutes instead of
+    gathers (AVX-512), and gathers where they spread over more than 4 rows or 32 columns.
+      constant: one fractional shift per image, past the border at one side;
+      smooth:   a few pixels of slowly varying displacement;
+      torn:     smooth, but every other strip of 24 columns jumps 9 rows down and 37 columns
+                left: groups of 16 samples that straddle a tear gather, the others do not."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    flow = torch.zeros(b, 2, h, w, dtype=torch.float64)
+    for i in range(b):
+        phase, sign = float(torch.rand(1, generator=g)) * 6, (-1) ** i
+        if kind == "constant":
+            flow[i, 0], flow[i, 1] = 2.3 * sign, -1.6 * sign
+        else:
+            flow[i, 0] = 4 * torch.sin(xs / 9 + ys / 13 + phase) + 0.4 * sign
+            flow[i, 1] = 2 * torch.cos(xs / 17 - ys / 7 + phase) - 0.3 * sign
+    if kind == "torn":
+        strips = (xs.long() // 24) % 2 == 1
+        flow[:, 0][:, strips] -= 37
+        flow[:, 1][:, strips] += 9
+    return away_from_integers(flow).float()
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("kind", ["constant", "smooth", "torn"])
+@pytest.mark.parametrize("shape", [(2, 3, 29, 70), (1, 1, 40, 32)], ids=["29x70", "40x32"])
+def test_coherent_flows_match_torch(cpu_ext, padding, kind, shape):
+    img, _, ref, grad_out = inputs(shape, seed=16)
+    flow = coherent_flow(kind, shape[0], shape[2], shape[3], seed=17)
+    outs = []
+    for backend in ("cpp", "torch"):
+        i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
+        out = warp_kernel.flow_warp(i, f, padding=padding, impl=backend)
+        out.backward(grad_out)
+        outs.append((out.detach(), i.grad, f.grad))
+        outs[-1] += run_warp_ssim(backend, img, flow, ref, padding, grad_out, (True,) * 3, True)
+    for k, (actual, expected) in enumerate(zip(*outs)):
+        assert_close(actual, expected, floor=SSIM_FLOOR if k == 3 else 0.0)
 
 
 def test_warp_ssim_data_range_and_no_grad(cpu_ext):

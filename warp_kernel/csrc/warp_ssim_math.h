@@ -84,6 +84,7 @@ WK_HD T pad_coordinate(T coord, int size, int padding, T* d_coord) {
 // the weights of the right column and bottom row, and d(sample coordinate)/d(flow).
 template <typename T>
 struct BilinearTap {
+  int x0, y0;     // the top-left corner
   int offset;     // y0 * W + x0
   int step_x;     // 1, or 0 when x0 == W - 1
   int step_y;     // W, or 0 when y0 == H - 1
@@ -102,6 +103,8 @@ WK_HD BilinearTap<T> bilinear_tap(T ix, T iy, int H, int W, int padding) {
   const int x0 = int(fx);
   const int y0 = int(fy);
   BilinearTap<T> t;
+  t.x0 = x0;
+  t.y0 = y0;
   t.offset = y0 * W + x0;
   t.step_x = x0 + 1 < W ? 1 : 0;
   t.step_y = y0 + 1 < H ? W : 0;
