@@ -155,21 +155,25 @@ void blur_row(const T* __restrict__ src, T* __restrict__ dst, int n, const T* g)
 template <>
 void blur_row<float>(const float* __restrict__ src, float* __restrict__ dst, int n,
                      const float* g) {
-  __m512 gv[kTaps];
-  for (int t = 0; t < kTaps; ++t) gv[t] = _mm512_set1_ps(g[t]);
+  __m512 gv[kRadius + 1];
+  for (int t = 0; t <= kRadius; ++t) gv[t] = _mm512_set1_ps(g[t]);
   __m512i cur = _mm512_load_si512(src);
   for (int j = 0; j < n; j += 16) {
     const __m512i next = _mm512_load_si512(src + j + 16);
-    __m512 acc = _mm512_mul_ps(gv[0], _mm512_castsi512_ps(cur));
-#define WARP_KERNEL_SHIFTED(t) \
-  acc = _mm512_fmadd_ps(gv[t], _mm512_castsi512_ps(_mm512_alignr_epi32(next, cur, t)), acc)
+    __m512 v[kTaps];
+#define WARP_KERNEL_SHIFTED(t) v[t] = _mm512_castsi512_ps(_mm512_alignr_epi32(next, cur, t))
+    v[0] = _mm512_castsi512_ps(cur);
     WARP_KERNEL_SHIFTED(1);
     WARP_KERNEL_SHIFTED(2);
     WARP_KERNEL_SHIFTED(3);
     WARP_KERNEL_SHIFTED(4);
     WARP_KERNEL_SHIFTED(5);
 #undef WARP_KERNEL_SHIFTED
-    for (int t = 6; t < kTaps; ++t) acc = _mm512_fmadd_ps(gv[t], _mm512_loadu_ps(src + j + t), acc);
+    for (int t = 6; t < kTaps; ++t) v[t] = _mm512_loadu_ps(src + j + t);
+    // The window is symmetric: taps t and 10 - t share a weight.
+    __m512 acc = _mm512_mul_ps(gv[kRadius], v[kRadius]);
+    for (int t = 0; t < kRadius; ++t)
+      acc = _mm512_fmadd_ps(gv[t], _mm512_add_ps(v[t], v[kTaps - 1 - t]), acc);
     _mm512_storeu_ps(dst + j, acc);
     cur = next;
   }
