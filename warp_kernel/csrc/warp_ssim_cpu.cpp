@@ -212,8 +212,8 @@ struct TapRow {
 
   explicit TapRow(int W)
       : x0(W), y0(W), offset(W), step_x(W), step_y(W), wx(W), wy(W), dx(W), dy(W) {
-    if constexpr (std::is_same_v<T, float>) corner.resize(4 * size_t(W));
     if (windowed(W)) {
+      corner.resize(4 * size_t(W));
       window_rows.resize(W / kLanes);
       window_base.resize(W / kLanes);
       window_code.resize(W);
@@ -242,8 +242,10 @@ struct TapRow {
 #pragma omp simd
     for (int j = 0; j < W; ++j) {
       const BilinearTap<T> t = bilinear_tap(T(j) + fx[j], T(y) + fy[j], H, W, kPadding);
-      cx[j] = t.x0;
-      cy[j] = t.y0;
+      if constexpr (kWindowedCorners) {  // only the window plan reads them
+        cx[j] = t.x0;
+        cy[j] = t.y0;
+      }
       o[j] = t.offset;
       sx[j] = t.step_x;
       sy[j] = t.step_y;
@@ -263,49 +265,60 @@ struct TapRow {
 
   // Samples of one row of `plane` (H * W values).
   void sample(const T* plane, int H, int W, T* __restrict__ out) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (load_corners(plane, H, W)) {
-        const T *c00 = corner.data(), *c01 = c00 + W, *c10 = c01 + W, *c11 = c10 + W;
-#pragma omp simd
-        for (int j = 0; j < W; ++j) out[j] = bilinear_blend(c00[j], c01[j], c10[j], c11[j], at(j));
-        return;
-      }
-    }
-#pragma omp simd
-    for (int j = 0; j < W; ++j) out[j] = bilinear_sample(plane, at(j));
+    for_each_sample(plane, H, W, [&](int j, T v00, T v01, T v10, T v11) {
+      out[j] = bilinear_blend(v00, v01, v10, v11, at(j));
+    });
   }
 
   // The samples and their derivatives with respect to flow_x and flow_y.
   void sample_grad(const T* plane, int H, int W, T* __restrict__ out, T* __restrict__ d_fx,
                    T* __restrict__ d_fy) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (load_corners(plane, H, W)) {
-        const T *c00 = corner.data(), *c01 = c00 + W, *c10 = c01 + W, *c11 = c10 + W;
+    for_each_sample(plane, H, W, [&](int j, T v00, T v01, T v10, T v11) {
+      out[j] = bilinear_blend_grad(v00, v01, v10, v11, at(j), &d_fx[j], &d_fy[j]);
+    });
+  }
+
+ private:
+  // f(j, v00, v01, v10, v11) for every sample j of the row, given its four corners in `plane`
+  // (top-left, top-right, bottom-left, bottom-right), in a vectorised loop.
+  template <typename F>
+  void for_each_sample(const T* plane, int H, int W, const F& f) {
+    const int size = H * W;
+    if constexpr (std::is_same_v<T, float> && kLittleEndian) {
+      if (size >= 2 && windowed(W)) {
+        const T* c = load_corners(plane, size, W);
 #pragma omp simd
-        for (int j = 0; j < W; ++j)
-          out[j] = bilinear_blend_grad(c00[j], c01[j], c10[j], c11[j], at(j), &d_fx[j], &d_fy[j]);
+        for (int j = 0; j < W; ++j) f(j, c[j], c[W + j], c[2 * W + j], c[3 * W + j]);
+        return;
+      }
+      if (size >= 2) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          T v00, v01, v10, v11;
+          corners(plane, size, j, &v00, &v01, &v10, &v11);
+          f(j, v00, v01, v10, v11);
+        }
         return;
       }
     }
 #pragma omp simd
-    for (int j = 0; j < W; ++j) out[j] = bilinear_sample_grad(plane, at(j), &d_fx[j], &d_fy[j]);
+    for (int j = 0; j < W; ++j) {
+      const int i = offset[j], k = i + step_y[j];
+      f(j, plane[i], plane[i + step_x[j]], plane[k], plane[k + step_x[j]]);
+    }
   }
 
- private:
   static bool windowed(int W) {
     return kWindowedCorners && std::is_same_v<T, float> && W >= kWindowCols;
   }
 
-  // The corners of every sample of the row into `corner`: through windows where the plan
-  // allows, else through gathers. False for a 1-pixel plane (no 64-bit pair fits in it).
-  bool load_corners(const float* plane, int H, int W) {
-    const int size = H * W;
-    if (size < 2 || !kLittleEndian) return false;
+  // The corners of every sample of the row, (4, W) v00, v01, v10, v11, read through windows
+  // where the plan allows, else gathered. Only for windowed(W) (AVX-512) and size >= 2.
+  const float* load_corners(const float* plane, int size, int W) {
     float* c = corner.data();
     int j = 0;
 #if defined(__AVX512F__)
-    const int groups = windowed(W) ? W / kLanes : 0;
-    for (int g = 0; g < groups; ++g, j += kLanes) {
+    for (int g = 0; g < W / kLanes; ++g, j += kLanes) {
       if (window_rows[g] == 0) {
         gather_corners(plane, size, W, j, j + kLanes, c);
         continue;
@@ -348,7 +361,7 @@ struct TapRow {
     }
 #endif
     gather_corners(plane, size, W, j, W, c);
-    return true;
+    return c;
   }
 
 #if defined(__AVX512F__)
