@@ -464,6 +464,57 @@ def test_non_finite_flow_does_not_crash(cpu_ext):
         assert out.shape == img.shape and s.shape == (1,)
 
 
+# Run in a subprocess, so that a read past the image is one failed test, not a crashed run.
+GUARDED_READS = r"""
+import ctypes, mmap, sys
+import numpy as np, torch, warp_kernel
+torch.set_num_threads(1)
+dtype, padding = getattr(torch, sys.argv[1]), sys.argv[2]
+shape = (1, 3, 37, 70)  # 4 groups of 16 columns (windows or gathers) and 6 gathered columns
+nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+pages = -(-nbytes // mmap.PAGESIZE) + 1
+buf = mmap.mmap(-1, pages * mmap.PAGESIZE)
+start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+guard = start + (pages - 1) * mmap.PAGESIZE  # the image ends where this page begins
+assert libc.mprotect(guard, mmap.PAGESIZE, 0) == 0, ctypes.get_errno()  # PROT_NONE
+img = torch.from_numpy(np.frombuffer(
+    buf, dtype=str(dtype).split(".")[1], count=int(np.prod(shape)),
+    offset=(pages - 1) * mmap.PAGESIZE - nbytes).reshape(shape))
+img.copy_(torch.rand(shape, dtype=dtype))
+ref = torch.rand(shape, dtype=dtype)
+ys, xs = torch.meshgrid(torch.arange(37.0), torch.arange(70.0), indexing="ij")
+torn = torch.full((1, 2, 37, 70), 30.25)
+torn[:, 0, :, ::2] = -40.0  # groups spread over 70 columns: gathered
+for flow in (torch.full((1, 2, 37, 70), 30.25),  # every sample beyond the bottom-right corner
+             torch.stack([2.5 + 20 * xs / 69, 1.5 + 3 * ys / 36])[None],  # towards it
+             torn):
+    flow = flow.to(dtype)
+    out = warp_kernel.flow_warp(img, flow, padding, impl="cpp")
+    want = warp_kernel.flow_warp(img, flow, padding, impl="torch")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    flow.requires_grad_(True)
+    s, _ = warp_kernel.warp_ssim(img, flow, ref, padding, impl="cpp")
+    s.sum().backward()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_reads_stay_inside_the_image(cpu_ext, dtype, padding):
+    """The image ends where an unreadable page begins, and the flows sample its last pixels:
+    a read past the image (a 64-bit pair, a 32-column window) would crash."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(warp_kernel.__file__)))
+    run = subprocess.run(
+        [sys.executable, "-c", GUARDED_READS, dtype, padding],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch, fallback, build
 # ---------------------------------------------------------------------------------------------
