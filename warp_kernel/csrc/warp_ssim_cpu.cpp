@@ -303,8 +303,9 @@ struct TapRow {
     }
 #pragma omp simd
     for (int j = 0; j < W; ++j) {
-      const int i = offset[j], k = i + step_y[j];
-      f(j, plane[i], plane[i + step_x[j]], plane[k], plane[k + step_x[j]]);
+      T v00, v01, v10, v11;
+      bilinear_corners(plane, at(j), &v00, &v01, &v10, &v11);
+      f(j, v00, v01, v10, v11);
     }
   }
 

@@ -134,19 +134,32 @@ WK_HD T bilinear_blend_grad(T v00, T v01, T v10, T v11, const BilinearTap<T>& t,
   return top + t.wy * (bottom - top);
 }
 
-// Integer index arithmetic (not pointer arithmetic) lets the CPU loops use 32-bit gathers.
+// The four corner values a sample reads from `plane` (top-left, top-right, bottom-left,
+// bottom-right). Integer index arithmetic (not pointer arithmetic) lets the CPU loops use 32-bit
+// gathers.
+template <typename T>
+WK_HD void bilinear_corners(const T* plane, const BilinearTap<T>& t, T* v00, T* v01, T* v10,
+                            T* v11) {
+  const int i = t.offset, k = i + t.step_y;
+  *v00 = plane[i];
+  *v01 = plane[i + t.step_x];
+  *v10 = plane[k];
+  *v11 = plane[k + t.step_x];
+}
+
 template <typename T>
 WK_HD T bilinear_sample(const T* plane, const BilinearTap<T>& t) {
-  const int i = t.offset, k = i + t.step_y;
-  return bilinear_blend(plane[i], plane[i + t.step_x], plane[k], plane[k + t.step_x], t);
+  T v00, v01, v10, v11;
+  bilinear_corners(plane, t, &v00, &v01, &v10, &v11);
+  return bilinear_blend(v00, v01, v10, v11, t);
 }
 
 template <typename T>
 WK_HD T bilinear_sample_grad(const T* plane, const BilinearTap<T>& t, T* d_flow_x,
                              T* d_flow_y) {
-  const int i = t.offset, k = i + t.step_y;
-  return bilinear_blend_grad(plane[i], plane[i + t.step_x], plane[k], plane[k + t.step_x], t,
-                             d_flow_x, d_flow_y);
+  T v00, v01, v10, v11;
+  bilinear_corners(plane, t, &v00, &v01, &v10, &v11);
+  return bilinear_blend_grad(v00, v01, v10, v11, t, d_flow_x, d_flow_y);
 }
 
 // Weights with which a gradient at the output pixel flows back to the four image corners
