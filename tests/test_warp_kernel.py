@@ -16,10 +16,19 @@ import torch
 
 import warp_kernel
 from warp_kernel import build, reference
+from warp_kernel.testing import (
+    GRAD_CASES,
+    assert_close,
+    away_from_integers,
+    make_inputs,
+    run_warp_ssim,
+    ssim_floor,
+)
 
 HAS_GPU = torch.cuda.is_available()
 SHAPES = [(1, 3, 23, 31), (3, 1, 17, 40), (3, 3, 32, 29), (1, 1, 11, 12)]  # odd, non-square
 PADDINGS = ["border", "reflection"]
+SSIM_FLOOR = ssim_floor(torch.float32)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,53 +57,6 @@ def backends_under_test():
     return params
 
 
-def random_flow(b, h, w, max_px, generator, dtype=torch.float32):
-    """(B, 2, H, W) flow in [-max_px, max_px] whose sample positions stay >= 0.05 px away from
-    integers: the bilinear derivative jumps there, and grid_sample's normalise / unnormalise
-    round trip moves a coordinate by an ulp, which could put it on the other side."""
-    flow = (torch.rand(b, 2, h, w, generator=generator, dtype=torch.float64) * 2 - 1) * max_px
-    return away_from_integers(flow).to(dtype)
-
-
-def away_from_integers(flow):
-    """The flow with its fractional parts squeezed into [0.05, 0.95] (see random_flow)."""
-    frac = flow - flow.floor()
-    return flow.floor() + 0.05 + 0.9 * frac
-
-
-def inputs(shape, seed, dtype=torch.float32, device="cpu", max_px=20.0):
-    g = torch.Generator().manual_seed(seed)
-    b, _, h, w = shape
-    img = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
-    ref = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
-    # A smooth-ish reference makes the SSIM non-trivial (not ~0 as for two noise images).
-    ref = (0.5 * ref + 0.5 * img.roll(1, dims=-1)).contiguous()
-    flow = random_flow(b, h, w, max_px, g, dtype)
-    grad_warped = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype) - 0.5
-    return [t.to(device) for t in (img, flow, ref, grad_warped)]
-
-
-def assert_close(actual, expected, rtol=1e-4, atol_scale=1e-5, floor=0.0):
-    """rtol 1e-4 elementwise, plus an absolute floor of 1e-5 of the tensor's largest entry
-    (entries that cancel to ~0 carry float32 rounding of their larger terms) or `floor`."""
-    assert actual is not None and expected is not None
-    atol = max(atol_scale * float(expected.abs().max()), floor) + 1e-12
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-SSIM_FLOOR = 1e-6  # SSIM lies in [-1, 1]: near 0 its relative error means nothing
-
-
-def run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped):
-    img, flow, ref = (t.detach().clone().requires_grad_(n) for t, n in zip((img, flow, ref), needs))
-    ssim, warped = warp_kernel.warp_ssim(img, flow, ref, padding=padding, impl=impl)
-    loss = (ssim * torch.arange(1, ssim.numel() + 1, device=ssim.device)).sum()
-    if use_warped:
-        loss = loss + (warped * grad_warped).sum()
-    loss.backward()
-    return ssim.detach(), warped.detach(), img.grad, flow.grad, ref.grad
-
-
 # ---------------------------------------------------------------------------------------------
 # Backends against the reference
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +66,7 @@ def run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_flow_warp_matches_torch(impl, device, padding, shape):
-    img, flow, _, grad_out = inputs(shape, seed=1, device=device)
+    img, flow, _, grad_out = make_inputs(shape, seed=1, device=device)
     outs = []
     for backend in (impl, "torch"):
         i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
@@ -118,7 +80,7 @@ def test_flow_warp_matches_torch(impl, device, padding, shape):
 @pytest.mark.parametrize("impl,device", backends_under_test())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ssim_matches_torch(impl, device, shape):
-    x, _, y, _ = inputs(shape, seed=2, device=device)
+    x, _, y, _ = make_inputs(shape, seed=2, device=device)
     outs = []
     for backend in (impl, "torch"):
         xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
@@ -129,23 +91,13 @@ def test_ssim_matches_torch(impl, device, shape):
         assert_close(actual, expected, floor=SSIM_FLOOR if i == 0 else 0.0)
 
 
-# needs = which of (img, flow, ref) require grad; use_warped = the loss also uses `warped`.
-GRAD_CASES = {
-    "flow": ((False, True, False), False),  # uad.py's common case
-    "flow+warped": ((False, True, False), True),
-    "all": ((True, True, True), False),
-    "all+warped": ((True, True, True), True),
-    "img+warped": ((True, False, False), True),
-}
-
-
 @pytest.mark.parametrize("impl,device", backends_under_test())
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case", list(GRAD_CASES))
 def test_warp_ssim_matches_torch(impl, device, padding, shape, case):
     needs, use_warped = GRAD_CASES[case]
-    img, flow, ref, grad_warped = inputs(shape, seed=3, device=device)
+    img, flow, ref, grad_warped = make_inputs(shape, seed=3, device=device)
     got = run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped)
     want = run_warp_ssim("torch", img, flow, ref, padding, grad_warped, needs, use_warped)
     for i, (actual, expected) in enumerate(zip(got, want)):
@@ -186,7 +138,7 @@ def coherent_flow(kind, b, h, w, seed):
 @pytest.mark.parametrize("kind", ["constant", "smooth", "torn"])
 @pytest.mark.parametrize("shape", [(2, 3, 29, 70), (1, 1, 40, 32)], ids=["29x70", "40x32"])
 def test_coherent_flows_match_torch(cpu_ext, padding, kind, shape):
-    img, _, ref, grad_out = inputs(shape, seed=16)
+    img, _, ref, grad_out = make_inputs(shape, seed=16)
     flow = coherent_flow(kind, shape[0], shape[2], shape[3], seed=17)
     outs = []
     for backend in ("cpp", "torch"):
@@ -200,7 +152,7 @@ def test_coherent_flows_match_torch(cpu_ext, padding, kind, shape):
 
 
 def test_warp_ssim_data_range_and_no_grad(cpu_ext):
-    img, flow, ref, _ = inputs((2, 3, 20, 21), seed=4)
+    img, flow, ref, _ = make_inputs((2, 3, 20, 21), seed=4)
     img, ref = img * 255, ref * 255
     with torch.no_grad():
         s_cpp, w_cpp = warp_kernel.warp_ssim(img, flow, ref, data_range=255.0, impl="cpp")
@@ -214,7 +166,7 @@ def test_warp_ssim_data_range_and_no_grad(cpu_ext):
 def test_backward_twice_with_a_retained_graph(cpu_ext, weight):
     """The backward scales gradients saved by the forward: running the backward of a retained
     graph again, after modifying the first results in place, gives the same gradients."""
-    img, flow, ref, grad_warped = inputs((2, 3, 20, 21), seed=20)
+    img, flow, ref, grad_warped = make_inputs((2, 3, 20, 21), seed=20)
     for use_warped in (False, True):
         i, f, r = (t.clone().requires_grad_() for t in (img, flow, ref))
         s, w = warp_kernel.warp_ssim(i, f, r, impl="cpp")
@@ -232,7 +184,7 @@ def test_backward_twice_with_a_retained_graph(cpu_ext, weight):
 
 
 def test_cpp_result_does_not_depend_on_thread_count(cpu_ext):
-    img, flow, ref, _ = inputs((1, 3, 96, 70), seed=5)
+    img, flow, ref, _ = make_inputs((1, 3, 96, 70), seed=5)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -255,7 +207,7 @@ def test_cpp_result_does_not_depend_on_thread_count(cpu_ext):
 def test_gradcheck(impl, padding):
     if impl == "cpp" and build.load("cpu", warn=False) is None:
         pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
-    img, flow, ref, _ = inputs((2, 2, 12, 13), seed=6, dtype=torch.float64, max_px=4.0)
+    img, flow, ref, _ = make_inputs((2, 2, 12, 13), seed=6, dtype=torch.float64, max_px=4.0)
     img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))
 
     def warp(i, f):
@@ -281,7 +233,7 @@ def test_gradcheck(impl, padding):
 def test_zero_flow_is_identity(impl, padding):
     if impl == "cpp" and build.load("cpu", warn=False) is None:
         pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
-    img, flow, _, _ = inputs((2, 3, 15, 22), seed=7)
+    img, flow, _, _ = make_inputs((2, 3, 15, 22), seed=7)
     out = warp_kernel.flow_warp(img, torch.zeros_like(flow), padding, impl=impl)
     s, warped = warp_kernel.warp_ssim(img, torch.zeros_like(flow), img, padding, impl=impl)
     if impl == "torch":  # grid_sample's normalise / unnormalise round trip costs an ulp or so
@@ -295,7 +247,7 @@ def test_zero_flow_is_identity(impl, padding):
 def test_ssim_of_an_image_with_itself_is_one(impl):
     if impl == "cpp" and build.load("cpu", warn=False) is None:
         pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
-    x, _, _, _ = inputs((3, 3, 19, 24), seed=8)
+    x, _, _, _ = make_inputs((3, 3, 19, 24), seed=8)
     torch.testing.assert_close(warp_kernel.ssim(x, x, impl=impl), torch.ones(3), rtol=0, atol=1e-5)
 
 
@@ -304,7 +256,7 @@ def test_ssim_of_an_image_with_itself_is_one(impl):
 def test_integer_shift_is_slicing(impl, dx, dy):
     if impl == "cpp" and build.load("cpu", warn=False) is None:
         pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
-    img, _, _, _ = inputs((1, 3, 20, 25), seed=9)
+    img, _, _, _ = make_inputs((1, 3, 20, 25), seed=9)
     flow = torch.empty(1, 2, 20, 25)
     flow[:, 0], flow[:, 1] = dx, dy
     out = warp_kernel.flow_warp(img, flow, impl=impl)
@@ -338,7 +290,7 @@ def ssim_numpy(x, y, data_range=1.0):
 def test_ssim_matches_the_formula_in_float64(impl, data_range):
     if impl == "cpp" and build.load("cpu", warn=False) is None:
         pytest.skip(f"C++ extension unavailable: {build.failure('cpu')}")
-    x, _, y, _ = inputs((2, 3, 18, 23), seed=10, dtype=torch.float64)
+    x, _, y, _ = make_inputs((2, 3, 18, 23), seed=10, dtype=torch.float64)
     x, y = x * data_range, y * data_range
     want = [ssim_numpy(x[b].numpy(), y[b].numpy(), data_range) for b in range(2)]
     got64 = warp_kernel.ssim(x, y, data_range, impl=impl)
@@ -361,7 +313,7 @@ def test_gaussian_taps_are_the_formula(cpu_ext):
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_bad_inputs_raise_value_errors(impl):
-    img, flow, ref, _ = inputs((1, 3, 16, 16), seed=11)
+    img, flow, ref, _ = make_inputs((1, 3, 16, 16), seed=11)
     with pytest.raises(ValueError, match="float32 or float64"):
         warp_kernel.flow_warp(img.half(), flow.half(), impl=impl)
     with pytest.raises(ValueError, match="float32 or float64"):
@@ -391,7 +343,7 @@ def test_bad_inputs_raise_value_errors(impl):
 
 
 def test_bad_impl_and_device():
-    img, _, ref, _ = inputs((1, 3, 16, 16), seed=12)
+    img, _, ref, _ = make_inputs((1, 3, 16, 16), seed=12)
     with pytest.raises(ValueError, match="impl must be one of"):
         warp_kernel.ssim(img, ref, impl="fast")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
@@ -402,7 +354,7 @@ def test_bad_impl_and_device():
 
 
 def test_non_contiguous_inputs(cpu_ext):
-    img, flow, ref, _ = inputs((1, 3, 16, 18), seed=13)
+    img, flow, ref, _ = make_inputs((1, 3, 16, 18), seed=13)
     img_t = img.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not contiguous
     assert not img_t.is_contiguous()
     # The extension itself refuses them with a clear RuntimeError...
@@ -417,7 +369,7 @@ def test_non_contiguous_inputs(cpu_ext):
 
 
 def test_extension_checks_every_input(cpu_ext):
-    img, flow, ref, _ = inputs((1, 3, 16, 16), seed=14)
+    img, flow, ref, _ = make_inputs((1, 3, 16, 16), seed=14)
     cases = [
         (lambda: cpu_ext.flow_warp_forward(img.half(), flow.half(), 0), "float32 or float64"),
         (lambda: cpu_ext.flow_warp_forward(img[0], flow, 0), r"\(B, C, H, W\)"),
@@ -456,7 +408,7 @@ def test_border_samples_use_only_weighted_neighbours(cpu_ext, padding):
 
 
 def test_non_finite_flow_does_not_crash(cpu_ext):
-    img, flow, ref, _ = inputs((1, 2, 14, 14), seed=15)
+    img, flow, ref, _ = make_inputs((1, 2, 14, 14), seed=15)
     flow[0, 0, 3, 4], flow[0, 1, 5, 6], flow[0, 0, 7, 8] = float("nan"), float("inf"), -1e30
     for padding in PADDINGS:
         out = warp_kernel.flow_warp(img, flow, padding, impl="cpp")
@@ -531,7 +483,7 @@ def fresh_build_state(monkeypatch):
 
 def test_failed_build_warns_once_and_falls_back(fresh_build_state, monkeypatch):
     monkeypatch.setattr(build, "_missing_tools", lambda backend: "no C++ compiler (test)")
-    x, _, y, _ = inputs((1, 3, 16, 16), seed=16)
+    x, _, y, _ = make_inputs((1, 3, 16, 16), seed=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s1 = warp_kernel.ssim(x, y)
@@ -561,7 +513,7 @@ def test_environment_variable_forces_a_backend(fresh_build_state, monkeypatch):
 
     monkeypatch.setattr(build, "load", no_build)
     monkeypatch.setenv(warp_kernel.IMPL_ENV, "torch")
-    x, _, y, _ = inputs((1, 3, 16, 16), seed=17)
+    x, _, y, _ = make_inputs((1, 3, 16, 16), seed=17)
     assert torch.equal(warp_kernel.ssim(x, y), reference.ssim(x, y))
     monkeypatch.setenv(warp_kernel.IMPL_ENV, "gpu")
     with pytest.raises(ValueError, match="WARP_KERNEL_IMPL='gpu'"):
@@ -604,7 +556,7 @@ def test_cuda_extension_builds_links_and_imports():
         module.gaussian_taps().numpy(), reference.gaussian_taps().numpy(), rtol=1e-15
     )
     if not HAS_GPU:  # the bindings check the device before anything touches CUDA
-        img, flow, _, _ = inputs((1, 1, 12, 12), seed=18)
+        img, flow, _, _ = make_inputs((1, 1, 12, 12), seed=18)
         with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
             module.flow_warp_forward(img, flow, 0)
 
@@ -612,7 +564,7 @@ def test_cuda_extension_builds_links_and_imports():
 @pytest.mark.skipif(not HAS_GPU, reason="no GPU")
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_cuda_gradcheck(padding):
-    img, flow, ref, _ = inputs(
+    img, flow, ref, _ = make_inputs(
         (2, 2, 12, 13), seed=19, dtype=torch.float64, device="cuda", max_px=4
     )
     img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))

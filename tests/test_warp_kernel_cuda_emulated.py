@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import warp_kernel
-from warp_kernel import build
+from warp_kernel.testing import assert_close, load_cuda_emulation, make_inputs, ssim_floor
 
 PADDINGS = {"border": 0, "reflection": 1}
 # Several 16x16 tiles with ragged edges, and a single-window image.
@@ -17,39 +17,14 @@ SHAPES = [(2, 3, 23, 37), (1, 1, 11, 40), (1, 2, 33, 17)]
 def emu():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield build.load_cuda_emulation()
+    yield load_cuda_emulation()
     torch.set_num_threads(threads)
-
-
-def make_inputs(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    b, _, h, w = shape
-    img = torch.rand(shape, generator=g, dtype=torch.float64)
-    ref = 0.5 * torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 * img.roll(1, -1)
-    flow = (torch.rand(b, 2, h, w, generator=g, dtype=torch.float64) * 2 - 1) * 20
-    flow = flow.floor() + 0.05 + 0.9 * (flow - flow.floor())  # away from integer positions
-    grad_warped = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
-    return [t.to(dtype).contiguous() for t in (img, flow, ref, grad_warped)]
-
-
-def tolerances(dtype):
-    return (1e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-12)
-
-
-def assert_close(actual, expected, dtype, floor=0.0):
-    rtol, scale = tolerances(dtype)
-    atol = max(scale * float(expected.abs().max()), floor) + 1e-15
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def ssim_floor(dtype):
-    return 1e-6 if dtype == torch.float32 else 0.0  # SSIM lies in [-1, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("padding", list(PADDINGS))
 def test_emulated_flow_warp(emu, padding, dtype):
-    img, flow, _, grad_out = make_inputs((2, 3, 23, 37), dtype, seed=1)
+    img, flow, _, grad_out = make_inputs((2, 3, 23, 37), seed=1, dtype=dtype)
     outs = []
     for run in ("emulated", "torch"):
         i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
@@ -60,13 +35,13 @@ def test_emulated_flow_warp(emu, padding, dtype):
         out.backward(grad_out)
         outs.append((out.detach(), i.grad, f.grad))
     for actual, expected in zip(*outs):
-        assert_close(actual, expected, dtype)
+        assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_ssim(emu, shape, dtype):
-    x, _, y, _ = make_inputs(shape, dtype, seed=2)
+    x, _, y, _ = make_inputs(shape, seed=2, dtype=dtype)
     outs = []
     for run in ("emulated", "torch"):
         xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
@@ -77,7 +52,7 @@ def test_emulated_ssim(emu, shape, dtype):
         (s * torch.arange(1.0, s.numel() + 1, dtype=dtype)).sum().backward()
         outs.append((s.detach(), xx.grad, yy.grad))
     for i, (actual, expected) in enumerate(zip(*outs)):
-        assert_close(actual, expected, dtype, ssim_floor(dtype) if i == 0 else 0.0)
+        assert_close(actual, expected, ssim_floor(dtype) if i == 0 else 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,7 +60,7 @@ def test_emulated_ssim(emu, shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("needs", [(False, True, False), (True, True, True)], ids=["flow", "all"])
 def test_emulated_warp_ssim(emu, shape, padding, dtype, needs):
-    img, flow, ref, grad_warped = make_inputs(shape, dtype, seed=3)
+    img, flow, ref, grad_warped = make_inputs(shape, seed=3, dtype=dtype)
     outs = []
     for run in ("emulated", "torch"):
         i, f, r = (t.clone().requires_grad_(n) for t, n in zip((img, flow, ref), needs))
@@ -100,4 +75,4 @@ def test_emulated_warp_ssim(emu, shape, padding, dtype, needs):
         if expected is None:
             assert actual is None
         else:
-            assert_close(actual, expected, dtype, ssim_floor(dtype) if i == 0 else 0.0)
+            assert_close(actual, expected, ssim_floor(dtype) if i == 0 else 0.0)

@@ -222,28 +222,6 @@ def load(backend, verbose=False, warn=True):
         return None
 
 
-def load_cuda_emulation(verbose=False):
-    """The CUDA kernels built for the CPU (one thread per CUDA thread; slow, small inputs only),
-    with the same functions as the extensions but on CPU tensors. Raises if it cannot build."""
-    cpp_extension = _cpp_extension()
-
-    with _lock:
-        if "emulation" not in _modules:
-            name = "warp_kernel_cuda_emulated"
-            directory = build_root() / name
-            directory.mkdir(parents=True, exist_ok=True)
-            _modules["emulation"] = cpp_extension.load(
-                name=name,
-                sources=[str(CSRC / "warp_ssim_emulated.cpp")],
-                extra_include_paths=[str(CSRC)],
-                extra_cflags=["-O1", "-pthread"],
-                extra_ldflags=["-pthread"],
-                build_directory=str(directory),
-                verbose=verbose,
-            )
-        return _modules["emulation"]
-
-
 def failure(backend):
     """Why `backend` could not be loaded (None if it loaded or was never tried)."""
     return _failures.get(backend)

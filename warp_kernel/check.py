@@ -16,81 +16,42 @@ import torch
 
 import warp_kernel
 from warp_kernel import bench, build
+from warp_kernel.testing import GRAD_CASES, assert_all_close, assert_close, make_inputs
+from warp_kernel.testing import run_warp_ssim as warp_ssim_step
 
 DEVICE, IMPL = "cuda", "cuda"  # what is checked (a dry run can point these at cpu / cpp)
 PADDINGS = ("border", "reflection")
 SHAPES = [(1, 3, 23, 31), (3, 1, 17, 40), (3, 3, 32, 29), (1, 1, 11, 12)]
 LARGE_SHAPES = [(2, 3, 130, 257), (1, 3, 1024, 1024)]
-GRAD_CASES = {  # which of (img, flow, ref) require grad, and whether the loss uses `warped`
-    "flow": ((False, True, False), False),
-    "flow+warped": ((False, True, False), True),
-    "all+warped": ((True, True, True), True),
-    "img": ((True, False, False), False),
-}
 
 
-def make_inputs(shape, dtype, device=None, seed=0, max_px=20.0):
-    g = torch.Generator().manual_seed(seed)
-    b, _, h, w = shape
-    img = torch.rand(shape, generator=g, dtype=torch.float64)
-    ref = 0.5 * torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 * img.roll(1, -1)
-    flow = (torch.rand(b, 2, h, w, generator=g, dtype=torch.float64) * 2 - 1) * max_px
-    flow = flow.floor() + 0.05 + 0.9 * (flow - flow.floor())  # away from integer positions
-    grad_warped = torch.rand(shape, generator=g, dtype=torch.float64) - 0.5
-    device = device or DEVICE
-    return [t.to(device=device, dtype=dtype).contiguous() for t in (img, flow, ref, grad_warped)]
-
-
-def assert_close(actual, expected, dtype, floor=0.0):
-    """rtol elementwise, with an absolute floor: a fraction of the largest entry, or `floor`."""
-    rtol, scale = (1e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-12)
-    atol = max(scale * float(expected.abs().max()), floor) + 1e-15
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-def warp_ssim_step(impl, img, flow, ref, padding, grad_warped, needs, use_warped):
-    img, flow, ref = (t.clone().requires_grad_(n) for t, n in zip((img, flow, ref), needs))
-    s, w = warp_kernel.warp_ssim(img, flow, ref, padding=padding, impl=impl)
-    loss = (s * torch.arange(1, s.numel() + 1, device=s.device, dtype=s.dtype)).sum()
-    if use_warped:
-        loss = loss + (w * grad_warped).sum()
-    loss.backward()
-    return s.detach(), w.detach(), img.grad, flow.grad, ref.grad
-
-
-def compare(got, want, dtype, first_is_ssim=True):
-    """The first entries are SSIM values, in [-1, 1]: their absolute floor is 1e-6 (float32)."""
-    for i, (a, b) in enumerate(zip(got, want)):
-        if b is None:
-            assert a is None, "a gradient nobody asked for was returned"
-        else:
-            floor = 1e-6 if dtype == torch.float32 and first_is_ssim and i == 0 else 0.0
-            assert_close(a, b, dtype, floor)
+def inputs(shape, dtype, **kwargs):
+    return make_inputs(shape, dtype=dtype, device=DEVICE, **kwargs)
 
 
 def check_against_torch(dtype):
     for shape in SHAPES if dtype == torch.float32 else SHAPES + LARGE_SHAPES[:1]:
         for padding in PADDINGS:
-            img, flow, ref, gw = make_inputs(shape, dtype)
+            img, flow, ref, gw = inputs(shape, dtype)
             for needs, use_warped in GRAD_CASES.values():
                 got = warp_ssim_step(IMPL, img, flow, ref, padding, gw, needs, use_warped)
                 want = warp_ssim_step("torch", img, flow, ref, padding, gw, needs, use_warped)
-                compare(got, want, dtype)
+                assert_all_close(got, want, dtype)
             outs = []
             for impl in (IMPL, "torch"):
                 i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
                 out = warp_kernel.flow_warp(i, f, padding, impl=impl)
                 out.backward(gw)
                 outs.append((out.detach(), i.grad, f.grad))
-            compare(*outs, dtype, first_is_ssim=False)
-        x, _, y, _ = make_inputs(shape, dtype, seed=1)
+            assert_all_close(*outs, dtype, ssim_first=False)
+        x, _, y, _ = inputs(shape, dtype, seed=1)
         outs = []
         for impl in (IMPL, "torch"):
             xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
             s = warp_kernel.ssim(xx, yy, impl=impl)
             (s * torch.arange(1, s.numel() + 1, device=DEVICE, dtype=dtype)).sum().backward()
             outs.append((s.detach(), xx.grad, yy.grad))
-        compare(*outs, dtype)
+        assert_all_close(*outs, dtype)
 
 
 def check_float32():
@@ -102,7 +63,7 @@ def check_float64():
 
 
 def check_gradcheck():
-    img, flow, ref, _ = make_inputs((2, 2, 12, 13), torch.float64, max_px=4.0)
+    img, flow, ref, _ = inputs((2, 2, 12, 13), torch.float64, max_px=4.0)
     img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))
     gc = torch.autograd.gradcheck
     assert gc(lambda x, y: warp_kernel.ssim(x, y, impl=IMPL), (img, ref))
@@ -116,17 +77,17 @@ def check_gradcheck():
 def check_against_cpp():
     if not warp_kernel.backends()["cpp"]:
         raise RuntimeError(f"C++ extension unavailable: {build.failure('cpu')}")
-    img, flow, ref, gw = make_inputs((2, 3, 64, 80), torch.float32)
+    img, flow, ref, gw = inputs((2, 3, 64, 80), torch.float32)
     for padding in PADDINGS:
         needs, use_warped = GRAD_CASES["all+warped"]
         got = warp_ssim_step(IMPL, img, flow, ref, padding, gw, needs, use_warped)
         cpu = [t.cpu() for t in (img, flow, ref, gw)]
         want = warp_ssim_step("cpp", *cpu[:3], padding, cpu[3], needs, use_warped)
-        compare([t.cpu() for t in got], want, torch.float32)
+        assert_all_close([t.cpu() for t in got], want, torch.float32)
 
 
 def check_identities():
-    img, flow, _, _ = make_inputs((2, 3, 40, 33), torch.float32)
+    img, flow, _, _ = inputs((2, 3, 40, 33), torch.float32)
     for padding in PADDINGS:
         zero = torch.zeros_like(flow)
         assert torch.equal(warp_kernel.flow_warp(img, zero, padding, impl=IMPL), img)
@@ -145,7 +106,7 @@ def check_large_images():
     to 1e-4. Both are measured against float64 instead: the backend's error must not exceed
     twice PyTorch's own float32 error (plus 1e-6 of the largest entry)."""
     for shape in LARGE_SHAPES:
-        img, flow, ref, gw = make_inputs(shape, torch.float64, max_px=8.0)
+        img, flow, ref, gw = inputs(shape, torch.float64, max_px=8.0)
         needs, use_warped = GRAD_CASES["all+warped"]
         truth = warp_ssim_step("torch", img, flow, ref, "border", gw, needs, use_warped)
         f32 = [t.float() for t in (img, flow, ref, gw)]
@@ -159,7 +120,7 @@ def check_large_images():
 
 
 def check_streams_and_devices():
-    img, flow, ref, _ = make_inputs((2, 3, 50, 61), torch.float32)
+    img, flow, ref, _ = inputs((2, 3, 50, 61), torch.float32)
     want = warp_kernel.warp_ssim(img, flow, ref, impl="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -175,12 +136,12 @@ def check_streams_and_devices():
             got = warp_kernel.warp_ssim(*moved, impl="cuda")
         for a, b in zip(got, want):
             assert a.device.index == 1
-            assert_close(a.cpu(), b.cpu(), torch.float32)
+            assert_close(a.cpu(), b.cpu())
 
 
 def check_errors():
     ext = build.load("cuda", warn=False)
-    img, flow, ref, _ = make_inputs((1, 3, 16, 16), torch.float32)
+    img, flow, ref, _ = inputs((1, 3, 16, 16), torch.float32)
     for call, message in [
         (lambda: ext.flow_warp_forward(img.cpu(), flow.cpu(), 0), "CUDA tensor"),
         (lambda: ext.ssim_forward(img, ref.cpu(), 1.0, False, False), "same device|CUDA tensor"),
