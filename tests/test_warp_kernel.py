@@ -6,9 +6,12 @@ too (nvcc needs no GPU), while the tests that launch CUDA kernels need a GPU and
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -532,9 +535,57 @@ def test_import_never_builds(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_sources_are_listed_for_packaging():
-    for path in build.source_files():
-        assert path.is_file(), path
+def test_wheel_ships_every_file_the_build_needs(tmp_path):
+    """setup.py's package_data against build.source_files(): a wheel built from a copy of the
+    project holds every source the extensions are compiled from, and every module."""
+    root = Path(warp_kernel.__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in [*root.glob("*.py"), root / "README.md"]:
+        shutil.copy(path, src / path.name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "build")
+    shutil.copytree(root / "warp_kernel", src / "warp_kernel", ignore=ignore)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    run = subprocess.run(
+        [*command, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    needed = [p.relative_to(root).as_posix() for p in build.source_files()]
+    needed += [p.relative_to(root).as_posix() for p in (root / "warp_kernel").glob("*.py")]
+    assert not [name for name in needed if name not in shipped]
+
+
+def test_cpu_isa_follows_torch(monkeypatch):
+    monkeypatch.delenv("WARP_KERNEL_CPU_ISA", raising=False)
+    for capability, suffix in [("AVX512", "x86v4"), ("AVX2", "x86v3"), ("DEFAULT", "base")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert build._cpu_isa()[0] == suffix
+    monkeypatch.setenv("WARP_KERNEL_CPU_ISA", "x86-64-v3")
+    assert build._cpu_isa() == ("x86v3", ["-march=x86-64-v3", "-mtune=skylake"])
+    monkeypatch.setenv("WARP_KERNEL_CPU_ISA", "avx9")
+    with pytest.raises(ValueError, match="WARP_KERNEL_CPU_ISA='avx9' is not one of auto"):
+        build._cpu_isa()
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="PyTorch without CUDA")
+def test_cuda_toolkit_is_checked_where_the_build_looks(tmp_path, monkeypatch):
+    """A CUDA_HOME guessed from an nvcc wrapper on PATH (/usr/local/bin/nvcc gives /usr/local)
+    has no headers: that is reported as missing, not left to fail the build."""
+    cpp_extension = build._cpp_extension()
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert "has no include/cuda_runtime.h" in build._missing_tools("cuda")
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert build._missing_tools("cuda") is None
+    (tmp_path / "bin" / "nvcc").unlink()
+    assert "has no bin/nvcc" in build._missing_tools("cuda")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert "no CUDA toolkit found" in build._missing_tools("cuda")
 
 
 def test_cpu_extension_builds():

@@ -13,9 +13,10 @@ Environment:
   CUDA_HOME              CUDA toolkit with nvcc (e.g. /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   GPU archs, e.g. "8.6" or "7.5;8.0+PTX"; default: the visible GPUs, or
                          DEFAULT_CUDA_ARCHS when there is none
-  WARP_KERNEL_CPU_ISA    instruction set of the CPU extension: "auto" (default: the best of
-                         x86-64-v4 / x86-64-v3 / baseline this CPU runs), one of those, or
-                         "native" (-march=native)
+  WARP_KERNEL_CPU_ISA    instruction set of the CPU extension: "auto" (default: what
+                         torch.backends.cpu.get_cpu_capability() reports, AVX512 -> x86-64-v4,
+                         AVX2 -> x86-64-v3, else baseline), one of x86-64-v4, x86-64-v3,
+                         baseline, or "native" (-march=native)
   MAX_JOBS               parallel compile jobs (ninja)
 """
 
@@ -77,34 +78,24 @@ _ISA_FLAGS = {
 }
 
 
+# The instruction set PyTorch's own CPU kernels dispatch to on this machine (which the user can
+# lower with ATEN_CPU_CAPABILITY) -> the level the CPU extension is built for. PyTorch's AVX512
+# asks for avx512f/bw/vl/dq and AVX2 for avx2 + fma; x86-64-v4 adds avx512cd and x86-64-v3
+# bmi1/bmi2/lzcnt/movbe/f16c, which every CPU with those has.
+_ISA_OF_CAPABILITY = {"AVX512": "x86-64-v4", "AVX2": "x86-64-v3"}
+
+
 def _cpu_isa():
     """(name suffix, compiler flags) for the CPU extension. A cached library only runs on CPUs
     with the instruction set it was built for, so the level is part of the extension's name:
     x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) or the compiler's baseline. The tuning options
     let the compiler use gather instructions for the bilinear samples."""
     isa = os.environ.get("WARP_KERNEL_CPU_ISA", "auto")
-    if isa != "auto":
-        if isa not in _ISA_FLAGS:
-            raise ValueError(
-                f"WARP_KERNEL_CPU_ISA={isa!r} is not one of auto, {', '.join(_ISA_FLAGS)}"
-            )
-        return _ISA_FLAGS[isa]
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return _ISA_FLAGS["baseline"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set()
-            )
-    except OSError:
-        return _ISA_FLAGS["baseline"]
-    v3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
-    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-    if v4 <= flags:
-        return _ISA_FLAGS["x86-64-v4"]
-    if v3 <= flags:
-        return _ISA_FLAGS["x86-64-v3"]
-    return _ISA_FLAGS["baseline"]
+    if isa == "auto":
+        isa = _ISA_OF_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), "baseline")
+    if isa not in _ISA_FLAGS:
+        raise ValueError(f"WARP_KERNEL_CPU_ISA={isa!r} is not one of auto, {', '.join(_ISA_FLAGS)}")
+    return _ISA_FLAGS[isa]
 
 
 def _cuda_arch_flags():
@@ -156,9 +147,24 @@ def _missing_tools(backend):
     if backend == "cuda":
         if torch.version.cuda is None:
             return "this PyTorch build has no CUDA support"
+        # Where the build will look: torch's CUDA_HOME ($CUDA_HOME, $CUDA_PATH, the folder above
+        # the nvcc on PATH, /usr/local/cuda), whose include/ (and $CUDA_INC_PATH) it compiles with.
         home = cpp_extension.CUDA_HOME
-        if home is None or not (Path(home) / "bin" / "nvcc").exists():
-            return f"nvcc not found (CUDA_HOME={home!r}; set CUDA_HOME to the CUDA toolkit)"
+        if home is None:
+            return "no CUDA toolkit found (set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)"
+        includes = [Path(home) / "include"]
+        if os.environ.get("CUDA_INC_PATH"):
+            includes.append(Path(os.environ["CUDA_INC_PATH"]))
+        if not (Path(home) / "bin" / "nvcc").exists():
+            missing = "bin/nvcc"
+        elif not any((folder / "cuda_runtime.h").exists() for folder in includes):
+            missing = "include/cuda_runtime.h"
+        else:
+            return None
+        return (
+            f"the CUDA toolkit torch found at {home} has no {missing} "
+            "(set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)"
+        )
     return None
 
 
