@@ -9,11 +9,15 @@ Stage 1 (deformation) optimises a flow field whose warp of the image is a struct
 but natural-looking target whose encoder features stay reachable inside the budget. Stage 2
 (feature simulation) runs L-infinity PGD pulling the image's encoder features towards the target's
 and away from its own. As a library: `protect(image, sam, config=UADConfig())`.
+
+Layout: configuration; SAM's preprocessing and features; stage 1; stage 2; `attack` and
+`protect`; then the plumbing (checkpoints, image files, progress) and the command line.
 """
 
 import argparse
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import sys
@@ -21,9 +25,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,203 +37,99 @@ from PIL import Image, ImageOps
 
 import warp_kernel
 
-# -----------------------------------------------------------------------------------------------
-# Configuration
-
-
-def knob(default, help: str, unit: float = 1.0):
-    """A config field with its CLI help; `unit` is the CLI's unit (255: flags count 1/255ths)."""
-    return field(default=default, metadata={"help": help, "unit": unit})
-
-
-@dataclass
-class UADConfig:
-    # budget and stage 2 (feature simulation); images are in [0, 1]
-    eps: float = knob(8 / 255, "L-infinity budget", unit=255)
-    alpha: float = knob(2 / 255, "PGD step size", unit=255)
-    steps: int = knob(40, "PGD steps of stage 2")
-    random_start: bool = knob(False, "start stage 2 from uniform noise in [-eps, eps]")
-    momentum: float = knob(0.0, "MI-FGSM decay mu; 0 disables it (the reference's MI uses 1)")
-    input_noise: float = knob(0.0, "DI: std of Gaussian noise on the encoder input", unit=255)
-    layers: Sequence[int] = knob((3, 4, 5, 6), "0-based encoder blocks giving the features")
-    # stage 1 (deformation)
-    deform_steps: int = knob(40, "Adam steps on the flow fields")
-    deform_lr: float = knob(10.0, "Adam learning rate, pixels at SAM's 1024 input scale")
-    num_flows: int = knob(4, "flow fields tiled into one mosaic flow (K)")
-    control_points: int = knob(6, "each flow is a bicubic grid of this many points a side")
-    init_std: float = knob(0.1, "initial displacement std, in control-grid blocks")
-    cell_size: float = knob(300.0, "side of a mosaic cell, pixels at the 1024 scale")
-    lambda_c: float = knob(0.05, "weight of the flow regulariser L_C")
-    lambda_tv: float = knob(20.0, "lambda_1: total variation of the flow (locally smooth)")
-    lambda_var: float = knob(20.0, "lambda_2: variance of the flow (globally near-uniform)")
-    lambda_f: float = knob(1.0, "weight of the fidelity term L_F; 0 turns it off")
-    proxy_steps: int = knob(4, "T_f: proxy PGD steps per deformation step; 0 turns them off")
-    padding: str = knob("border", "warp sampling outside the image: border | reflection")
-    # execution
-    seed: int = knob(0, "seed of every random draw (flow init, random start, DI noise)")
-    dtype: str = knob("float32", "encoder autocast dtype: float32 | bfloat16")
-    impl: str = knob("auto", "warp_kernel backend: auto | cuda | cpp | torch")
-
-
-# `paper` optimises the deformation with the live fidelity term, as the paper states. `reference`
-# is what the authors' code effectively computes: its fidelity gradient never reaches the warp,
-# so the deformation sees SSIM and the regulariser only and no proxy loop is needed.
-PRESETS = {
-    "paper": {},
-    "reference": {"lambda_f": 0.0, "proxy_steps": 0},
-}
-
-
-def preset_config(name: str, **overrides) -> UADConfig:
-    """Builds the config of preset `name` ("paper" or "reference"), with fields overridden."""
-    if name not in PRESETS:
-        raise UADError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return UADConfig(**{**PRESETS[name], **overrides})
-
 
 class UADError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
 # -----------------------------------------------------------------------------------------------
-# Segment Anything: architectures, checkpoints, preprocessing, encoder features
-
-# encoder width, depth, heads and global-attention blocks, as in segment_anything.build_sam
-SAM_ARCHS = {
-    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-}
-CHECKPOINT_URLS = {
-    "vit_b": (
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-    ),
-    "vit_l": (
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-    ),
-    "vit_h": (
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-    ),
-}
+# Configuration
 
 
-def cache_dir() -> Path:
-    """Where downloaded checkpoints live: $UNSEGMENT_CACHE, else ~/.cache/unsegment."""
-    return Path(os.environ.get("UNSEGMENT_CACHE", "~/.cache/unsegment")).expanduser()
+def knob(default, help: str, unit: float = 1.0, choices=None, at_least=None, above=None):
+    """A config field with its CLI help and the values it admits (checked by UADConfig).
 
-
-def download(url: str, dest: Path, sha256: str, quiet: bool = False) -> Path:
-    """Downloads `url` to `dest` atomically, checking its SHA-256; returns `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done, last = 0, 0.0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if not quiet and (time.monotonic() - last > 0.5 or done == total):
-                    last = time.monotonic()
-                    of = f" / {total / 2**20:.0f} MiB ({100 * done / total:.0f}%)" if total else ""
-                    print(
-                        f"\rdownloading {url}: {done / 2**20:.0f} MiB{of}", end="", file=sys.stderr
-                    )
-        if not quiet:
-            print(file=sys.stderr)
-        if digest.hexdigest() != sha256:
-            raise UADError(f"{url}: SHA-256 mismatch (got {digest.hexdigest()}, want {sha256})")
-        os.replace(tmp, dest)
-        return dest
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UADError(
-            f"{url}: download failed ({reason}); download it by hand and pass --checkpoint PATH"
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def find_checkpoint(model_type: str, quiet: bool = False) -> Path:
-    """The official checkpoint of `model_type` in the cache folder, downloaded if missing."""
-    if model_type not in CHECKPOINT_URLS:
-        raise UADError(f"no official checkpoint for model type {model_type!r}; pass --checkpoint")
-    url, sha256 = CHECKPOINT_URLS[model_type]
-    path = cache_dir() / url.rsplit("/", 1)[1]
-    return path if path.is_file() else download(url, path, sha256, quiet=quiet)
-
-
-def checkpoint_arch(state: dict) -> dict:
-    """Encoder width and depth of a SAM state dict, read from its tensor shapes."""
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
-    return dict(embed_dim=state["image_encoder.pos_embed"].shape[-1], depth=depth)
-
-
-def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bool = False):
-    """Builds SAM `model_type` ("vit_b" | "vit_l" | "vit_h") and loads its weights.
-
-    Args:
-      model_type: the architecture; a checkpoint of another one is an error.
-      checkpoint: path to a .pth state dict; None takes the official one from the cache folder
-        (see `cache_dir`), downloading it from Meta's URL on first use.
-      device: where the model lives.
-      quiet: no download progress line.
-
-    Returns:
-      segment_anything.modeling.Sam in eval mode with frozen parameters.
+    unit: the CLI's unit (255: the flag counts 1/255ths); choices: the allowed values;
+    at_least / above: an inclusive / exclusive lower bound.
     """
-    from segment_anything.build_sam import _build_sam
+    meta = dict(help=help, unit=unit, choices=choices, at_least=at_least, above=above)
+    return field(default=default, metadata=meta)
 
-    if model_type not in SAM_ARCHS:
-        raise UADError(f"unknown model type {model_type!r}; choose from {', '.join(SAM_ARCHS)}")
-    path = Path(checkpoint) if checkpoint is not None else find_checkpoint(model_type, quiet)
-    if not path.is_file():
-        raise UADError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UADError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    if not isinstance(state, dict) or "image_encoder.pos_embed" not in state:
-        raise UADError(f"{path}: not a Segment Anything checkpoint")
-    arch, want = checkpoint_arch(state), SAM_ARCHS[model_type]
-    if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
-        match = [
-            t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
-        ]
-        what = f"a {match[0]} checkpoint" if match else "of an unknown architecture"
-        raise UADError(
-            f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
-            f"not {model_type}; pass the matching --model-type"
-        )
-    sam = _build_sam(
-        encoder_embed_dim=want["embed_dim"],
-        encoder_depth=want["depth"],
-        encoder_num_heads=want["num_heads"],
-        encoder_global_attn_indexes=list(want["global_attn_indexes"]),
+
+@dataclass
+class UADConfig:
+    # budget and stage 2 (feature simulation); images are in [0, 1]
+    eps: float = knob(8 / 255, "L-infinity budget, 1 to 64", unit=255, above=0)
+    alpha: float = knob(2 / 255, "PGD step size", unit=255, above=0)
+    steps: int = knob(40, "PGD steps of stage 2", at_least=0)
+    random_start: bool = knob(False, "start stage 2 from uniform noise in [-eps, eps]")
+    momentum: float = knob(
+        0.0, "MI-FGSM decay mu; 0 disables it (the reference's MI: 1)", at_least=0
     )
-    try:
-        sam.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UADError(
-            f"{path}: weights do not match {model_type} ({str(e).splitlines()[0]})"
-        ) from None
-    return sam.eval().requires_grad_(False).to(device)
+    encoder_noise: float = knob(
+        0.0, "std of Gaussian noise on what the encoder sees (never on the output)", 255, at_least=0
+    )
+    layers: Sequence[int] = knob((3, 4, 5, 6), "0-based encoder blocks giving the features")
+    # stage 1 (deformation)
+    deform_steps: int = knob(40, "Adam steps on the flow fields", at_least=0)
+    deform_lr: float = knob(10.0, "Adam learning rate, pixels at SAM's 1024 input scale", above=0)
+    num_flows: int = knob(4, "flow fields tiled into one mosaic flow (K)", at_least=1)
+    control_points: int = knob(6, "each flow is a bicubic grid of P x P points", at_least=2)
+    init_std: float = knob(0.1, "initial displacement std, in control-grid blocks", at_least=0)
+    cell_size: float = knob(300.0, "side of a mosaic cell, pixels at the 1024 scale", above=0)
+    lambda_c: float = knob(0.05, "weight of the flow regulariser L_C", at_least=0)
+    lambda_tv: float = knob(
+        20.0, "lambda_1: total variation of the flow (local smoothness)", at_least=0
+    )
+    lambda_var: float = knob(20.0, "lambda_2: variance of the flow (near-uniformity)", at_least=0)
+    lambda_f: float = knob(1.0, "weight of the fidelity term L_F; 0 turns it off", at_least=0)
+    proxy_steps: int = knob(4, "T_f: proxy PGD steps per deformation step; 0: none", at_least=0)
+    padding: str = knob(
+        "border", "warp sampling outside the image", choices=tuple(warp_kernel.PADDINGS)
+    )
+    # execution
+    seed: int = knob(
+        0, "seed of every random draw (flow init, random start, encoder noise)", at_least=0
+    )
+    dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
+    impl: str = knob("auto", "warp_kernel backend", choices=warp_kernel.IMPLS)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise UADError(f"{f.name} {value!r}: choose from {', '.join(meta['choices'])}")
+            if meta["at_least"] is not None and not value >= meta["at_least"]:
+                raise UADError(f"{f.name} {value!r}: must be at least {meta['at_least']}")
+            if meta["above"] is not None and not value > meta["above"]:
+                raise UADError(f"{f.name} {value!r}: must be above {meta['above']}")
+        if not self.layers or min(self.layers) < 0:
+            raise UADError(
+                f"layers {','.join(map(str, self.layers))}: need one or more block indices >= 0"
+            )
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' is CUDA when available, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UADError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+# `paper` optimises the deformation with the live fidelity term, as the paper states.
+# `no-fidelity` is the same deformation with L_F off: no proxy loop, 42 encoder passes per
+# image instead of 242. `reference` is its old name: the authors' code gets no fidelity gradient
+# into the warp either, but it differs from this preset in its losses and warps (see README).
+PRESETS = {
+    "paper": {},
+    "no-fidelity": {"lambda_f": 0.0, "proxy_steps": 0},
+}
+PRESET_ALIASES = {"reference": "no-fidelity"}
+
+
+def preset_config(name: str, **overrides) -> UADConfig:
+    """Builds the config of preset `name` (see PRESETS), with fields overridden."""
+    name = PRESET_ALIASES.get(name, name)
+    if name not in PRESETS:
+        raise UADError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return UADConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------------------------
+# Segment Anything: preprocessing and encoder features
 
 
 def sam_input(x: torch.Tensor, sam) -> torch.Tensor:
@@ -283,160 +184,14 @@ def feature_distance(fa: List[torch.Tensor], fb: List[torch.Tensor]) -> torch.Te
     return torch.stack(d).mean(0)
 
 
-# -----------------------------------------------------------------------------------------------
-# Image files: reading any PIL format, writing atomically
-
-
-@dataclass
-class Picture:
-    """A decoded image file: the pixels we attack and what we carry through untouched."""
-
-    pixels: np.ndarray  # (H, W, 3) RGB or (H, W) grey, uint8
-    alpha: Optional[np.ndarray] = None  # (H, W) uint8, or None
-
-    def to_pil(self, pixels: Optional[np.ndarray] = None) -> Image.Image:
-        p = self.pixels if pixels is None else pixels
-        if self.alpha is None:
-            return Image.fromarray(p)
-        return Image.fromarray(np.dstack([p, self.alpha]), "LA" if p.ndim == 2 else "RGBA")
-
-
-GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
-
-def read_image(path) -> Picture:
-    """Reads an image file into 8-bit RGB or grey pixels plus an optional alpha channel.
-
-    EXIF orientation is applied; palette, CMYK and other colour modes become RGB; 16-bit and
-    float grey images are scaled to 8 bits. Any problem raises UADError naming the file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UADError(f"{path}: is a folder, expected an image file")
-    if not path.exists():
-        raise UADError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise UADError(f"{path}: empty file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except Image.UnidentifiedImageError:
-        raise UADError(f"{path}: not an image file that PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UADError(f"{path}: truncated or corrupt image ({e})") from None
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    alpha = None
-    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        alpha = np.asarray(im.getchannel("A"))
-    if im.mode in GREY_MODES:
-        if im.mode.startswith("I") or im.mode == "F":
-            a = np.asarray(im, dtype=np.float64)
-            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0 if a.max() > 255 else 255.0
-            pixels = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
-        else:
-            pixels = np.asarray(im.convert("L"))
-    else:
-        pixels = np.asarray(im.convert("RGB"))
-    if min(pixels.shape[:2]) < 16:
-        raise UADError(
-            f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, at least 16x16 needed"
-        )
-    return Picture(np.ascontiguousarray(pixels), alpha)
-
-
-def output_format(path) -> str:
-    """PIL format name for a file name's extension; PNG when it has none."""
-    path = Path(path)
-    if not path.suffix:
-        return "PNG"
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise UADError(f"{path}: cannot write images with extension {path.suffix!r}")
-    return fmt
-
-
-def check_destination(path, overwrite: bool = False) -> str:
-    """Checks that `path` can be written; returns its PIL format. Raises UADError if not."""
-    path = Path(path)
-    fmt = output_format(path)
-    if path.is_dir():
-        raise UADError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise UADError(f"{path}: exists; pass --overwrite to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise UADError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UADError(f"{path}: cannot write to folder {folder}")
-    return fmt
-
-
-def write_image(path, image: Image.Image, overwrite: bool = False) -> None:
-    """Saves `image` to `path` atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    fmt = check_destination(path, overwrite)
-    if fmt == "JPEG" and image.mode in ("RGBA", "LA"):
-        raise UADError(f"{path}: JPEG cannot store the alpha channel; save as .png")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UADError(f"{path}: cannot write to folder {path.parent} ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UADError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def to_tensor(pixels: np.ndarray, device="cpu") -> torch.Tensor:
-    """(H, W, 3) or (H, W) uint8 -> (1, C, H, W) float in [0, 1]."""
-    t = torch.from_numpy(np.array(pixels)).to(device)  # a copy: PIL arrays are read-only
-    t = t[..., None] if t.ndim == 2 else t
-    return t.permute(2, 0, 1)[None].float() / 255
-
-
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    """(1, C, H, W) float on the uint8 lattice -> (H, W, C) or (H, W) uint8."""
-    a = (x[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return a[..., 0] if a.shape[-1] == 1 else a
-
-
-# -----------------------------------------------------------------------------------------------
-# The attack
-
-
-class Progress:
-    """One status line on stderr: stage, step/total, loss and ETA (redrawn in place on a tty)."""
-
-    def __init__(self, quiet: bool = False, stream=None):
-        self.quiet, self.stream = quiet, stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.stage, self.start, self.shown = None, 0.0, -1
-
-    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if stage != self.stage:
-            self.stage, self.start, self.shown = stage, now, -1
-        eta = (now - self.start) / step * (total - step) if step else float("nan")
-        line = f"{stage} {step}/{total} loss {loss:+.4f} eta {eta:.0f}s"
-        if self.tty:
-            print(f"\r{line:<60}", end="\n" if step == total else "", file=self.stream, flush=True)
-        elif step == total or step * 10 // total > self.shown:  # every 10% in a log file
-            self.shown = step * 10 // total
-            print(line, file=self.stream, flush=True)
+def simulation_loss(f_x, f_target, f_image) -> torch.Tensor:
+    """Stage 2's objective d(f(x), f(target)) - d(f(x), f(image)), to minimise: (B,)."""
+    return feature_distance(f_x, f_target) - feature_distance(f_x, f_image)
 
 
 @dataclass
 class Stats:
-    """What one protect() call did: encoder passes (per batch) and the losses it ended at."""
+    """What one attack did: encoder passes (per batch) and the losses it ended at."""
 
     forwards: int = 0
     backwards: int = 0
@@ -457,6 +212,156 @@ class Surrogate:
         return encoder_features(self.sam, x, self.config.layers, self.config.dtype)
 
 
+def encoder_passes(config: UADConfig) -> tuple:
+    """(forwards, backwards) of the encoder that `attack` makes per batch with `config`."""
+    per_deform_step = 1 + config.proxy_steps if uses_fidelity(config) else 0
+    # f(image), the deformation steps, f(target), then one forward + backward per PGD step
+    forwards = 1 + config.deform_steps * per_deform_step + 1 + config.steps
+    return forwards, config.deform_steps * per_deform_step + config.steps
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 1: deformation. The flow lives in three units: control-grid blocks (1024 / P pixels at
+# the 1024 scale, for the initial std and the regulariser), pixels at SAM's 1024 input scale
+# (the optimised control points, so the learning rate means the same at every resolution), and
+# image pixels (what the warp takes). Every name or comment below says which.
+
+
+def mosaic_cells(h: int, w: int, config: UADConfig, device) -> torch.Tensor:
+    """One-hot (1, K, 1, H, W) map of which flow field owns each pixel.
+
+    Square cells of cell_size (at SAM's 1024 scale) tile the image; cell (row i, column j) takes
+    flow (j + s * i) mod K with s = max(1, K // 2), so that neighbouring cells use different
+    flows (a checkerboard for K = 2, a 2 x 2 pattern shifted by two per row for K = 4).
+    """
+    k = config.num_flows
+    cell = max(1, round(config.cell_size * max(h, w) / 1024))  # image pixels
+    rows = torch.arange(h, device=device) // cell
+    cols = torch.arange(w, device=device) // cell
+    owner = (cols[None, :] + max(1, k // 2) * rows[:, None]) % k  # (H, W)
+    return F.one_hot(owner, k).permute(2, 0, 1)[None, :, None].float()
+
+
+def mosaic_flow(ctrl: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """The one flow that warps the image, from K control grids: (B, 2, H, W), same units.
+
+    ctrl (B, K, 2, P, P) is interpolated bicubically to K dense fields (B, K, 2, H, W); each
+    pixel then takes the field of its mosaic cell (cells from `mosaic_cells`).
+    """
+    b, k = ctrl.shape[:2]
+    h, w = cells.shape[-2:]
+    dense = F.interpolate(ctrl.flatten(0, 1), (h, w), mode="bicubic", align_corners=True)
+    return (dense.view(b, k, 2, h, w) * cells).sum(1)
+
+
+def flow_regulariser(flow: torch.Tensor, config: UADConfig) -> torch.Tensor:
+    """L_C = lambda_1 TV(w) + lambda_2 var(w) of the applied flow, cell seams included: (B,).
+
+    flow (B, 2, H, W) is in pixels at the 1024 scale. Measured in control-grid blocks, with TV
+    per block of distance, L_C does not depend on the image's resolution. A jump between two
+    cells' fields is a large difference between neighbouring pixels, so TV penalises it.
+    """
+    h, w = flow.shape[-2:]
+    u = flow / (1024 / config.control_points)  # (B, 2, H, W) in control-grid blocks
+    per_block = max(h, w) / config.control_points  # image pixels per block
+    tv = (u[..., 1:, :] - u[..., :-1, :]).abs().mean((-3, -2, -1))
+    tv = (tv + (u[..., 1:] - u[..., :-1]).abs().mean((-3, -2, -1))) * per_block
+    var = u.flatten(2).var(-1).sum(-1)  # variance of x plus variance of y
+    return config.lambda_tv * tv + config.lambda_var * var
+
+
+def uses_fidelity(config: UADConfig) -> bool:
+    return config.lambda_f > 0 and config.proxy_steps > 0
+
+
+def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, config, gen, momentum):
+    """Adds L_F to stage 1's loss, backpropagates both, and takes the proxy's T_f PGD steps.
+
+    The proxy I + r' is stage 2 warm-started inside stage 1: it follows stage 2's objective
+    towards the current target, T_f PGD steps per deformation step, continuing where the
+    previous step left it. L_F = d(f(I + r'), f(I_hat)) asks that the target's features stay
+    reachable inside the budget. Its gradient reaches the flow through
+    f(I_hat) <- I_hat = warp(I, w) <- w, with the proxy's features held fixed, so L_F moves the
+    target towards what the proxy reaches, never the proxy. The same backward pass gives the
+    proxy the gradient of its own objective (the target's features held fixed): the first of
+    its T_f steps. A deformation step therefore costs 1 + T_f encoder forwards and backwards.
+
+    The paper alternates one flow update with T_f proxy updates without fixing their order; here
+    L_F at step t uses the proxy as it stood before step t's updates (r' = 0 at step 0), so that
+    the flow's and the proxy's first gradients come from one backward pass.
+
+    Args:
+      loss: (B,) SSIM + lambda_C L_C, with the graph to the flow.
+      target: (B, C, H, W) warp of the image, with the graph to the flow.
+      proxy: (B, C, H, W) the proxy adversarial example, detached.
+
+    Returns:
+      (proxy after its T_f steps, L_F (B,) detached). Gradients are left in the flow's .grad.
+    """
+    proxy = proxy.detach().requires_grad_(True)
+    f_target = surrogate(target, backward_passes=1)
+    f_proxy = surrogate(with_noise(proxy, config, gen), backward_passes=1)
+    fidelity = feature_distance([f.detach() for f in f_proxy], f_target)  # -> the flow only
+    f_target = [f.detach() for f in f_target]
+    proxy_loss = simulation_loss(f_proxy, f_target, f_image)  # -> the proxy only
+    (loss + config.lambda_f * fidelity + proxy_loss).sum().backward()
+    proxy = pgd_step(proxy.detach(), proxy.grad, image, config, momentum)
+    for _ in range(config.proxy_steps - 1):
+        proxy, _ = refine(proxy, image, f_target, f_image, surrogate, config, gen, momentum)
+    return proxy, fidelity.detach()
+
+
+def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progress=None):
+    """Stage 1: the target I_hat = warp(I, flow) minimising SSIM + lambda_C L_C + lambda_F L_F.
+
+    Args:
+      image: (B, C, H, W) in [0, 1].
+      f_image: the surrogate's features of `image`.
+
+    Returns:
+      (target (B, C, H, W) in [0, 1], SSIM(target, image) (B,)), both detached.
+    """
+    b, _, h, w = image.shape
+    block = 1024 / config.control_points  # pixels at the 1024 scale per control-grid block
+    to_image_pixels = max(h, w) / 1024
+    p = config.control_points
+    ctrl = config.init_std * block * torch.randn(b, config.num_flows, 2, p, p, generator=gen)
+    ctrl = ctrl.to(image.device).requires_grad_(True)  # (B, K, 2, P, P), 1024-scale pixels
+    cells = mosaic_cells(h, w, config, image.device)  # (1, K, 1, H, W)
+    optimizer = torch.optim.Adam([ctrl], lr=config.deform_lr)
+    proxy = image.clone()  # I + r', warm-started across deformation steps
+    momentum = torch.zeros_like(image)
+    if progress:
+        progress("deform", 0, config.deform_steps)
+
+    for step in range(config.deform_steps):
+        flow = mosaic_flow(ctrl, cells)  # (B, 2, H, W), 1024-scale pixels
+        ssim, target = warp_kernel.warp_ssim(
+            image, flow * to_image_pixels, image, config.padding, impl=config.impl
+        )
+        loss = ssim + config.lambda_c * flow_regulariser(flow, config)
+        optimizer.zero_grad()
+        if uses_fidelity(config):
+            proxy, fidelity = backward_with_fidelity(
+                loss, target, proxy, image, f_image, surrogate, config, gen, momentum
+            )
+            loss = loss.detach() + config.lambda_f * fidelity
+        else:
+            loss.sum().backward()
+        optimizer.step()
+        if progress:
+            progress("deform", step + 1, config.deform_steps, loss.mean().item())
+
+    with torch.no_grad():
+        flow = mosaic_flow(ctrl, cells) * to_image_pixels  # (B, 2, H, W), image pixels
+        ssim, target = warp_kernel.warp_ssim(image, flow, image, config.padding, impl=config.impl)
+    return target, ssim
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 2: feature simulation
+
+
 def project(x: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor:
     """Nearest point to x inside the eps-ball around image and inside [0, 1]."""
     return torch.min(torch.max(x, image - eps), image + eps).clamp(0, 1)
@@ -473,131 +378,74 @@ def pgd_step(x, grad, image, config: UADConfig, momentum: Optional[torch.Tensor]
 
 
 def with_noise(x: torch.Tensor, config: UADConfig, gen: torch.Generator) -> torch.Tensor:
-    """DI: the encoder sees x plus Gaussian noise; the perturbation itself stays noise-free."""
-    if config.input_noise <= 0:
+    """What the encoder sees: x plus Gaussian noise of std encoder_noise (the perturbation
+    itself stays noise-free). The reference code calls this option "DI"."""
+    if config.encoder_noise <= 0:
         return x
-    return x + config.input_noise * torch.randn(x.shape, generator=gen).to(x.device)
-
-
-def mosaic_cells(h: int, w: int, config: UADConfig, device) -> torch.Tensor:
-    """One-hot (1, K, 1, H, W) map of which flow field owns each pixel.
-
-    Square cells of cell_size (at SAM's 1024 scale) tile the image; cell (row i, column j) takes
-    flow (j + s * i) mod K with s = max(1, K // 2), so that neighbouring cells use different
-    flows (a checkerboard for K = 2, a 2 x 2 pattern shifted by two per row for K = 4).
-    """
-    k = config.num_flows
-    cell = max(1, round(config.cell_size * max(h, w) / 1024))
-    rows = torch.arange(h, device=device) // cell
-    cols = torch.arange(w, device=device) // cell
-    owner = (cols[None, :] + max(1, k // 2) * rows[:, None]) % k  # (H, W)
-    return F.one_hot(owner, k).permute(2, 0, 1)[None, :, None].float()
-
-
-def dense_flows(ctrl: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Control grids (B, K, 2, P, P) -> dense flows (B, K, 2, H, W), bicubic, same units."""
-    b, k = ctrl.shape[:2]
-    dense = F.interpolate(ctrl.flatten(0, 1), (h, w), mode="bicubic", align_corners=True)
-    return dense.view(b, k, 2, h, w)
-
-
-def flow_regulariser(dense: torch.Tensor, config: UADConfig, h: int, w: int) -> torch.Tensor:
-    """L_C = lambda_1 TV(w) + lambda_2 var(w) of each flow field, averaged over fields: (B,).
-
-    dense (B, K, 2, H, W) is in pixels at the 1024 scale; measuring it in control-grid blocks
-    (and TV per block of distance) makes L_C independent of the image's resolution.
-    """
-    block = 1024 / config.control_points
-    u = dense / block
-    per_block = max(h, w) / config.control_points  # image pixels per block
-    tv = (u[..., 1:, :] - u[..., :-1, :]).abs().mean((-3, -2, -1))
-    tv = (tv + (u[..., 1:] - u[..., :-1]).abs().mean((-3, -2, -1))) * per_block
-    var = u.flatten(3).var(-1).sum(-1)  # (B, K): variance of x plus variance of y
-    return (config.lambda_tv * tv + config.lambda_var * var).mean(1)
-
-
-def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progress):
-    """Stage 1: the target I_hat = warp(I, flow) minimising SSIM + lambda_C L_C + lambda_F L_F.
-
-    Args:
-      image: (B, C, H, W) in [0, 1].
-      f_image: the surrogate's features of `image`.
-
-    Returns:
-      (target (B, C, H, W) in [0, 1], SSIM(target, image) (B,)), both detached.
-    """
-    b, _, h, w = image.shape
-    block = 1024 / config.control_points
-    scale = max(h, w) / 1024  # pixels at the 1024 scale -> image pixels
-    ctrl = (
-        config.init_std
-        * block
-        * torch.randn(
-            b, config.num_flows, 2, config.control_points, config.control_points, generator=gen
-        )
-    )
-    ctrl = ctrl.to(image.device).requires_grad_(True)  # (B, K, 2, P, P), 1024-scale pixels
-    cells = mosaic_cells(h, w, config, image.device)  # (1, K, 1, H, W)
-    optimizer = torch.optim.Adam([ctrl], lr=config.deform_lr)
-    fidelity = config.lambda_f > 0 and config.proxy_steps > 0
-    proxy = image.clone()  # I + r': warm-started across deformation steps
-    momentum = torch.zeros_like(image)
-
-    for step in range(config.deform_steps):
-        dense = dense_flows(ctrl, h, w)  # (B, K, 2, H, W)
-        flow = (dense * cells).sum(1) * scale  # (B, 2, H, W) in image pixels
-        ssim, target = warp_kernel.warp_ssim(image, flow, image, config.padding, impl=config.impl)
-        loss = ssim + config.lambda_c * flow_regulariser(dense, config, h, w)
-        if fidelity:
-            # L_F = d(f(I + r'), f(I_hat)) reaches the flow through the target's features; the
-            # same backward pass gives the proxy its stage 2 gradient: the first of T_f steps.
-            proxy.requires_grad_(True)
-            f_target = surrogate(target, backward_passes=1)
-            f_proxy = surrogate(with_noise(proxy, config, gen), backward_passes=1)
-            loss = loss + config.lambda_f * feature_distance(
-                [f.detach() for f in f_proxy], f_target
-            )
-            f_target = [f.detach() for f in f_target]
-            proxy_loss = feature_distance(f_proxy, f_target) - feature_distance(f_proxy, f_image)
-            optimizer.zero_grad()
-            (loss.sum() + proxy_loss.sum()).backward()  # the two terms share no parameter
-            proxy = pgd_step(proxy.detach(), proxy.grad, image, config, momentum)
-            for _ in range(config.proxy_steps - 1):
-                proxy, _ = refine(proxy, image, f_target, f_image, surrogate, config, gen, momentum)
-        else:
-            optimizer.zero_grad()
-            loss.sum().backward()
-        optimizer.step()
-        if progress:
-            progress("deform", step + 1, config.deform_steps, loss.mean().item())
-
-    with torch.no_grad():
-        flow = (dense_flows(ctrl, h, w) * cells).sum(1) * scale
-        ssim, target = warp_kernel.warp_ssim(image, flow, image, config.padding, impl=config.impl)
-    return target, ssim
+    return x + config.encoder_noise * torch.randn(x.shape, generator=gen).to(x.device)
 
 
 def refine(x, image, f_target, f_image, surrogate, config, gen, momentum):
-    """One PGD step on d(f(x), f(target)) - d(f(x), f(image)): the stage 2 objective."""
+    """One PGD step on stage 2's objective. Returns (x after the step, loss before it)."""
     x = x.detach().requires_grad_(True)
-    f_x = surrogate(with_noise(x, config, gen), backward_passes=1)
-    loss = feature_distance(f_x, f_target) - feature_distance(f_x, f_image)
+    loss = simulation_loss(
+        surrogate(with_noise(x, config, gen), backward_passes=1), f_target, f_image
+    )
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return pgd_step(x.detach(), grad, image, config, momentum), loss.detach()
 
 
-def simulate(image, f_target, f_image, surrogate: Surrogate, config: UADConfig, gen, progress):
+def simulate(image, f_target, f_image, surrogate: Surrogate, config: UADConfig, gen, progress=None):
     """Stage 2: L-infinity PGD from image towards the target's features. Returns (B, C, H, W)."""
     x = image.clone()
     if config.random_start:
         noise = torch.empty(image.shape).uniform_(-config.eps, config.eps, generator=gen)
         x = project(image + noise.to(image.device), image, config.eps)
     momentum = torch.zeros_like(image)
+    if progress:
+        progress("simulate", 0, config.steps)
     for step in range(config.steps):
         x, loss = refine(x, image, f_target, f_image, surrogate, config, gen, momentum)
         if progress:
             progress("simulate", step + 1, config.steps, loss.mean().item())
     return x
+
+
+# -----------------------------------------------------------------------------------------------
+# The attack and the library entry point
+
+
+class AttackResult(NamedTuple):
+    adv: torch.Tensor  # (B, C, H, W) in [0, 1], within eps of the image (not yet quantised)
+    target: torch.Tensor  # (B, C, H, W) the deformed target of stage 1
+    stats: Stats
+
+
+def attack(image: torch.Tensor, sam, config: UADConfig, progress=None) -> AttackResult:
+    """Both stages on a batch of images (B, C, H, W) in [0, 1]; everything returned detached.
+
+    progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
+    loss) when a stage starts, then after each of its steps.
+    """
+    depth = len(sam.image_encoder.blocks)
+    if max(config.layers) >= depth:
+        raise UADError(f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}")
+    stats, start = Stats(), time.monotonic()
+    surrogate = Surrogate(sam, config, stats)
+    gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
+    with torch.no_grad():
+        f_image = surrogate(image)
+    target, target_ssim = deform(image, f_image, surrogate, config, gen, progress)
+    with torch.no_grad():
+        f_target = surrogate(target)
+    adv = simulate(image, f_target, f_image, surrogate, config, gen, progress)
+    with torch.no_grad():
+        # 1 - cosine can round to just below 0 for near-identical features
+        distance = feature_distance(surrogate(adv), f_image).clamp_min(0)
+    stats.forwards -= 1  # the final measurement is not part of the attack
+    stats.target_ssim, stats.feature_distance = target_ssim.tolist(), distance.tolist()
+    stats.seconds = time.monotonic() - start
+    return AttackResult(adv, target, stats)
 
 
 def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor:
@@ -611,28 +459,6 @@ def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor
     return torch.min(torch.max(a, i - k), i + k).clamp(0, 255) / 255
 
 
-def attack(image: torch.Tensor, sam, config: UADConfig, progress=None) -> tuple:
-    """Both stages on a batch. image (B, C, H, W) in [0, 1] -> (adv, target, Stats), detached."""
-    depth = len(sam.image_encoder.blocks)
-    if not config.layers or min(config.layers) < 0 or max(config.layers) >= depth:
-        raise UADError(f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}")
-    stats, start = Stats(), time.monotonic()
-    surrogate = Surrogate(sam, config, stats)
-    gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
-    with torch.no_grad():
-        f_image = surrogate(image)
-    target, target_ssim = deform(image, f_image, surrogate, config, gen, progress)
-    with torch.no_grad():
-        f_target = surrogate(target)
-    adv = simulate(image, f_target, f_image, surrogate, config, gen, progress)
-    with torch.no_grad():
-        distance = feature_distance(surrogate(adv), f_image)
-    stats.forwards -= 1  # the final measurement is not part of the attack
-    stats.target_ssim, stats.feature_distance = target_ssim.tolist(), distance.tolist()
-    stats.seconds = time.monotonic() - start
-    return adv, target, stats
-
-
 def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=None, stats=None):
     """Protects an image against promptable segmentation with UAD.
 
@@ -640,11 +466,11 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
       image: one of
         - torch.Tensor (B, C, H, W) float in [0, 1], C = 3 (RGB) or 1 (grey), on any device;
         - np.ndarray (H, W, 3) or (H, W) uint8;
-        - PIL.Image.Image (any mode; an alpha channel is carried through untouched).
+        - PIL.Image.Image (any mode; an alpha channel and an ICC profile are carried through).
       sam: the surrogate, a segment_anything Sam; None loads the official ViT-B (downloading it
         on first use) onto CUDA when available.
       config: attack settings; None is the `paper` preset.
-      progress: callable(stage, step, total, loss), e.g. Progress(); None is silent.
+      progress: callable(stage, step, total, loss=None), e.g. Progress(); None is silent.
       stats: a Stats to fill with what the attack did.
 
     Returns:
@@ -652,6 +478,12 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
       or uint8 pixels / a PIL image rounded onto the uint8 lattice, exactly within eps.
     """
     config = config or UADConfig()
+    lattice = not isinstance(image, torch.Tensor)
+    if lattice and math.floor(config.eps * 255 + 1e-6) < 1:
+        raise UADError(
+            f"eps {config.eps:g} is below one grey level (1/255 = {1 / 255:.4f}): "
+            "a uint8 image cannot change"
+        )
     sam = sam if sam is not None else load_sam("vit_b", None, resolve_device("auto"))
     device = sam.pixel_mean.device
     if isinstance(image, torch.Tensor):
@@ -674,13 +506,310 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
     return result
 
 
+# ===============================================================================================
+# Plumbing: models and checkpoints, image files, progress lines
+# ===============================================================================================
+
+# encoder width, depth, heads and global-attention blocks, as in segment_anything.build_sam
+SAM_ARCHS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+CHECKPOINT_URLS = {
+    "vit_b": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
+    "vit_l": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+    "vit_h": (
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+}
+# Seconds of one forward and one forward+backward of blocks 1-7 of ViT-B at 1024 on 2 cores
+# (AMD EPYC, float32; benchmarks/attack_cost.py): what the CPU estimate is priced with.
+CPU_PASS_SECONDS = (7.34, 12.85)
+
+
+def build_sam(model_type: str = "vit_b", arch: Optional[dict] = None):
+    """A random-init segment_anything Sam of SAM_ARCHS[model_type] (or of `arch`), in eval mode."""
+    from segment_anything.build_sam import _build_sam
+
+    a = arch or SAM_ARCHS[model_type]
+    sam = _build_sam(
+        encoder_embed_dim=a["embed_dim"],
+        encoder_depth=a["depth"],
+        encoder_num_heads=a["num_heads"],
+        encoder_global_attn_indexes=list(a["global_attn_indexes"]),
+    )
+    return sam.eval()
+
+
+def read_checkpoint(path) -> object:
+    """torch.load(path) on the CPU, weights only; any problem is one UADError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UADError(f"{path}: {'is a folder' if path.is_dir() else 'no such checkpoint file'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):
+            reason = "truncated or corrupt"
+        elif head[:1] == b"\x80":  # a bare pickle: an old format, or arbitrary Python objects
+            reason = "not weights-only: it holds Python objects that are not tensors"
+        else:
+            reason = "not a PyTorch file"
+        raise UADError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints live: $UNSEGMENT_CACHE, else ~/.cache/unsegment."""
+    return Path(os.environ.get("UNSEGMENT_CACHE", "~/.cache/unsegment")).expanduser()
+
+
+def download(url: str, dest: Path, sha256: str, quiet: bool = False) -> Path:
+    """Downloads `url` to `dest` atomically, checking its SHA-256; returns `dest`."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise UADError(f"{dest.parent}: cannot write the checkpoint cache ({e.strerror})") from None
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, last = 0, 0.0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if not quiet and (time.monotonic() - last > 0.5 or done == total):
+                    last = time.monotonic()
+                    of = f" / {total / 2**20:.0f} MiB ({100 * done / total:.0f}%)" if total else ""
+                    print(
+                        f"\rdownloading {url}: {done / 2**20:.0f} MiB{of}", end="", file=sys.stderr
+                    )
+        if not quiet:
+            print(file=sys.stderr)
+        if digest.hexdigest() != sha256:
+            raise UADError(f"{url}: SHA-256 mismatch (got {digest.hexdigest()}, want {sha256})")
+        os.chmod(tmp, default_file_mode(dest))
+        os.replace(tmp, dest)
+        return dest
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UADError(
+            f"{url}: download failed ({reason}); download it by hand to {dest} "
+            "or pass --checkpoint PATH"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def find_checkpoint(model_type: str, quiet: bool = False) -> Path:
+    """The official checkpoint of `model_type` in the cache folder, downloaded if missing."""
+    if model_type not in CHECKPOINT_URLS:
+        raise UADError(f"no official checkpoint for model type {model_type!r}; pass --checkpoint")
+    url, sha256 = CHECKPOINT_URLS[model_type]
+    path = cache_dir() / url.rsplit("/", 1)[1]
+    return path if path.is_file() else download(url, path, sha256, quiet=quiet)
+
+
+def checkpoint_arch(state: dict) -> dict:
+    """Encoder width and depth of a SAM state dict, read from its tensor shapes."""
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+    return dict(embed_dim=state["image_encoder.pos_embed"].shape[-1], depth=depth)
+
+
+def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bool = False):
+    """Builds SAM `model_type` ("vit_b" | "vit_l" | "vit_h") and loads its weights.
+
+    Args:
+      model_type: the architecture; a checkpoint of another one is an error.
+      checkpoint: path to a .pth state dict; None takes the official one from the cache folder
+        (see `cache_dir`), downloading it from Meta's URL on first use.
+      device: where the model lives.
+      quiet: no download progress line.
+
+    Returns:
+      segment_anything.modeling.Sam in eval mode with frozen parameters.
+    """
+    if model_type not in SAM_ARCHS:
+        raise UADError(f"unknown model type {model_type!r}; choose from {', '.join(SAM_ARCHS)}")
+    path = Path(checkpoint) if checkpoint is not None else find_checkpoint(model_type, quiet)
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "image_encoder.pos_embed" not in state:
+        raise UADError(f"{path}: not a Segment Anything checkpoint")
+    arch, want = checkpoint_arch(state), SAM_ARCHS[model_type]
+    if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
+        match = [
+            t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
+        ]
+        what = f"a {match[0]} checkpoint" if match else "of an unknown architecture"
+        raise UADError(
+            f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
+            f"not {model_type}; pass the matching --model-type"
+        )
+    sam = build_sam(model_type)
+    try:
+        sam.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UADError(
+            f"{path}: weights do not match {model_type} ({str(e).splitlines()[0]})"
+        ) from None
+    return sam.requires_grad_(False).to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch.device from "auto" (CUDA when available, else the CPU), "cpu", "cuda[:N]" or
+    "mps"; UADError for anything else or for a device this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UADError(
+            f"device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UADError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UADError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UADError(f"device {name!r} requested but MPS is not available")
+    elif device.type != "cpu":
+        raise UADError(f"device {name!r}: not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def cpu_estimate(config: UADConfig, model_type: str, threads: int) -> float:
+    """A plain estimate of one image's attack time on a CPU, in seconds (see CPU_PASS_SECONDS).
+
+    The encoder always runs at 1024, so the cost does not depend on the image's size; it grows
+    with the square of the encoder's width, and is shared by the threads.
+    """
+    forwards, backwards = encoder_passes(config)
+    forward, both = CPU_PASS_SECONDS
+    width = SAM_ARCHS.get(model_type, SAM_ARCHS["vit_b"])["embed_dim"]
+    scale = (width / 768) ** 2 * 2 / max(1, min(threads, os.cpu_count() or 1))
+    return ((forwards - backwards) * forward + backwards * both) * scale
+
+
+# -----------------------------------------------------------------------------------------------
+# Image files: reading any PIL format, writing exactly and atomically
+
+# PIL's own limit against decompression bombs (about 9459 x 9459): beyond it, --max-pixels
+MAX_PIXELS = 89_478_485
+
+
+@dataclass
+class Picture:
+    """A decoded image: the pixels we attack and what we carry through untouched."""
+
+    pixels: np.ndarray  # (H, W, 3) RGB or (H, W) grey, uint8
+    alpha: Optional[np.ndarray] = None  # (H, W) uint8, or None
+    icc_profile: Optional[bytes] = None  # the input's colour profile, when it fits the pixels
+    frames: int = 1  # frames or pages of the file; only the first is read
+
+    @property
+    def mode(self) -> str:
+        return ("L" if self.pixels.ndim == 2 else "RGB") + ("A" if self.alpha is not None else "")
+
+    def to_pil(self, pixels: Optional[np.ndarray] = None) -> Image.Image:
+        p = self.pixels if pixels is None else pixels
+        channels = p if self.alpha is None else np.dstack([p, self.alpha])
+        im = Image.fromarray(channels, self.mode)
+        if self.icc_profile:
+            im.info["icc_profile"] = self.icc_profile
+        return im
+
+
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+def matching_profile(profile: Optional[bytes], mode: str) -> Optional[bytes]:
+    """The ICC profile if its colour space (header bytes 16-19) is that of our pixels, else None
+    (a CMYK file's profile does not describe the RGB we convert it to)."""
+    if not profile or len(profile) < 20:
+        return None
+    space = profile[16:20]
+    return profile if space == (b"GRAY" if mode.startswith("L") else b"RGB ") else None
+
+
+def read_image(path, max_pixels: Optional[int] = MAX_PIXELS) -> Picture:
+    """Reads an image file into 8-bit RGB or grey pixels plus an optional alpha channel.
+
+    EXIF orientation is applied; palette, CMYK and other colour modes become RGB; 16-bit and
+    float grey images are scaled to 8 bits; an RGB or grey ICC profile is kept. Only the first
+    frame of an animation or multi-page file is read (Picture.frames counts them). An image of
+    more than max_pixels pixels (None: no limit) is refused from its header, before decoding.
+    Any problem raises UADError naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UADError(f"{path}: is a folder, expected an image file")
+    if not path.exists():
+        raise UADError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UADError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():
+            # our own limit below replaces PIL's decompression-bomb warning and error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved_limit
+        with im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise UADError(
+                    f"{path}: image is {w}x{h} ({w * h / 1e6:.0f} Mpx), over the limit of "
+                    f"{max_pixels} pixels against decompression bombs; pass --max-pixels "
+                    f"{w * h} to process it"
+                )
+            frames = getattr(im, "n_frames", 1)
+            im.load()
+            picture = to_picture(im)  # applies the EXIF orientation, keeps a fitting profile
+    except Image.UnidentifiedImageError:
+        raise UADError(f"{path}: not an image file that PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UADError(f"{path}: truncated or corrupt image ({e})") from None
+    h, w = picture.pixels.shape[:2]
+    if min(h, w) < 16:
+        raise UADError(f"{path}: image is {w}x{h}, at least 16x16 needed")
+    picture.frames = frames
+    return picture
+
+
 def to_picture(image) -> Picture:
     """A uint8 array or PIL image as a Picture (RGB or grey pixels plus optional alpha)."""
     if isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image)
-        alpha = np.asarray(image.getchannel("A")) if image.mode in ("RGBA", "LA") else None
-        grey = image.mode in GREY_MODES
-        return Picture(np.asarray(image.convert("L" if grey else "RGB")), alpha)
+        im = ImageOps.exif_transpose(image)
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        alpha = np.asarray(im.getchannel("A")) if im.mode in ALPHA_MODES else None
+        if im.mode.startswith("I") or im.mode == "F":  # 16-bit or float grey, scaled to 8 bits
+            a = np.asarray(im, dtype=np.float64)
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0 if a.max() > 255 else 255.0
+            pixels = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+        else:
+            pixels = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+        profile = matching_profile(
+            image.info.get("icc_profile"), "L" if pixels.ndim == 2 else "RGB"
+        )
+        return Picture(np.ascontiguousarray(pixels), alpha, profile)
     if image.dtype != np.uint8 or not (
         image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
     ):
@@ -690,8 +819,17 @@ def to_picture(image) -> Picture:
     return Picture(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
 
 
-# -----------------------------------------------------------------------------------------------
-# Command line
+def to_tensor(pixels: np.ndarray, device="cpu") -> torch.Tensor:
+    """(H, W, 3) or (H, W) uint8 -> (1, C, H, W) float in [0, 1]."""
+    t = torch.from_numpy(np.array(pixels)).to(device)  # a copy: PIL arrays are read-only
+    t = t[..., None] if t.ndim == 2 else t
+    return t.permute(2, 0, 1)[None].float() / 255
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) float on the uint8 lattice -> (H, W, C) or (H, W) uint8."""
+    a = (x[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -700,54 +838,310 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def jobs_for(src: Path, dst: Path) -> list:
-    """(input, output) pairs: one file, or every image file of a folder into another folder."""
-    if src.is_dir():
-        if dst.exists() and not dst.is_dir():
-            raise UADError(f"{dst}: input is a folder, so the output must be a folder too")
-        exts = Image.registered_extensions()
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
-        if not files:
-            raise UADError(f"{src}: no image files in this folder")
-        return [(p, dst / p.name) for p in files]
-    if dst.is_dir():
-        dst = dst / src.name
-    return [(src, dst)]
+LOSSY_FORMATS = {"JPEG"}  # written with a warning; everything else must hold the result exactly
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True, "exact": True}}
+REFUSED_FORMATS = {"ICO": "icons are at most 256 px a side", "ICNS": "icons have fixed sizes"}
 
 
-def check_job(src: Path, dst: Path, overwrite: bool) -> str:
-    """Checks one (input, output) pair before any work; returns the output's PIL format."""
-    if dst.resolve() == src.resolve() and not overwrite:
-        raise UADError(f"{dst}: output is the input file; pass --overwrite to replace it")
-    return check_destination(dst, overwrite)
+def output_format(path) -> str:
+    """PIL format name for a file name's extension; PNG when it has none."""
+    path = Path(path)
+    if not path.suffix:
+        return "PNG"
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UADError(f"{path}: cannot write images with extension {path.suffix!r}")
+    return fmt
 
 
-def protect_file(src: Path, dst: Path, sam, config: UADConfig, args) -> str:
+def same_pixels(saved: Picture, written: Picture) -> bool:
+    """Whether a re-read file holds the pixels written, in the layout written (a grey image that
+    a format stores as three equal channels counts as grey)."""
+    pixels = saved.pixels
+    if pixels.ndim == 3 and written.pixels.ndim == 2 and (pixels == pixels[..., :1]).all():
+        pixels = pixels[..., 0]
+    alpha_ok = (saved.alpha is None and written.alpha is None) or (
+        saved.alpha is not None
+        and written.alpha is not None
+        and np.array_equal(saved.alpha, written.alpha)
+    )
+    return (
+        alpha_ok and pixels.shape == written.pixels.shape and np.array_equal(pixels, written.pixels)
+    )
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
+    return buf.getvalue()
+
+
+def check_format(path: Path, fmt: str, mode: str) -> None:
+    """Checks that format `fmt` stores a `mode` picture (L, LA, RGB, RGBA) exactly, by writing
+    and re-reading random pixels; lossy formats need only write it. UADError if not."""
+    if fmt in REFUSED_FORMATS:
+        raise UADError(
+            f"{path}: {fmt} cannot hold the image ({REFUSED_FORMATS[fmt]}); save as .png"
+        )
+    rng = np.random.default_rng(0)
+    shape = (23, 37) if mode.startswith("L") else (23, 37, 3)
+    probe = Picture(
+        rng.integers(0, 256, shape, dtype=np.uint8),
+        rng.integers(0, 256, shape[:2], dtype=np.uint8) if mode.endswith("A") else None,
+    )
+    what = {"L": "grey", "LA": "grey + alpha", "RGB": "RGB", "RGBA": "RGB + alpha"}[mode]
+    try:
+        data = encode(probe.to_pil(), fmt)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            back = to_picture(im)
+    except Exception:  # PIL raises many kinds for a mode a format cannot take
+        raise UADError(f"{path}: {fmt} cannot store {what} images; save as .png") from None
+    if fmt not in LOSSY_FORMATS and not same_pixels(back, probe):
+        raise UADError(
+            f"{path}: {fmt} does not store {what} pixels exactly, so the perturbation would not "
+            "survive; save as .png"
+        )
+
+
+def default_file_mode(path: Path) -> int:
+    """The permissions a plain open(path, "w") would give: an existing file's, else 0666 less
+    the umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def existing_ancestor(folder: Path) -> Path:
+    """The folder itself if it exists, else its nearest existing ancestor."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_destination(
+    path, overwrite: bool = False, mode: Optional[str] = None, new_folder: bool = False
+) -> str:
+    """Checks that `path` can be written, by creating and removing a temporary file in its
+    folder, and, given a picture mode (L, LA, RGB, RGBA), that its format holds such a picture
+    exactly. new_folder: the folder may be missing (it is then created on writing). Returns the
+    PIL format; raises UADError naming the problem."""
+    path = Path(path)
+    fmt = output_format(path)
+    if path.is_dir():
+        raise UADError(f"{path}: is a folder")
+    if path.exists() and not overwrite:
+        raise UADError(f"{path}: exists; pass --overwrite to replace it")
+    folder = existing_ancestor(path.parent) if new_folder else path.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise UADError(f"{path}: folder {folder} {problem}")
+    if not os.access(folder, os.W_OK):
+        raise UADError(f"{path}: cannot write to folder {folder}")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=f".{path.name}."):
+            pass
+    except OSError as e:
+        raise UADError(f"{path}: cannot write to folder {folder} ({e.strerror or e})") from None
+    if mode is not None:
+        check_format(path, fmt, mode)
+    return fmt
+
+
+def write_image(path, picture, overwrite: bool = False, new_folder: bool = False) -> Picture:
+    """Saves a Picture (or PIL image) to `path` atomically; returns what the file holds, re-read.
+
+    A temporary file in the destination folder is written, re-read and checked, then renamed
+    into place with the permissions a plain save gives; on any failure nothing is left. A
+    lossless format must give back exactly the pixels written; a lossy one (JPEG) is only read.
+    """
+    path = Path(path)
+    picture = to_picture(picture) if isinstance(picture, Image.Image) else picture
+    fmt = check_destination(path, overwrite, new_folder=new_folder)
+    if fmt == "JPEG" and picture.alpha is not None:
+        raise UADError(f"{path}: JPEG cannot store the alpha channel; save as .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UADError(f"{path}: cannot write to folder {path.parent} ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode(picture.to_pil(), fmt))
+        saved = read_image(tmp, max_pixels=None)
+        if fmt not in LOSSY_FORMATS and not same_pixels(saved, picture):
+            raise UADError(f"{path}: {fmt} did not store the pixels exactly; nothing written")
+        os.chmod(tmp, default_file_mode(path))
+        os.replace(tmp, path)
+        return saved
+    except OSError as e:
+        raise UADError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -----------------------------------------------------------------------------------------------
+# Progress: one status line for both command lines
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Status lines on stderr: redrawn in place on a terminal; in a log file, a line every 10%
+    of a stage. `item` names the file being worked on (with an ETA over the files); calling the
+    object reports a stage's steps (the attack's progress callback); `error` prints a message
+    without breaking a redrawn line."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet, self.stream = quiet, stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.prefix, self.open = "", False
+        self.stage, self.started, self.shown = None, 0.0, -1
+        self.items_started = time.monotonic()
+
+    def item(self, index: int, total: int, name: str) -> None:
+        """Starts item `index` (0-based) of `total`, named `name`."""
+        self.prefix = f"[{index + 1}/{total}] {name}" if total > 1 else name
+        line = self.prefix
+        if index:
+            per_item = (time.monotonic() - self.items_started) / index
+            line += f"  {per_item:.1f} s/image, ETA {format_duration(per_item * (total - index))}"
+        self.stage = None
+        self._show(line, final=not self.tty)
+
+    def __call__(self, stage: str, step: int, total: int, loss: Optional[float] = None) -> None:
+        now = time.monotonic()
+        if stage != self.stage or step == 0:
+            self.stage, self.started, self.shown = stage, now, -1
+        if step == 0:
+            return
+        eta = (now - self.started) / step * (total - step)
+        line = f"{self.prefix}: " if self.prefix else ""
+        line += f"{stage} {step}/{total}" + (f" loss {loss:+.4f}" if loss is not None else "")
+        line += f" eta {format_duration(eta)}"
+        if self.tty:
+            self._show(line, final=False)
+        elif step == total or step * 10 // total > self.shown:
+            self.shown = step * 10 // total
+            self._show(line, final=True)
+
+    def _show(self, line: str, final: bool) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            print(f"\r{line[:99]:<99}", end="", file=self.stream, flush=True)
+            self.open = True
+        elif final:
+            print(line, file=self.stream, flush=True)
+
+    def error(self, message: str) -> None:
+        self.end()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            self.end()
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.open:
+            print(file=self.stream, flush=True)
+            self.open = False
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    new_folder: bool = False  # dst's folder is the output folder, created on the first write
+    fmt: str = ""  # PIL format of dst, from check_job
+    frames: int = 1  # frames or pages of src, from check_job
+
+
+def jobs_for(src: Path, dst: Path) -> List[Job]:
+    """The jobs: one file, or every image file of a folder into another folder (made if new)."""
+    if not src.is_dir():
+        return [Job(src, dst / src.name if dst.is_dir() else dst)]
+    exts = Image.registered_extensions()
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise UADError(f"{src}: no image files in this folder")
+    if dst.exists() and not dst.is_dir():
+        raise UADError(f"{dst}: input is a folder, so the output must be a folder too")
+    if not dst.exists() and dst.suffix.lower() in exts:
+        raise UADError(f"{dst}: input is a folder, so the output must be a folder, not a file name")
+    return [Job(p, dst / p.name, new_folder=True) for p in files]
+
+
+def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
+    """Everything about one job that can be known before the model loads: the input decodes,
+    the output is not the input, its folder is writable and its format holds the result."""
+    if job.dst.resolve() == job.src.resolve() and not overwrite:
+        raise UADError(f"{job.dst}: output is the input file; pass --overwrite to replace it")
+    picture = read_image(job.src, max_pixels)
+    job.fmt = check_destination(job.dst, overwrite, picture.mode, job.new_folder)
+    job.frames = picture.frames
+
+
+def check_model(args, config: UADConfig, device: torch.device) -> None:
+    """What can be known about the surrogate and the backends before anything loads."""
+    depth = SAM_ARCHS[args.model_type]["depth"]
+    if max(config.layers) >= depth:
+        raise UADError(
+            f"--layers {','.join(map(str, config.layers))}: {args.model_type} has blocks "
+            f"0..{depth - 1}"
+        )
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        problem = "is a folder" if args.checkpoint.is_dir() else "no such checkpoint file"
+        raise UADError(f"{args.checkpoint}: {problem}")
+    if config.impl in ("cpp", "cuda"):
+        wanted = "cpu" if config.impl == "cpp" else "cuda"
+        if device.type != wanted:
+            raise UADError(f"--impl {config.impl} runs on {wanted.upper()}, the device is {device}")
+        if not warp_kernel.backends()[config.impl]:
+            raise UADError(f"--impl {config.impl}: the warp_kernel extension is unavailable")
+
+
+def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> str:
     """Protects one file; returns its summary line. Raises UADError on bad input."""
-    fmt = check_job(src, dst, args.overwrite)
-    picture = read_image(src)
+    picture = read_image(job.src, args.max_pixels)
+    if job.frames > 1:
+        progress.warn(f"{job.src}: only the first of its {job.frames} frames is protected")
+    if job.fmt in LOSSY_FORMATS:
+        progress.warn(
+            f"{job.dst}: {job.fmt} compression weakens the perturbation; "
+            "the figures below are of the decoded file"
+        )
     device = sam.pixel_mean.device
     x = to_tensor(picture.pixels, device)
-    adv, _, stats = attack(x, sam, config, Progress(quiet=args.quiet))
-    protected = picture.to_pil(to_pixels(quantize(adv, x, config.eps)))
-    if fmt == "JPEG" and not args.quiet:
-        print(
-            f"warning: {dst}: JPEG compression weakens the perturbation; "
-            "the figures below are of the decoded JPEG",
-            file=sys.stderr,
-        )
-    write_image(dst, protected, overwrite=args.overwrite)
-    saved = to_tensor(read_image(dst).pixels, device)  # measure the file as saved
+    adv, _, stats = attack(x, sam, config, progress)
+    protected = dataclasses.replace(picture, pixels=to_pixels(quantize(adv, x, config.eps)))
+    saved_picture = write_image(job.dst, protected, args.overwrite, job.new_folder)
+    progress.end()
+    saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
+    if saved.shape[1] != x.shape[1]:  # a grey image a format stored as RGB
+        saved = saved[:, :1]
     with torch.no_grad():
         f_image = encoder_features(sam, x, config.layers, config.dtype)
-        distance = feature_distance(
-            encoder_features(sam, saved, config.layers, config.dtype), f_image
-        )
+        f_saved = encoder_features(sam, saved, config.layers, config.dtype)
+        distance = feature_distance(f_saved, f_image).clamp_min(0).item()
     linf = round((saved - x).abs().max().item() * 255)
     ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
     return (
-        f"{dst}: L-inf {linf}/255, PSNR {psnr(saved, x):.2f} dB, SSIM {ssim:.4f}, "
-        f"feature distance {distance.item():.4f}, {stats.seconds:.1f} s ({args.preset} preset)"
+        f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, x):.2f} dB, SSIM {ssim:.4f}, "
+        f"feature distance {distance:.4f}, {stats.seconds:.1f} s ({args.preset} preset)"
     )
 
 
@@ -757,6 +1151,24 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def block_list(text: str) -> tuple:
+    """--layers: comma-separated 0-based block indices."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated block indices, e.g. 3,4,5,6"
+        ) from None
+
+
+def model_type(text: str) -> str:
+    if text not in SAM_ARCHS:
+        raise argparse.ArgumentTypeError(
+            f"unknown model type {text!r}; choose from {', '.join(SAM_ARCHS)}"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
     p.add_argument("input", type=Path, help="image file, or a folder of images")
@@ -764,15 +1176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="paper",
-        choices=list(PRESETS),
-        help="paper (default): live fidelity term; reference: what the authors' code "
-        "effectively computes (no fidelity term, no proxy loop)",
+        choices=[*PRESETS, *PRESET_ALIASES],
+        help="paper (default): the live fidelity term, 242 encoder passes per image; "
+        "no-fidelity: L_F and the proxy loop off, 42 passes; reference: old name of no-fidelity",
     )
     p.add_argument(
         "--model-type",
         default="vit_b",
-        metavar="TYPE",
-        help="surrogate SAM: vit_b (default) | vit_l | vit_h",
+        type=model_type,
+        metavar="{" + ",".join(SAM_ARCHS) + "}",
+        help="surrogate SAM (default vit_b)",
     )
     p.add_argument(
         "--checkpoint",
@@ -782,35 +1195,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
         "(~/.cache/unsegment), downloaded on first use",
     )
-    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no header or progress lines")
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"refuse larger images, against decompression bombs [{MAX_PIXELS}]",
+    )
+    p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group = p.add_argument_group("attack settings (defaults are the paper preset's)")
     for f in dataclasses.fields(UADConfig):
         flag = "--" + f.name.replace("_", "-")
-        unit, default = f.metadata["unit"], f.default
-        shown = (
-            f"{default * unit:g}/255"
-            if unit == 255
-            else ",".join(map(str, default))
-            if f.name == "layers"
-            else default
-        )
-        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" [{shown}]")
+        aliases = ["--input-noise"] if f.name == "encoder_noise" else []  # its old name
+        unit, default, choices = f.metadata["unit"], f.default, f.metadata["choices"]
+        if unit == 255:
+            shown = f"in 1/255 [{default * unit:g}]"
+        else:
+            shown = f"[{','.join(map(str, default)) if f.name == 'layers' else default}]"
+        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" {shown}")
         if f.type is bool:
             group.add_argument(flag, action="store_true", default=None, help=helptext)
         elif f.name == "layers":
+            group.add_argument(flag, type=block_list, default=None, metavar="I,J,..", help=helptext)
+        else:
+            metavar = None if choices else "N" if type(default) is int else "X"
             group.add_argument(
                 flag,
-                type=lambda s: tuple(int(v) for v in s.split(",")),
+                *aliases,
+                type=type(default),
                 default=None,
-                metavar="I,J,..",
+                choices=choices,
+                metavar=metavar,
                 help=helptext,
-            )
-        else:
-            metavar = "N" if type(default) is int else "X" if type(default) is float else "NAME"
-            group.add_argument(
-                flag, type=type(default), default=None, metavar=metavar, help=helptext
             )
     return p
 
@@ -821,52 +1239,93 @@ def config_from_args(args) -> UADConfig:
         value = getattr(args, f.name)
         if value is not None:
             overrides[f.name] = value / f.metadata["unit"] if f.metadata["unit"] != 1 else value
-    config = preset_config(args.preset, **overrides)
-    eps255 = config.eps * 255
+    eps255 = overrides.get("eps", UADConfig.eps) * 255
     if not 0 < eps255 <= 64:
         raise UADError(f"--eps {eps255:g}: must be in (0, 64] (units of 1/255)")
-    if config.alpha <= 0 or config.steps < 0 or config.deform_steps < 0:
-        raise UADError("--alpha must be positive, --steps and --deform-steps non-negative")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise UADError(f"--dtype {config.dtype}: choose float32 or bfloat16")
-    if config.padding not in ("border", "reflection"):
-        raise UADError(f"--padding {config.padding}: choose border or reflection")
-    if config.num_flows < 1 or config.control_points < 2:
-        raise UADError("--num-flows must be at least 1 and --control-points at least 2")
-    return config
+    if eps255 < 1:
+        raise UADError(
+            f"--eps {eps255:g}: below one grey level; --eps counts 1/255ths "
+            f"(--eps 8 is 8/255 = {8 / 255:.4f})"
+        )
+    if args.max_pixels < 1:
+        raise UADError(f"--max-pixels {args.max_pixels}: must be positive")
+    try:
+        return preset_config(args.preset, **overrides)
+    except UADError as e:  # name the flag, and its value in the flag's unit
+        name, _, rest = str(e).partition(" ")
+        f = {f.name: f for f in dataclasses.fields(UADConfig)}.get(name)
+        if f is not None and f.metadata["unit"] == 255 and name in overrides:
+            rest = f"{overrides[name] * 255:g}/255" + rest[rest.index(":") :]
+        raise UADError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def header(args, config: UADConfig, device: torch.device, jobs: List[Job]) -> str:
+    """The line announcing the work, with what to expect on a CPU."""
+    preset = PRESET_ALIASES.get(args.preset, args.preset)
+    text = (
+        f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
+        f"{config.deform_steps} deformation + {config.steps} PGD steps, surrogate "
+        f"{args.model_type} on {device}, seed {config.seed}, {len(jobs)} image(s)"
+    )
+    if device.type == "cpu":
+        minutes = cpu_estimate(config, args.model_type, torch.get_num_threads()) / 60
+        forwards, backwards = encoder_passes(config)
+        text += (
+            f"\nunsegment: on a CPU expect about {minutes:.0f} min per image ({forwards} encoder "
+            f"forwards, {backwards} backwards; a plain estimate for a 2-core AVX-512 machine)"
+        )
+        if preset == "paper":
+            fast = cpu_estimate(
+                preset_config("no-fidelity"), args.model_type, torch.get_num_threads()
+            )
+            text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
+        else:
+            text += "; a CUDA GPU takes seconds"
+    return text
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (already printed as one line), or --help
+        return e.code
+    progress = Progress(quiet=args.quiet)
     try:
         config = config_from_args(args)
-        jobs = jobs_for(args.input, args.output)
-        if len(jobs) == 1:  # a bad input or output fails before any model is loaded
-            read_image(jobs[0][0])
-            check_job(*jobs[0], args.overwrite)
-        elif not args.output.exists():
-            args.output.mkdir(parents=True)
         device = resolve_device(args.device)
-        if not args.quiet:
-            print(
-                f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 "
-                f"({config.eps:.4f}), {config.deform_steps} deformation + {config.steps} PGD "
-                f"steps, surrogate {args.model_type} on {device}, seed {config.seed}",
-                file=sys.stderr,
-            )
+        check_model(args, config, device)
+        jobs = jobs_for(args.input, args.output)
+        failures = 0
+        if len(jobs) == 1:  # a bad input or output fails before any model is loaded
+            check_job(jobs[0], args.overwrite, args.max_pixels)
+        else:
+            for job in list(jobs):
+                try:
+                    check_job(job, args.overwrite, args.max_pixels)
+                except UADError as e:
+                    progress.error(str(e))
+                    jobs.remove(job)
+                    failures += 1
+            if not jobs:
+                raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
         sam = load_sam(args.model_type, args.checkpoint, device, quiet=args.quiet)
     except UADError as e:
-        print(f"error: {e}", file=sys.stderr)
+        progress.error(str(e))
         return 1
-    failures = 0
-    for src, dst in jobs:
+    if not args.quiet:
+        print(header(args, config, device, jobs), file=sys.stderr)
+    for i, job in enumerate(jobs):
+        progress.item(i, len(jobs), job.src.name)
         try:
-            print(protect_file(src, dst, sam, config, args), flush=True)
+            summary = protect_file(job, sam, config, args, progress)
+            progress.end()
+            print(summary, flush=True)
         except UADError as e:
             failures += 1
-            print(f"error: {e}", file=sys.stderr)
-    if len(jobs) > 1:
-        print(f"{len(jobs) - failures} protected, {failures} failed")
+            progress.error(str(e))
+    total = len(jobs) + failures
+    if total > 1:
+        print(f"{total - failures} protected, {failures} failed")
     return 1 if failures else 0
 
 

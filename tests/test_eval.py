@@ -15,7 +15,7 @@ from PIL import Image
 
 import eval as ev
 import uad
-from conftest import EXAMPLES, build_tiny_sam, small_photo
+from helpers import EXAMPLES, build_tiny_sam, small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
 # few prompts and a 3x3 generator grid keep one scored image to a few seconds on one core

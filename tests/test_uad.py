@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import uad
-from conftest import EXAMPLES, build_tiny_sam, small_photo
+from helpers import EXAMPLES, build_tiny_sam, small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
 # few steps; the reference preset keeps the encoder out of stage 1 (the paper preset has its own tests)
@@ -93,18 +93,70 @@ def test_reference_preset_runs_no_proxy_loop_and_paper_preset_does(tiny_sam):
     assert (counts["paper"].forwards, counts["paper"].backwards) == (2 + 2 * 5 + 3, 2 * 5 + 3)
 
 
-def test_fidelity_gradient_reaches_the_flow(tiny_sam):
-    image = uad.to_tensor(small_photo())
+def test_fidelity_gradient_reaches_the_flow_and_descends_l_f(tiny_sam):
+    # 1024 px long side: SAM's resize (and its rounding) is skipped, so L_F is smooth in the flow
+    image = uad.to_tensor(small_photo((1024, 640)))
+    config = uad.UADConfig(proxy_steps=1)
     with torch.no_grad():
-        f_image = uad.encoder_features(tiny_sam, image, (3, 4, 5, 6))
-    targets = []
-    for lambda_f in (0.0, 1.0):
-        config = uad.UADConfig(deform_steps=3, proxy_steps=1, lambda_f=lambda_f)
-        stats = uad.Stats()
-        surrogate = uad.Surrogate(tiny_sam, config, stats)
-        gen = torch.Generator().manual_seed(0)
-        targets.append(uad.deform(image, f_image, surrogate, config, gen, None)[0])
-    assert not torch.equal(targets[0], targets[1])
+        f_image = uad.encoder_features(tiny_sam, image, config.layers)
+    gen = torch.Generator().manual_seed(0)
+    cells = uad.mosaic_cells(640, 1024, config, "cpu")
+    ctrl = (20 * torch.randn(1, 4, 2, 6, 6, generator=gen)).requires_grad_(True)  # 1024-scale px
+    proxy = uad.project(image + 0.03 * torch.randn(image.shape, generator=gen), image, config.eps)
+    surrogate = uad.Surrogate(tiny_sam, config, uad.Stats())
+
+    def flow_gradient(lambda_f):
+        ctrl.grad = None
+        flow = uad.mosaic_flow(ctrl, cells)
+        ssim, target = uad.warp_kernel.warp_ssim(image, flow, image)
+        loss = ssim + config.lambda_c * uad.flow_regulariser(flow, config)
+        c = uad.UADConfig(proxy_steps=1, lambda_f=lambda_f)
+        uad.backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, c, gen, None)
+        return ctrl.grad.clone()
+
+    g = flow_gradient(1.0) - flow_gradient(0.0)  # the gradient of L_F alone
+
+    def l_f(c):
+        with torch.no_grad():
+            target = uad.warp_kernel.flow_warp(image, uad.mosaic_flow(c, cells))
+            f = lambda x: uad.encoder_features(tiny_sam, x, config.layers)
+            return uad.feature_distance(f(proxy), f(target)).item()
+
+    step = 2.0 / g.abs().max().item()  # moves no control point by more than 2 px
+    predicted = -(g * g).sum().item() * step
+    actual = l_f(ctrl.detach() - step * g) - l_f(ctrl.detach())
+    assert predicted < 0 and actual < 0
+    assert actual == pytest.approx(predicted, rel=0.3)
+
+
+def test_flow_regulariser_sees_the_seams_of_the_applied_flow():
+    config = uad.UADConfig(num_flows=2)
+    cells = uad.mosaic_cells(64, 96, config, "cpu")  # several 28 px cells
+    same = torch.full((1, 2, 2, 6, 6), 5.0)  # two uniform fields, equal: one uniform flow
+    seams = same.clone()
+    seams[:, 1] = -5.0  # each field still uniform (TV 0, variance 0), but they disagree
+    flat = uad.flow_regulariser(uad.mosaic_flow(same, cells), config)
+    jumps = uad.flow_regulariser(uad.mosaic_flow(seams, cells), config)
+    assert flat.item() < 1e-4
+    # per field, both mosaics cost nothing; the applied flow's seams cost TV and variance
+    whole = torch.ones(1, 1, 1, 64, 96)  # one field owns every pixel
+    per_field = [
+        uad.flow_regulariser(uad.mosaic_flow(seams[:, k : k + 1], whole), config) for k in (0, 1)
+    ]
+    assert max(v.item() for v in per_field) < 1e-4
+    assert jumps.item() > 1.0
+
+
+def test_encoder_passes_are_counted_before_the_attack(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    for preset, d, s, t in [("paper", 2, 3, 4), ("paper", 3, 1, 2), ("no-fidelity", 2, 3, 4)]:
+        config = uad.preset_config(
+            preset, deform_steps=d, steps=s, **({"proxy_steps": t} if preset == "paper" else {})
+        )
+        stats = uad.attack(image, tiny_sam, config).stats
+        assert (stats.forwards, stats.backwards) == uad.encoder_passes(config), (preset, d, s)
+    assert uad.encoder_passes(uad.preset_config("paper")) == (242, 240)
+    assert uad.encoder_passes(uad.preset_config("no-fidelity")) == (42, 40)
 
 
 def test_encoder_features_skip_later_blocks_and_neck(tiny_sam):
@@ -379,12 +431,20 @@ def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
     assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_bfloat16_autocast_runs_and_keeps_the_budget(tiny_sam):
+def test_bfloat16_autocast_moves_features_like_float32(tiny_sam):
     image = uad.to_tensor(small_photo())
-    config = uad.UADConfig(steps=2, deform_steps=1, proxy_steps=1, dtype="bfloat16")
-    adv, _, stats = uad.attack(image, tiny_sam, config)
-    assert adv.dtype == torch.float32 and (adv - image).abs().max() <= config.eps + 1e-6
-    assert stats.feature_distance[0] > 0
+    distances = {}
+    for dtype in ("float32", "bfloat16"):
+        config = uad.UADConfig(steps=6, deform_steps=1, proxy_steps=1, dtype=dtype)
+        adv, _, stats = uad.attack(image, tiny_sam, config)
+        assert adv.dtype == torch.float32 and (adv - image).abs().max() <= config.eps + 1e-6
+        distances[dtype] = stats.feature_distance[0]
+    noise = torch.empty(image.shape).uniform_(-8 / 255, 8 / 255, generator=torch.Generator())
+    with torch.no_grad():
+        f = lambda x: uad.encoder_features(tiny_sam, x, (3, 4, 5, 6))
+        random = uad.feature_distance(f(uad.project(image + noise, image, 8 / 255)), f(image))
+    assert distances["bfloat16"] > 2 * random.item()
+    assert 0.5 < distances["bfloat16"] / distances["float32"] < 2
 
 
 def test_layers_beyond_the_encoder_are_an_error(tiny_sam):
