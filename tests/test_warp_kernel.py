@@ -4,6 +4,7 @@ The C++ extension is built on first use (cached); the CUDA extension is built an
 too (nvcc needs no GPU), while the tests that launch CUDA kernels need a GPU and skip without one.
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -642,8 +643,6 @@ def test_gpu_check_command_runs_on_cpp(cpu_ext, monkeypatch):
     monkeypatch.setattr(check, "IMPL", "cpp")
     check.check_float32()
     check.check_identities()
-    if not HAS_GPU:
-        assert check.main([]) == 2  # says there is nothing to check, and exits 2
 
 
 def test_bench_command_runs(cpu_ext, tmp_path, capsys):
@@ -656,3 +655,51 @@ def test_bench_command_runs(cpu_ext, tmp_path, capsys):
     assert "| warp_ssim | 1x64 | cpu | 1 | cpp |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     assert {r["backend"] for r in rows} == {"torch-nchw", "torch-cl", "cpp"}
+
+
+ODD_ARGUMENTS = [
+    ("bench", ["--ops", "flow_wrap"], "invalid choice: 'flow_wrap'"),
+    ("bench", ["--sizes", "1x"], "'1x' is not BATCHxSIDE"),
+    ("bench", ["--sizes", "0x64"], "the batch must be at least 1"),
+    ("bench", ["--sizes", "1x8"], "the side at least 11"),
+    ("bench", ["--threads", "0"], "--threads: '0' is below 1"),
+    ("bench", ["--repeats", "3"], "--repeats: '3' is below 4"),
+    ("bench", ["--json", "no/such/folder/bench.json"], "no/such/folder' does not exist"),
+    ("bench", ["--json", "."], "is a folder, not a file"),
+    ("check", ["--json", "no/such/folder/bench.json"], "no/such/folder' does not exist"),
+    ("check", ["--bench"], "unrecognized arguments: --bench"),
+    ("build", ["--backend", "gpu"], "invalid choice: 'gpu'"),
+]
+if not HAS_GPU:
+    ODD_ARGUMENTS.append(("bench", ["--backends", "cuda"], "'cuda' is not available here: no CUDA"))
+
+
+@pytest.mark.parametrize("command,argv,message", ODD_ARGUMENTS)
+def test_commands_refuse_odd_arguments_in_one_line(command, argv, message, capsys):
+    module = importlib.import_module(f"warp_kernel.{command}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(argv)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"python -m warp_kernel.{command}: error: ")
+    assert message in err
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks what happens without a GPU")
+def test_check_command_without_a_gpu_says_so_in_one_line(capsys):
+    from warp_kernel import check
+
+    assert check.main(["--no-bench"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "warp_kernel.check: no CUDA GPU visible; nothing to check.\n" and err == ""
+
+
+def test_odd_arguments_give_no_traceback_from_the_shell():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(warp_kernel.__file__)))
+    run = subprocess.run(
+        [sys.executable, "-m", "warp_kernel.bench", "--sizes", "1x", "--threads", "0"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stdout == ""
+    error = "argument --sizes: '1x' is not BATCHxSIDE, e.g. 1x1024"
+    assert run.stderr == f"python -m warp_kernel.bench: error: {error}\n"

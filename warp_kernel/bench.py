@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import warp_kernel
-from warp_kernel import reference
+from warp_kernel import build, cli, reference
 
 OPS = ("flow_warp", "ssim", "warp_ssim")
 SIZES = ("1x256", "1x512", "1x1024", "4x1024")  # batch x side
+BUILD_NAMES = {"cpp": "cpu", "cuda": "cuda"}  # backend -> the extension warp_kernel.build loads
 
 
 def smooth_flow(b, h, w, generator, max_px=8.0):
@@ -181,28 +182,46 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def batch_by_side(text):
+    """A --sizes entry: BATCHxSIDE, batch >= 1 and side >= 11 (one SSIM window)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxSIDE, e.g. 1x1024")
+    if int(parts[0]) < 1 or int(parts[1]) < warp_kernel.MIN_SSIM_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the batch must be at least 1, the side at least {warp_kernel.MIN_SSIM_SIZE}"
+        )
+    return text
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(prog="python -m warp_kernel.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="BATCHxSIDE, e.g. 1x1024")
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument(
+        "--sizes", nargs="+", type=batch_by_side, default=list(SIZES),
+        help="BATCHxSIDE, e.g. 1x1024",
+    )  # fmt: skip
+    parser.add_argument("--threads", nargs="+", type=cli.count(1), default=[1, 2])
     parser.add_argument(
         "--backends", nargs="+", choices=["cpp", "cuda"], default=None,
         help="extension backends to time (default: every one that loads here)",
     )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs (at least 10)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--repeats", type=cli.count(4), default=10,
+        help="timed runs (at least 4: the spread needs quartiles)",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=cli.count(0), default=2)
+    parser.add_argument("--json", metavar="FILE", type=cli.new_file, help="also write JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    if args.repeats < 4:
-        parser.error("--repeats must be at least 4 (the spread needs quartiles)")
 
     available = warp_kernel.backends()
     backends = args.backends or [b for b in ("cpp", "cuda") if available[b]]
     for b in backends:
+        if b == "cuda" and not torch.cuda.is_available():
+            parser.error("backend 'cuda' is not available here: no CUDA GPU is visible")
         if not available[b]:
-            parser.error(f"backend {b!r} is not available here")
+            parser.error(f"backend {b!r} is not available here: {build.failure(BUILD_NAMES[b])}")
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     threads_before = torch.get_num_threads()
     try:
@@ -226,8 +245,12 @@ def main(argv=None):
             "repeats": args.repeats,
             "warmup": args.warmup,
         }
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        except OSError as e:
+            print(f"{parser.prog}: error: cannot write {args.json}: {e.strerror}", file=sys.stderr)
+            return 1
     return 0
 
 

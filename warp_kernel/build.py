@@ -20,7 +20,6 @@ Environment:
   MAX_JOBS               parallel compile jobs (ninja)
 """
 
-import argparse
 import logging
 import os
 import shutil
@@ -31,6 +30,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from warp_kernel import cli
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ["warp_ssim_cpu.cpp"]
@@ -234,7 +235,10 @@ def failure(backend):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build the warp_kernel extensions ahead of time.")
+    parser = cli.Parser(
+        prog="python -m warp_kernel.build",
+        description="Build the warp_kernel extensions ahead of time.",
+    )
     parser.add_argument("--backend", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     parser.add_argument(

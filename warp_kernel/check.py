@@ -8,14 +8,13 @@ whoever has a CUDA GPU (the test suite skips these without one):
 Exit status 0 when every check passes, 1 when one fails, 2 without a GPU or CUDA extension.
 """
 
-import argparse
 import sys
 import traceback
 
 import torch
 
 import warp_kernel
-from warp_kernel import bench, build
+from warp_kernel import bench, build, cli
 from warp_kernel.testing import GRAD_CASES, assert_all_close, assert_close, make_inputs
 from warp_kernel.testing import run_warp_ssim as warp_ssim_step
 
@@ -169,9 +168,13 @@ CHECKS = [
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="GPU checks and benchmark of warp_kernel.")
+    parser = cli.Parser(
+        prog="python -m warp_kernel.check", description="GPU checks and benchmark of warp_kernel."
+    )
     parser.add_argument("--no-bench", action="store_true", help="only the correctness checks")
-    parser.add_argument("--json", metavar="FILE", help="write the benchmark results as JSON")
+    parser.add_argument(
+        "--json", metavar="FILE", type=cli.new_file, help="write the benchmark results as JSON"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("warp_kernel.check: no CUDA GPU visible; nothing to check.")
