@@ -2,9 +2,8 @@
 
     python benchmarks/attack_cost.py [--model-type vit_b] [--size 1024] [--threads 2] [--full]
 
-Counts the encoder passes of each preset at the default step counts, by running short attacks
-on a tiny random-init SAM (passes do not depend on the model) and extrapolating by difference.
-Then times, on a random-init SAM of --model-type (the cost does not depend on the weights), one
+Takes the encoder passes of each preset at the default step counts from uad.encoder_passes
+(a test checks them against the passes an attack counts). Then times, on a random-init SAM of --model-type (the cost does not depend on the weights), one
 feature forward (blocks 0..6), one feature forward+backward, the non-encoder work of one
 deformation step (warp + SSIM + flow regulariser + Adam), and the whole encoder's forward and
 forward+backward. Seconds per image = passes x timed seconds per pass, plus the deformation
@@ -25,32 +24,6 @@ import uad  # noqa: E402
 import warp_kernel  # noqa: E402
 
 REFERENCE_PASSES = (237, 196)  # full-encoder forwards, backwards per image in the authors' code
-
-
-def random_sam(embed_dim, depth, num_heads, global_attn_indexes):
-    from segment_anything.build_sam import _build_sam
-
-    torch.manual_seed(0)
-    sam = _build_sam(embed_dim, depth, num_heads, list(global_attn_indexes))
-    return sam.eval().requires_grad_(False)
-
-
-def passes_per_image(preset: str) -> tuple:
-    """(forwards, backwards) of one image at the preset's default step counts.
-
-    Short attacks of (1, 1), (2, 1) and (1, 2) deformation and PGD steps on a tiny model give
-    the passes of one step of each stage by difference; the default counts scale them up.
-    """
-    tiny = random_sam(64, 8, 2, ())
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def run(d, s):
-        stats = uad.attack(image, tiny, uad.preset_config(preset, deform_steps=d, steps=s))[2]
-        return np.array([stats.forwards, stats.backwards])
-
-    full = uad.preset_config(preset)
-    a, b, c = run(1, 1), run(2, 1), run(1, 2)
-    return tuple(a + (full.deform_steps - 1) * (b - a) + (full.steps - 1) * (c - a))
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -74,8 +47,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from PIL import Image
 
-    passes = {preset: passes_per_image(preset) for preset in uad.PRESETS}
-    sam = random_sam(**uad.SAM_ARCHS[args.model_type])
+    passes = {preset: uad.encoder_passes(uad.preset_config(preset)) for preset in uad.PRESETS}
+    torch.manual_seed(0)
+    sam = uad.build_sam(args.model_type).requires_grad_(False)
     photo = Image.open(Path(__file__).resolve().parent.parent / "examples" / "astronaut.png")
     image = uad.to_tensor(np.asarray(photo.convert("RGB").resize((args.size, args.size))))
     print(
@@ -101,7 +75,7 @@ def main() -> None:
         t_f = median_seconds(lambda: features(False), args.repeats)
     t_fb = median_seconds(lambda: features(True), args.repeats)
     steps = 5
-    config = uad.preset_config("reference", deform_steps=steps)  # no encoder in its stage 1
+    config = uad.preset_config("no-fidelity", deform_steps=steps)  # no encoder in its stage 1
     gen = torch.Generator().manual_seed(0)
     t_deform = (
         median_seconds(lambda: uad.deform(image, None, None, config, gen, None), args.repeats)

@@ -1,6 +1,7 @@
 """uad.py: the attack, the library entry point and the command line, on tiny random-init SAMs."""
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -450,3 +451,235 @@ def test_bfloat16_autocast_moves_features_like_float32(tiny_sam):
 def test_layers_beyond_the_encoder_are_an_error(tiny_sam):
     with pytest.raises(uad.UADError, match="blocks 0..7"):
         uad.attack(uad.to_tensor(small_photo()), tiny_sam, uad.UADConfig(layers=(3, 8)))
+
+
+# ------------------------------------------------------------------------------------------
+# Every input either gets an output exactly within eps or one line and nothing written, known
+# before the model loads where it can be
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(uad, "load_sam", refuse)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
+
+
+def early_bad_inputs(tmp_path: Path) -> dict:
+    good = tmp_path / "good.png"
+    Image.fromarray(small_photo()).save(good)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([small_photo(), small_photo()[..., 0]])).save(rgba)
+    png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(small_photo()).save(tmp_path / "images" / "a.png")
+    o = tmp_path / "o.png"
+    return {
+        "eps as a fraction": ([good, o, "--eps", "0.03"], "--eps 0.03: below one grey level"),
+        "unknown impl": ([good, o, "--impl", "foo"], "argument --impl: invalid choice: 'foo'"),
+        "device gpu": ([good, o, "--device", "gpu"], "device 'gpu': not a device"),
+        "device mps": ([good, o, "--device", "mps"], "device 'mps' requested but MPS"),
+        "bad layers": ([good, o, "--layers", "3,x"], "expected comma-separated block indices"),
+        "layers too deep": ([good, o, "--layers", "3,8"], "--layers 3,8: vit_b has blocks 0..7"),
+        "negative steps": ([good, o, "--steps", "-1"], "--steps -1: must be at least 0"),
+        "zero alpha": ([good, o, "--alpha", "0"], "--alpha 0/255: must be above 0"),
+        "rgba to jpeg": ([rgba, tmp_path / "o.jpg"], "JPEG cannot store RGB + alpha"),
+        "rgb to gif": ([good, tmp_path / "o.gif"], "GIF does not store RGB pixels exactly"),
+        "under /proc": ([good, "/proc/o.png"], "cannot write to folder /proc"),
+        "bomb": ([tmp_path / "bomb.png", o], "30000x30000 (900 Mpx), over the limit of"),
+        "folder to a file name": ([tmp_path / "images", tmp_path / "out.png"], "must be a folder"),
+        "missing checkpoint": ([good, o, "--checkpoint", tmp_path / "no.pth"], "no.pth: no such"),
+    }
+
+
+EARLY_CASES = [
+    "eps as a fraction",
+    "unknown impl",
+    "device gpu",
+    "device mps",
+    "bad layers",
+    "layers too deep",
+    "negative steps",
+    "zero alpha",
+    "rgba to jpeg",
+    "rgb to gif",
+    "under /proc",
+    "bomb",
+    "folder to a file name",
+    "missing checkpoint",
+]
+
+
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_bad_input_is_found_before_the_model_loads(cli, tmp_path, no_model, case):
+    args, message = early_bad_inputs(tmp_path)[case]
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = cli(*args, checkpoint=None)
+    assert code != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err and "unsegment:" not in err  # no header: no work announced
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bomb_limit_names_the_flag_that_raises_it(tmp_path):
+    png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(uad.UADError, match=r"pass --max-pixels 900000000 to process it"):
+        uad.read_image(tmp_path / "bomb.png")
+
+
+def test_corrupt_checkpoints_are_one_short_line(tiny_archs, tiny_checkpoints, tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(tiny_checkpoints["vit_b"].read_bytes()[:5000])
+    for path, reason in [(text, "not a PyTorch file"), (truncated, "truncated or corrupt")]:
+        with pytest.raises(uad.UADError) as e:
+            uad.load_sam("vit_b", path)
+        message = str(e.value)
+        assert message == f"{path}: not a readable PyTorch checkpoint ({reason})"
+
+
+def writable_formats() -> dict:
+    """One extension per format PIL can write: {format: extension}."""
+    formats = {}
+    for ext, fmt in sorted(Image.registered_extensions().items()):
+        if fmt in Image.SAVE:
+            formats.setdefault(fmt, ext)
+    return formats
+
+
+@pytest.mark.parametrize("fmt", sorted(writable_formats()))
+def test_every_output_format_is_exact_or_refused_before_the_attack(cli, tmp_path, fmt):
+    pixels = small_photo()
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    out = tmp_path / f"out{writable_formats()[fmt]}"
+    code, _, err = cli(tmp_path / "in.png", out, *FAST)
+    if code != 0:  # refused: one line naming the file, nothing written, before any work
+        assert len(err.strip().splitlines()) == 1 and str(out) in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+        return
+    saved = uad.read_image(out).pixels.astype(int)
+    linf = np.abs(saved - pixels).max()
+    assert 0 < linf <= 8 or (fmt == "JPEG" and linf > 0), (fmt, linf)
+
+
+def test_the_formats_people_use_are_written_and_gif_is_refused(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    for ext in (".png", ".tif", ".webp", ".bmp", ".jpg"):
+        assert cli(tmp_path / "in.png", tmp_path / f"o{ext}", *FAST)[0] == 0, ext
+    webp = uad.read_image(tmp_path / "o.webp").pixels.astype(int)
+    assert np.abs(webp - small_photo()).max() <= 8  # lossless WebP: exactly within eps
+    assert cli(tmp_path / "in.png", tmp_path / "o.gif", *FAST)[0] != 0
+
+
+def test_outputs_get_the_permissions_of_a_normal_save(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    old = os.umask(0o027)
+    try:
+        assert cli(tmp_path / "in.png", tmp_path / "new.png", *FAST)[0] == 0
+        existing = tmp_path / "existing.png"
+        existing.write_bytes(b"")
+        existing.chmod(0o604)
+        assert cli(tmp_path / "in.png", existing, "--overwrite", *FAST)[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+    assert existing.stat().st_mode & 0o777 == 0o604
+
+
+def test_folder_with_one_image_into_a_new_folder(cli, tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(small_photo()).save(tmp_path / "in" / "only.png")
+    code, out, err = cli(tmp_path / "in", tmp_path / "new" / "out", *FAST)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "new" / "out").iterdir()] == ["only.png"]
+
+
+def test_icc_profile_is_kept_and_dropped_frames_are_named(cli, tmp_path):
+    rocket = EXAMPLES / "rocket.jpg"
+    with Image.open(rocket) as im:
+        profile = im.info["icc_profile"]
+        im.convert("RGB").resize((96, 64)).save(tmp_path / "rocket.jpg", icc_profile=profile)
+    assert cli(tmp_path / "rocket.jpg", tmp_path / "rocket.png", *FAST)[0] == 0
+    with Image.open(tmp_path / "rocket.png") as im:
+        assert im.info.get("icc_profile") == profile
+
+    frames = [Image.fromarray(small_photo()), Image.fromarray(small_photo()[::-1].copy())]
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    code, _, err = cli(tmp_path / "pages.tif", tmp_path / "pages.png", *FAST[:-1])
+    assert code == 0 and "pages.tif: only the first of its 2 frames is protected" in err
+
+
+def test_icc_profile_of_another_colour_space_is_not_carried():
+    rgb_profile = b"\0" * 16 + b"RGB " + b"\0" * 108
+    cmyk_profile = b"\0" * 16 + b"CMYK" + b"\0" * 108
+    assert uad.matching_profile(rgb_profile, "RGB") == rgb_profile
+    assert uad.matching_profile(rgb_profile, "L") is None
+    assert uad.matching_profile(cmyk_profile, "RGB") is None
+
+
+def test_header_says_what_a_cpu_run_costs_and_folder_progress_names_the_file(cli, tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(small_photo()).save(tmp_path / "in" / name)
+    code, out, err = cli(tmp_path / "in", tmp_path / "out", *FAST[:-1], "--device", "cpu")
+    assert code == 0, err
+    assert "on a CPU expect about" in err and "(5 encoder forwards, 3 backwards" in err
+    assert "[1/2] a.png: simulate 3/3" in err and "[2/2] b.png" in err
+    code, _, err = cli(
+        tmp_path / "in" / "a.png",
+        tmp_path / "p.png",
+        "--steps",
+        "1",
+        "--deform-steps",
+        "1",
+        "--proxy-steps",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert "--preset no-fidelity takes about" in err
+
+
+def test_progress_eta_counts_the_first_step(monkeypatch):
+    clock = iter([100.0, 100.0, 110.0, 120.0])
+    monkeypatch.setattr(uad.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    progress = uad.Progress(stream=stream)
+    progress("simulate", 0, 4)  # the stage starts at t = 100
+    progress("simulate", 1, 4, 0.5)  # t = 110: 10 s a step, 3 steps left
+    assert stream.getvalue().splitlines()[-1] == "simulate 1/4 loss +0.5000 eta 0:30"
+
+
+def test_help_gives_units_ranges_and_choices(cli):
+    code, out, _ = cli("--help", checkpoint=None)
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "--eps X L-infinity budget, 1 to 64 in 1/255 [8]" in flat
+    assert "--alpha X PGD step size in 1/255 [2]" in flat
+    assert "{vit_b,vit_l,vit_h}" in flat and "{paper,no-fidelity,reference}" in flat
+
+
+def test_identical_features_report_a_distance_of_zero_not_below(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    stats = uad.attack(image, tiny_sam, uad.UADConfig(steps=0, deform_steps=0)).stats
+    assert stats.feature_distance == [0.0]
