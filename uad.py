@@ -311,6 +311,12 @@ def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, confi
     return proxy, fidelity.detach()
 
 
+class Deformation(NamedTuple):
+    target: torch.Tensor  # (B, C, H, W) in [0, 1]: the warped image
+    ssim: torch.Tensor  # (B,) SSIM(target, image)
+    flow: torch.Tensor  # (B, 2, H, W) the applied flow, pixels at the 1024 scale
+
+
 def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progress=None):
     """Stage 1: the target I_hat = warp(I, flow) minimising SSIM + lambda_C L_C + lambda_F L_F.
 
@@ -319,7 +325,7 @@ def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progres
       f_image: the surrogate's features of `image`.
 
     Returns:
-      (target (B, C, H, W) in [0, 1], SSIM(target, image) (B,)), both detached.
+      Deformation(target, ssim, flow), detached.
     """
     b, _, h, w = image.shape
     block = 1024 / config.control_points  # pixels at the 1024 scale per control-grid block
@@ -353,9 +359,11 @@ def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progres
             progress("deform", step + 1, config.deform_steps, loss.mean().item())
 
     with torch.no_grad():
-        flow = mosaic_flow(ctrl, cells) * to_image_pixels  # (B, 2, H, W), image pixels
-        ssim, target = warp_kernel.warp_ssim(image, flow, image, config.padding, impl=config.impl)
-    return target, ssim
+        flow = mosaic_flow(ctrl, cells)  # (B, 2, H, W), 1024-scale pixels
+        ssim, target = warp_kernel.warp_ssim(
+            image, flow * to_image_pixels, image, config.padding, impl=config.impl
+        )
+    return Deformation(target, ssim, flow)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -435,7 +443,7 @@ def attack(image: torch.Tensor, sam, config: UADConfig, progress=None) -> Attack
     gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
     with torch.no_grad():
         f_image = surrogate(image)
-    target, target_ssim = deform(image, f_image, surrogate, config, gen, progress)
+    target, target_ssim, _ = deform(image, f_image, surrogate, config, gen, progress)
     with torch.no_grad():
         f_target = surrogate(target)
     adv = simulate(image, f_target, f_image, surrogate, config, gen, progress)
