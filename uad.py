@@ -46,13 +46,17 @@ class UADError(Exception):
 # Configuration
 
 
-def knob(default, help: str, unit: float = 1.0, choices=None, at_least=None, above=None):
+def knob(
+    default, help: str, unit: float = 1.0, choices=None, at_least=None, above=None, at_most=None
+):
     """A config field with its CLI help and the values it admits (checked by UADConfig).
 
     unit: the CLI's unit (255: the flag counts 1/255ths); choices: the allowed values;
-    at_least / above: an inclusive / exclusive lower bound.
+    at_least / above: an inclusive / exclusive lower bound; at_most: an upper bound.
     """
-    meta = dict(help=help, unit=unit, choices=choices, at_least=at_least, above=above)
+    meta = dict(
+        help=help, unit=unit, choices=choices, at_least=at_least, above=above, at_most=at_most
+    )
     return field(default=default, metadata=meta)
 
 
@@ -73,8 +77,10 @@ class UADConfig:
     # stage 1 (deformation)
     deform_steps: int = knob(40, "Adam steps on the flow fields", at_least=0)
     deform_lr: float = knob(10.0, "Adam learning rate, pixels at SAM's 1024 input scale", above=0)
-    num_flows: int = knob(4, "flow fields tiled into one mosaic flow (K)", at_least=1)
-    control_points: int = knob(6, "each flow is a bicubic grid of P x P points", at_least=2)
+    num_flows: int = knob(4, "flow fields tiled into one mosaic flow (K)", at_least=1, at_most=16)
+    control_points: int = knob(
+        6, "each flow is a bicubic grid of P x P points", at_least=2, at_most=256
+    )
     init_std: float = knob(0.1, "initial displacement std, in control-grid blocks", at_least=0)
     cell_size: float = knob(300.0, "side of a mosaic cell, pixels at the 1024 scale", above=0)
     lambda_c: float = knob(0.05, "weight of the flow regulariser L_C", at_least=0)
@@ -103,6 +109,8 @@ class UADConfig:
                 raise UADError(f"{f.name} {value!r}: must be at least {meta['at_least']}")
             if meta["above"] is not None and not value > meta["above"]:
                 raise UADError(f"{f.name} {value!r}: must be above {meta['above']}")
+            if meta["at_most"] is not None and not value <= meta["at_most"]:
+                raise UADError(f"{f.name} {value!r}: must be at most {meta['at_most']}")
         if not self.layers or min(self.layers) < 0:
             raise UADError(
                 f"layers {','.join(map(str, self.layers))}: need one or more block indices >= 0"
@@ -1331,6 +1339,9 @@ def main(argv=None) -> int:
         except UADError as e:
             failures += 1
             progress.error(str(e))
+        except (torch.OutOfMemoryError, MemoryError):
+            failures += 1
+            progress.error(f"{job.src}: out of memory on {device}; try a smaller image")
     total = len(jobs) + failures
     if total > 1:
         print(f"{total - failures} protected, {failures} failed")

@@ -430,6 +430,7 @@ def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
     with pytest.raises(uad.UADError) as e:
         uad.load_sam("vit_b", None, "cpu", quiet=True)
     assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert f"download it by hand to {tmp_path / 'cache' / 'sam_vit_b_01ec64.pth'}" in str(e.value)
 
 
 def test_bfloat16_autocast_moves_features_like_float32(tiny_sam):
@@ -508,6 +509,7 @@ def early_bad_inputs(tmp_path: Path) -> dict:
         "bomb": ([tmp_path / "bomb.png", o], "30000x30000 (900 Mpx), over the limit of"),
         "folder to a file name": ([tmp_path / "images", tmp_path / "out.png"], "must be a folder"),
         "missing checkpoint": ([good, o, "--checkpoint", tmp_path / "no.pth"], "no.pth: no such"),
+        "too many flows": ([good, o, "--num-flows", "10000"], "--num-flows 10000: must be at most"),
     }
 
 
