@@ -23,6 +23,7 @@ namespace warp_kernel {
 constexpr int kTile = 16;                  // tile of 16 x 16 pixels, one per thread
 constexpr int kSpan = kTile + 2 * kRadius;  // 26: the tile with its halo
 constexpr int kThreads = kTile * kTile;
+constexpr int kSpanSlots = (kSpan * kSpan + kThreads - 1) / kThreads;  // 3 span pixels a thread
 
 __constant__ float c_taps_f[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
 __constant__ double c_taps_d[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
@@ -112,23 +113,39 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   const bool valid = cx >= kRadius && cx < W - kRadius && cy >= kRadius && cy < H - kRadius;
   const int K = a.grad_y != nullptr ? 4 : 3;
   const T inv_count = T(1.0 / (double(C) * (H - 2 * kRadius) * (W - 2 * kRadius)));
-  const T* fl = kWarp ? a.flow + size_t(b) * 2 * plane : nullptr;
   double local = 0;
+
+  // The bilinear taps of this thread's pixels of the tile and its halo (thread tid loads span
+  // pixels tid, tid + 256, tid + 512), computed once for all channels and kept in registers.
+  BilinearTap<T> taps[kSpanSlots] = {};
+  if (kWarp) {
+    const T* fl = a.flow + size_t(b) * 2 * plane;
+#pragma unroll
+    for (int j = 0; j < kSpanSlots; ++j) {
+      const int i = tid + j * kThreads;
+      const int gy = y0 - kRadius + i / kSpan, gx = x0 - kRadius + i % kSpan;
+      if (i < kSpan * kSpan && gy >= 0 && gy < H && gx >= 0 && gx < W) {
+        const int at = gy * W + gx;
+        taps[j] = bilinear_tap(T(gx) + fl[at], T(gy) + fl[plane + at], H, W, a.padding);
+      }
+    }
+  }
 
   for (int c = 0; c < C; ++c) {
     const size_t pc = (size_t(b) * C + c) * plane;
 
     // ---- Phase 1: tile load with a 5-px halo; warped pixels sampled on the fly ----
-    for (int i = tid; i < kSpan * kSpan; i += kThreads) {
+#pragma unroll
+    for (int j = 0; j < kSpanSlots; ++j) {
+      const int i = tid + j * kThreads;
+      if (i >= kSpan * kSpan) break;
       const int ly = i / kSpan, lx = i % kSpan;
       const int gy = y0 - kRadius + ly, gx = x0 - kRadius + lx;
       T xv = 0, yv = 0;
       if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
         const int at = gy * W + gx;
         if (kWarp) {
-          const BilinearTap<T> t = bilinear_tap(T(gx) + fl[at], T(gy) + fl[plane + at], H, W,
-                                                a.padding);
-          xv = bilinear_sample(a.img + pc, t);
+          xv = bilinear_sample(a.img + pc, taps[j]);
           const bool core = ly >= kRadius && ly < kRadius + kTile && lx >= kRadius &&
                             lx < kRadius + kTile;
           if (core) a.warped[pc + at] = xv;  // each pixel is the core of exactly one tile
