@@ -73,6 +73,9 @@ class UADConfig:
     encoder_noise: float = knob(
         0.0, "std of Gaussian noise on what the encoder sees (never on the output)", 255, at_least=0
     )
+    robust: str = knob(
+        "", "publishing the encoder sees at each PGD step, e.g. jpeg:50-95,resize:0.5-1,none"
+    )
     layers: Sequence[int] = knob((3, 4, 5, 6), "0-based encoder blocks giving the features")
     # stage 1 (deformation)
     deform_steps: int = knob(40, "Adam steps on the flow fields", at_least=0)
@@ -111,6 +114,7 @@ class UADConfig:
                 raise UADError(f"{f.name} {value!r}: must be above {meta['above']}")
             if meta["at_most"] is not None and not value <= meta["at_most"]:
                 raise UADError(f"{f.name} {value!r}: must be at most {meta['at_most']}")
+        parse_robust(self.robust)
         if not self.layers or min(self.layers) < 0:
             raise UADError(
                 f"layers {','.join(map(str, self.layers))}: need one or more block indices >= 0"
@@ -308,7 +312,7 @@ def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, confi
     """
     proxy = proxy.detach().requires_grad_(True)
     f_target = surrogate(target, backward_passes=1)
-    f_proxy = surrogate(with_noise(proxy, config, gen), backward_passes=1)
+    f_proxy = surrogate(encoder_view(proxy, config, gen), backward_passes=1)
     fidelity = feature_distance([f.detach() for f in f_proxy], f_target)  # -> the flow only
     f_target = [f.detach() for f in f_target]
     proxy_loss = simulation_loss(f_proxy, f_target, f_image)  # -> the proxy only
@@ -393,19 +397,22 @@ def pgd_step(x, grad, image, config: UADConfig, momentum: Optional[torch.Tensor]
     return project(x - config.alpha * grad.sign(), image, config.eps)
 
 
-def with_noise(x: torch.Tensor, config: UADConfig, gen: torch.Generator) -> torch.Tensor:
-    """What the encoder sees: x plus Gaussian noise of std encoder_noise (the perturbation
-    itself stays noise-free). The reference code calls this option "DI"."""
-    if config.encoder_noise <= 0:
-        return x
-    return x + config.encoder_noise * torch.randn(x.shape, generator=gen).to(x.device)
+def encoder_view(x: torch.Tensor, config: UADConfig, gen: torch.Generator) -> torch.Tensor:
+    """What the encoder sees of x during the attack: a publishing transformation drawn for each
+    image (`robust`), then Gaussian noise of std encoder_noise. The perturbation itself, and so
+    the saved image, is neither. The reference code calls the noise option "DI"."""
+    if config.robust:
+        x = publish(x, parse_robust(config.robust), gen)
+    if config.encoder_noise > 0:
+        x = x + config.encoder_noise * torch.randn(x.shape, generator=gen).to(x.device)
+    return x
 
 
 def refine(x, image, f_target, f_image, surrogate, config, gen, momentum):
     """One PGD step on stage 2's objective. Returns (x after the step, loss before it)."""
     x = x.detach().requires_grad_(True)
     loss = simulation_loss(
-        surrogate(with_noise(x, config, gen), backward_passes=1), f_target, f_image
+        surrogate(encoder_view(x, config, gen), backward_passes=1), f_target, f_image
     )
     (grad,) = torch.autograd.grad(loss.sum(), x)
     return pgd_step(x.detach(), grad, image, config, momentum), loss.detach()
@@ -520,6 +527,146 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
     if stats is not None:
         vars(stats).update(vars(s))
     return result
+
+
+# -----------------------------------------------------------------------------------------------
+# Publishing, differentiably (--robust): JPEG as PIL's libjpeg-turbo codes it, and PIL's bicubic
+# downscale and upscale. Every rounding to integers is exact in the forward pass and the
+# identity in the backward pass (straight-through), so gradients reach the image.
+
+# ITU-T T.81 Annex K quantisation tables (quality 50), row-major over (vertical, horizontal)
+JPEG_LUMA = (
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56), (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99),
+)  # fmt: skip
+JPEG_CHROMA = ((17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99),
+               (24, 26, 56, 99, 99, 99, 99, 99), (47, 66, 99, 99, 99, 99, 99, 99),
+               *[(99,) * 8] * 4)  # fmt: skip
+ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0)}  # allowed parameter ranges
+
+
+def parse_robust(spec: str) -> list:
+    """Parses "jpeg:50-95,resize:0.5-1,none" into [(kind, low, high), ...]; UADError if bad."""
+    items = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, values = item.partition(":")
+        if kind == "none" and not values:
+            items.append(("none", 0.0, 0.0))
+            continue
+        if kind not in ROBUST_RANGES or not values:
+            raise UADError(f"robust {spec!r}: {item!r} is not jpeg:Q[-Q], resize:S[-S] or none")
+        try:
+            low, _, high = values.partition("-")
+            low, high = float(low), float(high or low)
+        except ValueError:
+            raise UADError(f"robust {spec!r}: {item!r} has no number range") from None
+        bottom, top = ROBUST_RANGES[kind]
+        fits = bottom <= low <= high <= top if kind == "jpeg" else bottom < low <= high <= top
+        if not fits:
+            raise UADError(f"robust {spec!r}: {kind} takes values in {bottom:g}..{top:g}")
+        items.append((kind, low, high))
+    return items
+
+
+def publish(x: torch.Tensor, kinds: list, gen: torch.Generator) -> torch.Tensor:
+    """Each image of x (B, C, H, W) in [0, 1] through one transformation drawn from `kinds`."""
+    out = []
+    for image in x.split(1):
+        kind, low, high = kinds[int(torch.randint(len(kinds), (), generator=gen))]
+        value = low + (high - low) * float(torch.rand((), generator=gen))
+        if kind == "jpeg":
+            image = jpeg(image, round(value))
+        elif kind == "resize":
+            image = resize_round_trip(image, value)
+        out.append(image)
+    return torch.cat(out)
+
+
+def straight_round(x: torch.Tensor) -> torch.Tensor:
+    """Rounds to integers in the forward pass; the identity in the backward pass."""
+    return x + (x.round() - x).detach()
+
+
+def resize_round_trip(x: torch.Tensor, scale: float, rounding: bool = True) -> torch.Tensor:
+    """PIL's bicubic downscale by `scale` to uint8, then back to (H, W): (B, C, H, W) in [0, 1].
+
+    torch's antialiased bicubic uses PIL's filter (a = -0.5, support scaled with the factor).
+    """
+    h, w = x.shape[-2:]
+    r = straight_round if rounding else (lambda t: t)
+    small = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(x * 255, small, mode="bicubic", antialias=True, align_corners=False)
+    x = r(x.clamp(0, 255))
+    x = F.interpolate(x, (h, w), mode="bicubic", antialias=True, align_corners=False)
+    return r(x.clamp(0, 255)) / 255
+
+
+def jpeg_table(base, quality: int, like: torch.Tensor) -> torch.Tensor:
+    """libjpeg's jpeg_quality_scaling of a base table, clamped to baseline values: (8, 8)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    table = [[min(max((b * scale + 50) // 100, 1), 255) for b in row] for row in base]
+    return torch.tensor(table, dtype=like.dtype, device=like.device)
+
+
+def jpeg(x: torch.Tensor, quality: int, rounding: bool = True) -> torch.Tensor:
+    """JPEG encode + decode at `quality`, differentiably: (B, C, H, W) in [0, 1], C = 3 or 1.
+
+    As PIL saves (libjpeg-turbo, baseline, 4:2:0 chroma subsampling) and decodes it (fancy
+    upsampling): RGB to YCbCr (JFIF), chroma averaged over 2 x 2 pixels, each plane padded by
+    edge replication to whole 8 x 8 blocks, DCT, quantisation by the standard tables scaled by
+    quality, inverse DCT, chroma upsampled by libjpeg's triangle filter, back to RGB. rounding
+    False leaves out every rounding (a smooth function, for checking gradients).
+    """
+    r = straight_round if rounding else (lambda t: t)
+    n = torch.arange(8, dtype=x.dtype, device=x.device)
+    dct = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) * 0.5  # (8, 8) orthonormal
+    dct[0] /= math.sqrt(2)
+
+    def code(plane, table):  # (B, 1, h, w) samples 0..255 -> decoded samples, same shape
+        h, w = plane.shape[-2:]
+        plane = F.pad(plane - 128, (0, -w % 8, 0, -h % 8), mode="replicate")
+        b, _, ph, pw = plane.shape
+        blocks = plane.view(b, ph // 8, 8, pw // 8, 8).transpose(2, 3)  # (B, by, bx, 8, 8)
+        coef = r((dct @ blocks @ dct.T) / table) * table
+        plane = (dct.T @ coef @ dct).transpose(2, 3).reshape(b, 1, ph, pw)
+        return r(plane[..., :h, :w] + 128).clamp(0, 255)
+
+    quality = min(max(int(quality), 1), 100)
+    luma = jpeg_table(JPEG_LUMA, quality, x)
+    v = x * 255
+    if v.shape[1] == 1:
+        return code(r(v), luma) / 255
+    chroma = jpeg_table(JPEG_CHROMA, quality, x)
+    red, green, blue = v.split(1, dim=1)
+    y = code(r(0.299 * red + 0.587 * green + 0.114 * blue), luma)
+    cb = r(-0.168735892 * red - 0.331264108 * green + 0.5 * blue + 128)
+    cr = r(0.5 * red - 0.418687589 * green - 0.081312411 * blue + 128)
+    h, w = v.shape[-2:]
+    cb, cr = (
+        r(upsample_chroma(code(subsample_chroma(c, r), chroma), h, w)) - 128 for c in (cb, cr)
+    )
+    rgb = torch.cat([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], 1)
+    return r(rgb).clamp(0, 255) / 255
+
+
+def subsample_chroma(c: torch.Tensor, r) -> torch.Tensor:
+    """4:2:0: the mean of each 2 x 2 pixels, an odd edge replicated: (B, 1, ceil(H/2), ceil(W/2))."""
+    h, w = c.shape[-2:]
+    return r(F.avg_pool2d(F.pad(c, (0, w % 2, 0, h % 2), mode="replicate"), 2))
+
+
+def upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """libjpeg's h2v2 fancy upsampling: each output sample is 3/4 of its nearer input sample and
+    1/4 of the next one, in each direction, edges replicated; cropped to (h, w)."""
+    p = F.pad(c, (0, 0, 1, 1), mode="replicate")
+    mid = 3 * p[..., 1:-1, :]
+    rows = torch.stack([mid + p[..., :-2, :], mid + p[..., 2:, :]], dim=-2).flatten(-3, -2)
+    p = F.pad(rows, (1, 1, 0, 0), mode="replicate")
+    mid = 3 * p[..., 1:-1]
+    out = torch.stack([mid + p[..., :-2], mid + p[..., 2:]], dim=-1).flatten(-2) / 16
+    return out[..., :h, :w]
 
 
 # ===============================================================================================
@@ -1282,6 +1429,7 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job]) -> st
         f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
         f"{config.deform_steps} deformation + {config.steps} PGD steps, surrogate "
         f"{args.model_type} on {device}, seed {config.seed}, {len(jobs)} image(s)"
+        + (f", the encoder sees {config.robust}" if config.robust else "")
     )
     if device.type == "cpu":
         minutes = cpu_estimate(config, args.model_type, torch.get_num_threads()) / 60
