@@ -42,6 +42,7 @@ HEADERS = [
     "warp_ssim_checks.h",
     "warp_ssim_ops.h",
     "warp_ssim_cuda.h",
+    "warp_ssim_cuda_backend.h",
     "warp_ssim_kernels.cuh",
 ]
 # The CUDA kernels compiled for CPU threads: lets machines without a GPU test them.

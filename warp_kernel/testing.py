@@ -6,6 +6,8 @@ training step of warp_ssim, and the CUDA kernels built for CPU threads.
     testing.assert_close(got, want)  # tolerances follow want's dtype
 """
 
+import contextlib
+
 import torch
 
 import warp_kernel
@@ -114,3 +116,71 @@ def load_cuda_emulation(verbose=False):
                 verbose=verbose,
             )
         return build._modules["emulation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulation's block ranges, and images too large to compute whole
+# ---------------------------------------------------------------------------------------------
+
+TO_THE_END = 2**62  # a block range's stop past every grid
+
+
+@contextlib.contextmanager
+def only_blocks(emu, ranges):
+    """Within the block, the emulated extension `emu` runs only blocks [start, stop) of every
+    grid (by linear index; negative counts from the end; stop None: to the end)."""
+    emu.set_block_ranges([(start, TO_THE_END if stop is None else stop) for start, stop in ranges])
+    try:
+        yield
+    finally:
+        emu.set_block_ranges([])
+
+
+CORNER_TILES = 3  # the far corner: the last 3 x 3 tiles of the SSIM kernels
+
+
+def corner_blocks(shape, tile=16):
+    """Block ranges of the SSIM kernels' last CORNER_TILES rows and columns of tiles of a
+    (1, C, H, W) image (tiles x fastest, then y): the bottom-right corner."""
+    tiles_x = -(-shape[3] // tile)
+    return [(-r * tiles_x - CORNER_TILES, -r * tiles_x if r else None) for r in range(CORNER_TILES)]
+
+
+def far_corner_inputs(shape, dtype=torch.float32, device="cpu", seed=0, tile=16):
+    """[img, flow, ref] of `shape` (1, C, H, W), left unwritten (so a huge CPU image costs no
+    memory) except the pixels of the bottom-right corner and a 16-pixel margin: random, the
+    flow within 2.25 pixels. Returns them and the (top, left) of the corner's first tile."""
+    _, _, h, w = shape
+    top, left = ((-(-n // tile) - CORNER_TILES) * tile for n in (h, w))
+    assert top >= tile and left >= tile, f"{shape} is too small for a corner of tiles"
+    img, ref = (torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+    flow = torch.empty((1, 2, h, w), dtype=dtype, device=device)
+    crop_shape = (1, shape[1], h - top + tile, w - left + tile)
+    crop = make_inputs(crop_shape, seed=seed, dtype=dtype, device=device, max_px=2.0)
+    # Fractions of 1/4 or 3/4: x + flow is exact in float32 up to x = 2^22, as it is for the
+    # small coordinates of the crop (elsewhere a float32 coordinate at 26800 moves by 0.002 px).
+    crop[1] = (crop[1] * 2).floor() / 2 + 0.25
+    for full, part in zip((img, flow, ref), crop):
+        full[..., top - tile :, left - tile :] = part
+    return [img, flow, ref], (top, left)
+
+
+def assert_far_corner_matches(ext, shape, device="cpu", padding=0):
+    """ext.warp_ssim_forward's gradients of flow and ref (per unit of grad_ssim) against the
+    pure-PyTorch op on the corner crop of far_corner_inputs: the SSIM is an average of local
+    windows, so at pixels 5 px inside the corner's tiles the gradient is the crop's, rescaled by
+    the ratio of the window counts. Gradients of both flow and ref take four partial maps, whose
+    offsets pass 2^31 for a (1, 1, 26800, 26800) image."""
+    (img, flow, ref), (top, left) = far_corner_inputs(shape, device=device)
+    _, _, grad_flow, grad_ref = ext.warp_ssim_forward(img, flow, ref, padding, 1.0, 0, 1, 1)[1:]
+    # The reference in float64, on the crop's float32 values, so that only the kernel rounds.
+    crop = [t[..., top - 16 :, left - 16 :].double().requires_grad_() for t in (img, flow, ref)]
+    s, _ = warp_kernel.warp_ssim(*crop, ("border", "reflection")[padding], impl="torch")
+    s.sum().backward()
+    h, w = shape[-2:]
+    hc, wc = crop[0].shape[-2:]
+    scale = (hc - 10) * (wc - 10) / ((h - 10) * (w - 10))
+    inner = (..., slice(top + 5, None), slice(left + 5, None))
+    inner_crop = (..., slice(16 + 5, None), slice(16 + 5, None))
+    assert_close(grad_flow[inner], (crop[1].grad[inner_crop] * scale).to(img.dtype))
+    assert_close(grad_ref[inner], (crop[2].grad[inner_crop] * scale).to(img.dtype))

@@ -851,16 +851,15 @@ struct CpuBackend {
   };
 
   template <typename T>
-  static void warp(const T* img, const T* flow, T* out, Shape s, int padding, Scope&) {
-    warp_forward(img, flow, Geometry(s), padding, out);
+  static void warp(const WarpArgs<T>& a, const at::Tensor&, Scope&) {
+    warp_forward(a.img, a.flow, Geometry(a.s), a.padding, a.out);
   }
 
   template <typename T>
-  static void warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
-                            T* grad_flow, Shape s, int padding, Scope&) {
-    const Geometry g(s);
-    if (grad_flow != nullptr) warp_flow_grad(grad_out, img, flow, g, padding, grad_flow);
-    if (grad_img != nullptr) warp_image_grad(grad_out, flow, g, padding, grad_img);
+  static void warp_backward(const WarpArgs<T>& a, const at::Tensor&, Scope&) {
+    const Geometry g(a.s);
+    if (a.grad_flow) warp_flow_grad(a.grad_out, a.img, a.flow, g, a.padding, a.grad_flow);
+    if (a.grad_img) warp_image_grad(a.grad_out, a.flow, g, a.padding, a.grad_img);
   }
 
   template <typename T>

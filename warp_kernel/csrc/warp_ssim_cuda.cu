@@ -1,10 +1,9 @@
-// Launchers of the CUDA kernels (warp_ssim_kernels.cuh), on the caller's stream.
+// The CUDA kernels (warp_ssim_kernels.cuh), launched on the caller's stream.
 #include <cuda_runtime.h>
 
 #include <utility>
 
 #include "warp_ssim_cuda.h"
-#include "warp_ssim_kernels.cuh"
 
 namespace warp_kernel {
 namespace {
@@ -12,6 +11,7 @@ namespace {
 // kernel<<<grid, block>>> on the stream; after a failed launch, nothing more is launched and
 // err keeps the first error.
 struct StreamLaunch {
+  explicit StreamLaunch(cudaStream_t s) : stream(s) {}
   cudaStream_t stream;
   cudaError_t err = cudaSuccess;
   template <typename... Params, typename... Args>
@@ -23,35 +23,16 @@ struct StreamLaunch {
 };
 
 }  // namespace
+}  // namespace warp_kernel
 
-template <typename T>
-cudaError_t launch_flow_warp_forward(const T* img, const T* flow, T* out, Shape s, int padding,
-                                     cudaStream_t stream) {
-  StreamLaunch launch{stream};
-  launch_flow_warp_forward(launch, img, flow, out, s, padding);
-  return launch.err;
-}
+#include "warp_ssim_kernels.cuh"
 
-template <typename T>
-cudaError_t launch_flow_warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
-                                      T* grad_flow, Shape s, int padding, cudaStream_t stream) {
-  StreamLaunch launch{stream};
-  launch_flow_warp_backward(launch, grad_out, img, flow, grad_img, grad_flow, s, padding);
-  return launch.err;
-}
+namespace warp_kernel {
 
-template <typename T>
-cudaError_t launch_ssim(const SSIMArgs<T>& a, cudaStream_t stream) {
-  StreamLaunch launch{stream};
-  launch_ssim(launch, a);
-  return launch.err;
-}
-
-#define WARP_KERNEL_INSTANTIATE(T)                                                          \
-  template cudaError_t launch_flow_warp_forward<T>(const T*, const T*, T*, Shape, int,     \
-                                                   cudaStream_t);                           \
-  template cudaError_t launch_flow_warp_backward<T>(const T*, const T*, const T*, T*, T*,  \
-                                                    Shape, int, cudaStream_t);              \
+#define WARP_KERNEL_INSTANTIATE(T)                                                       \
+  template cudaError_t launch_warp_forward<T>(const WarpArgs<T>&, cudaStream_t);        \
+  template cudaError_t launch_warp_backward<T>(const WarpArgs<T>&, cudaStream_t);       \
+  template cudaError_t launch_warp_image_grad<T>(const WarpArgs<T>&, cudaStream_t);     \
   template cudaError_t launch_ssim<T>(const SSIMArgs<T>&, cudaStream_t);
 
 WARP_KERNEL_INSTANTIATE(float)

@@ -1,5 +1,7 @@
-// Launchers of the CUDA kernels, on raw pointers. Kept free of torch headers so that nvcc
-// compiles warp_ssim_cuda.cu quickly; warp_ssim_cuda.cpp binds them to the ops.
+// Launchers of the CUDA kernels (defined in warp_ssim_kernels.cuh), on raw pointers and a
+// stream; each returns the first launch error. Kept free of torch headers so that nvcc compiles
+// warp_ssim_cuda.cu quickly; warp_ssim_cuda_backend.h binds them to the ops. In the emulation
+// cuda_emulation.h provides cudaError_t and cudaStream_t.
 #pragma once
 
 #ifndef WARP_KERNEL_CUDA_EMULATION
@@ -10,18 +12,21 @@
 
 namespace warp_kernel {
 
-#ifndef WARP_KERNEL_CUDA_EMULATION
+// a.out = the warp of a.img by a.flow.
 template <typename T>
-cudaError_t launch_flow_warp_forward(const T* img, const T* flow, T* out, Shape s, int padding,
-                                     cudaStream_t stream);
+cudaError_t launch_warp_forward(const WarpArgs<T>& a, cudaStream_t stream);
 
-// grad_img (zero-initialised) and grad_flow are optional.
+// a.grad_flow (if set) from a.grad_out, and a.corner (if set): the top-left corner each output
+// pixel samples.
 template <typename T>
-cudaError_t launch_flow_warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
-                                      T* grad_flow, Shape s, int padding, cudaStream_t stream);
+cudaError_t launch_warp_backward(const WarpArgs<T>& a, cudaStream_t stream);
 
+// a.grad_img from a.grad_out, gathered along a.order and a.first (see WarpArgs).
 template <typename T>
-cudaError_t launch_ssim(const SSIMArgs<T>& args, cudaStream_t stream);
-#endif
+cudaError_t launch_warp_image_grad(const WarpArgs<T>& a, cudaStream_t stream);
+
+// The fused SSIM (see SSIMArgs; a.tile_sums, and a.partials for a gradient, must be set).
+template <typename T>
+cudaError_t launch_ssim(const SSIMArgs<T>& a, cudaStream_t stream);
 
 }  // namespace warp_kernel

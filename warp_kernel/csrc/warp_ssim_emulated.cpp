@@ -1,50 +1,62 @@
-// The CUDA kernels of warp_ssim_kernels.cuh run on CPU threads (cuda_emulation.h), behind the
-// same Python functions as the real extensions (warp_ssim_ops.h), for tests on machines
-// without a GPU. The launch configurations are the CUDA launchers' own (warp_ssim_kernels.cuh),
-// the allocations those of warp_ssim_cuda.cpp.
+// The CUDA kernels (warp_ssim_kernels.cuh) and the CUDA extension's host-side code
+// (warp_ssim_cuda_backend.h) on CPU threads (cuda_emulation.h), behind the same Python functions
+// as the real extensions (warp_ssim_ops.h), for tests on machines without a GPU. Only the
+// runtime differs: the device guard and the streams are labels, and every launch records the
+// stream it was given and the device its guard made current, for the tests to read back.
 #include "cuda_emulation.h"  // first: defines the CUDA keywords the kernels use
 
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace warp_kernel {
+namespace emulation {
+
+inline std::vector<std::pair<int64_t, std::string>> launch_log;  // (stream, device) per launch
+inline std::string guarded_device;  // what the innermost Guard made current; "" outside one
+inline int64_t current_stream = 0;  // what EmulatedRuntime::current_stream() returns
+
+}  // namespace emulation
+
+namespace {
+
+// The kernel over the grid on CPU threads, after recording the launch.
+struct StreamLaunch {
+  explicit StreamLaunch(cudaStream_t s) : stream(s) {}
+  cudaStream_t stream;
+  cudaError_t err = cudaSuccess;
+  template <typename... Params, typename... Args>
+  void operator()(dim3 grid, dim3 block, void (*kernel)(Params...), const Args&... args) {
+    if (err != cudaSuccess) return;
+    emulation::launch_log.emplace_back(reinterpret_cast<int64_t>(stream),
+                                       emulation::guarded_device);
+    err = emulation::launch(grid, block, [&] { kernel(args...); });
+  }
+};
+
+}  // namespace
+}  // namespace warp_kernel
 
 #include "warp_ssim_kernels.cuh"
+#include "warp_ssim_cuda_backend.h"
 #include "warp_ssim_ops.h"
 
 namespace warp_kernel {
 namespace {
 
-// Runs the kernel over the grid on CPU threads, one per thread of a block.
-struct ThreadLaunch {
-  template <typename... Params, typename... Args>
-  void operator()(dim3 grid, dim3 block, void (*kernel)(Params...), const Args&... args) {
-    emulation::launch(grid, block, [&] { kernel(args...); });
-  }
-};
-
-struct EmulatedBackend {
+struct EmulatedRuntime {
   static constexpr bool kCuda = false;
 
-  struct Scope {
-    explicit Scope(const at::Tensor&) {}
+  struct Guard {
+    explicit Guard(at::Device device) : previous(emulation::guarded_device) {
+      emulation::guarded_device = device.str();
+    }
+    ~Guard() { emulation::guarded_device = previous; }
+    std::string previous;
   };
 
-  template <typename T>
-  static void warp(const T* img, const T* flow, T* out, Shape s, int padding, Scope&) {
-    ThreadLaunch launch;
-    launch_flow_warp_forward(launch, img, flow, out, s, padding);
-  }
-
-  template <typename T>
-  static void warp_backward(const T* grad_out, const T* img, const T* flow, T* grad_img,
-                            T* grad_flow, Shape s, int padding, Scope&) {
-    ThreadLaunch launch;
-    launch_flow_warp_backward(launch, grad_out, img, flow, grad_img, grad_flow, s, padding);
-  }
-
-  template <typename T>
-  static at::Tensor ssim(SSIMArgs<T>& a, const at::Tensor& like, Scope&) {
-    return ssim_with_scratch(a, like, [](const SSIMArgs<T>& args) {
-      ThreadLaunch launch;
-      launch_ssim(launch, args);
-    });
+  static cudaStream_t current_stream() {
+    return reinterpret_cast<cudaStream_t>(emulation::current_stream);
   }
 };
 
@@ -52,6 +64,20 @@ struct EmulatedBackend {
 }  // namespace warp_kernel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  warp_kernel::Ops<warp_kernel::EmulatedBackend>::define(
-      m, "warp_kernel's CUDA kernels run on CPU threads (for tests without a GPU)");
+  using namespace warp_kernel;
+  Ops<CudaBackend<EmulatedRuntime>>::define(
+      m, "warp_kernel's CUDA kernels and host code run on CPU threads (for tests without a GPU)");
+  m.attr("tile") = kTile;
+  m.def(
+      "set_stream", [](int64_t stream) { emulation::current_stream = stream; },
+      "the stream (a number; 0 is the default stream) PyTorch's current stream stands for");
+  m.def(
+      "launches", [] { return std::exchange(emulation::launch_log, {}); },
+      "[(stream, device made current)] of every kernel launch since the last call");
+  m.def(
+      "set_block_ranges",
+      [](std::vector<std::pair<int64_t, int64_t>> ranges) {
+        emulation::block_ranges = std::move(ranges);
+      },
+      "run only the blocks [start, stop) of every grid (negative: from the end); [] runs all");
 }

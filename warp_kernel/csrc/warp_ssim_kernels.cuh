@@ -1,16 +1,33 @@
-// CUDA kernels of the fused flow-warp + SSIM ops (float32 and float64), included by
-// warp_ssim_cuda.cu (which launches them) and by warp_ssim_emulated.cpp (which runs the very
-// same code on CPU threads, so that machines without a GPU can test it).
+// CUDA kernels of the fused flow-warp + SSIM ops (float32 and float64) and their launchers.
+// Included by warp_ssim_cuda.cu, which launches them on a CUDA stream, and by
+// warp_ssim_emulated.cpp, which runs the very same code on CPU threads, so that machines without
+// a GPU can test it; the includer first defines StreamLaunch (see the launchers at the end).
+//
+// Every grid is one-dimensional with the batch folded in (grid.x may reach 2^31 - 1 blocks,
+// grid.y and grid.z only 65535), so every size the input checks admit can launch; offsets past
+// one plane are 64-bit. No kernel adds floating-point numbers with atomics: each output element
+// is written by one thread, which sums in a fixed order, so results are the same bit for bit on
+// every run.
+//
+// Plain warp, one thread per output pixel:
+//   flow_warp_forward_kernel: the bilinear sample of every channel.
+//   flow_warp_backward_kernel: the flow gradient, summed over channels, and, for the image
+//     gradient, the top-left corner the pixel's sample reads. The host then sorts each image's
+//     output pixels by that corner (at::sort, stable) and finds where each corner's run starts
+//     (at::searchsorted), and
+//   flow_warp_image_grad_kernel: one thread per image pixel q gathers, in that order, the runs
+//     of the four corners whose 2 x 2 samples hold q (q itself, q - 1, q - W, q - W - 1).
 //
 // The fused SSIM runs as two kernels over 16x16 tiles of pixels, one thread per pixel, each
 // tile loading a 5-pixel halo into shared memory and looping over the channels:
-//   ssim_forward_kernel: warped pixels sampled on the fly (and written out), horizontal then
-//     vertical Gaussian pass for the four moments (x, y, x^2 + y^2, xy), SSIM reduced inside the block and added to
-//     the image's total with one atomicAdd per block; for a gradient, the SSIM partial
-//     derivatives of every window, per unit of grad_ssim.
+//   ssim_forward_kernel: warped pixels sampled on the fly (and written out) with bilinear taps
+//     computed once for all channels, horizontal then vertical Gaussian pass for the four
+//     moments (x, y, x^2 + y^2, xy), the SSIM summed over the tile into its slot of tile_sums
+//     (which the host adds up in a fixed order); for a gradient, the SSIM partial derivatives
+//     of every window, per unit of grad_ssim.
 //   ssim_grad_kernel: the partials blurred back onto the pixels (the window is symmetric, so
 //     the transposed pass uses the same taps), the gradient of x and y at every pixel, and of
-//     the flow, summed over channels in registers (no atomics: one thread owns one pixel).
+//     the flow, summed over channels in registers (one thread owns one pixel).
 // The per-pixel maths is in warp_ssim_math.h, shared with the CPU path. The Gaussian taps live
 // in __constant__ memory.
 #pragma once
@@ -20,10 +37,11 @@
 
 namespace warp_kernel {
 
-constexpr int kTile = 16;                  // tile of 16 x 16 pixels, one per thread
 constexpr int kSpan = kTile + 2 * kRadius;  // 26: the tile with its halo
-constexpr int kThreads = kTile * kTile;
+constexpr int kThreads = kTile * kTile;     // one thread per pixel of the tile
 constexpr int kSpanSlots = (kSpan * kSpan + kThreads - 1) / kThreads;  // 3 span pixels a thread
+constexpr int kWarpThreads = 256;           // block of the plain-warp kernels
+constexpr int kChannelChunk = 4;  // channels the image gradient sums per pass over its runs
 
 __constant__ float c_taps_f[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
 __constant__ double c_taps_d[kTaps] = {WARP_KERNEL_GAUSS_TAPS};
@@ -35,62 +53,101 @@ __device__ __forceinline__ float gauss<float>(int k) { return c_taps_f[k]; }
 template <>
 __device__ __forceinline__ double gauss<double>(int k) { return c_taps_d[k]; }
 
+// Where img is sampled for output pixel (x, y) of an image whose flow is fl (2, H, W).
+template <typename T>
+__device__ __forceinline__ BilinearTap<T> tap_of(const T* fl, int x, int y, const Shape& s,
+                                                 int padding) {
+  const size_t at = size_t(y) * s.W + x, plane = size_t(s.H) * s.W;
+  return bilinear_tap(T(x) + fl[at], T(y) + fl[plane + at], s.H, s.W, padding);
+}
+
+// This thread's item of a one-dimensional grid (64-bit: the batch is folded in).
+__device__ __forceinline__ int64_t flat_index() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plain warp
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void flow_warp_forward_kernel(const T* __restrict__ img, const T* __restrict__ flow,
-                                         T* __restrict__ out, Shape s, int padding) {
-  const int plane = s.H * s.W;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;  // pixel within the image
-  const int b = blockIdx.y;
-  if (i >= plane) return;
-  const int y = i / s.W, x = i % s.W;
-  const T* fl = flow + size_t(b) * 2 * plane;
-  const BilinearTap<T> t = bilinear_tap(T(x) + fl[i], T(y) + fl[plane + i], s.H, s.W, padding);
-  for (int c = 0; c < s.C; ++c) {
-    const size_t pc = (size_t(b) * s.C + c) * plane;
-    out[pc + i] = bilinear_sample(img + pc, t);
+__global__ void flow_warp_forward_kernel(WarpArgs<T> a) {
+  const int64_t plane = int64_t(a.s.H) * a.s.W, n = flat_index();
+  if (n >= a.s.B * plane) return;
+  const int b = int(n / plane), i = int(n % plane);  // image, pixel within it
+  const BilinearTap<T> t = tap_of(a.flow + size_t(b) * 2 * plane, i % a.s.W, i / a.s.W, a.s,
+                                  a.padding);
+  for (int c = 0; c < a.s.C; ++c) {
+    const size_t pc = (size_t(b) * a.s.C + c) * plane;
+    a.out[pc + i] = bilinear_sample(a.img + pc, t);
   }
 }
 
+// The flow gradient (if a.grad_flow) and the corner each sample reads (if a.corner).
 template <typename T>
-__global__ void flow_warp_backward_kernel(const T* __restrict__ grad_out,
-                                          const T* __restrict__ img, const T* __restrict__ flow,
-                                          T* grad_img, T* __restrict__ grad_flow, Shape s,
-                                          int padding) {
-  const int plane = s.H * s.W;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  const int b = blockIdx.y;
-  if (i >= plane) return;
-  const int y = i / s.W, x = i % s.W;
-  const T* fl = flow + size_t(b) * 2 * plane;
-  const BilinearTap<T> t = bilinear_tap(T(x) + fl[i], T(y) + fl[plane + i], s.H, s.W, padding);
-  T w00, w01, w10, w11;
-  bilinear_weights(t, &w00, &w01, &w10, &w11);
+__global__ void flow_warp_backward_kernel(WarpArgs<T> a) {
+  const int64_t plane = int64_t(a.s.H) * a.s.W, n = flat_index();
+  if (n >= a.s.B * plane) return;
+  const int b = int(n / plane), i = int(n % plane);
+  const BilinearTap<T> t = tap_of(a.flow + size_t(b) * 2 * plane, i % a.s.W, i / a.s.W, a.s,
+                                  a.padding);
+  if (a.corner != nullptr) a.corner[n] = t.offset;
+  if (a.grad_flow == nullptr) return;
   T gfx = 0, gfy = 0;
-  for (int c = 0; c < s.C; ++c) {
-    const size_t pc = (size_t(b) * s.C + c) * plane;
-    const T g = grad_out[pc + i];
-    if (grad_flow != nullptr) {
-      T dfx, dfy;
-      bilinear_sample_grad(img + pc, t, &dfx, &dfy);
-      gfx += g * dfx;
-      gfy += g * dfy;
-    }
-    if (grad_img != nullptr) {  // several output pixels sample the same corner: atomics
-      T* gi = grad_img + pc + t.offset;
-      atomicAdd(gi, g * w00);
-      atomicAdd(gi + t.step_x, g * w01);
-      atomicAdd(gi + t.step_y, g * w10);
-      atomicAdd(gi + t.step_y + t.step_x, g * w11);
-    }
+  for (int c = 0; c < a.s.C; ++c) {
+    const size_t pc = (size_t(b) * a.s.C + c) * plane;
+    const T g = a.grad_out[pc + i];
+    T dfx, dfy;
+    bilinear_sample_grad(a.img + pc, t, &dfx, &dfy);
+    gfx += g * dfx;
+    gfy += g * dfy;
   }
-  if (grad_flow != nullptr) {
-    grad_flow[size_t(b) * 2 * plane + i] = gfx;
-    grad_flow[size_t(b) * 2 * plane + plane + i] = gfy;
+  T* gf = a.grad_flow + size_t(b) * 2 * plane + i;
+  gf[0] = gfx;
+  gf[plane] = gfy;
+}
+
+// grad_img[q] = sum over the samples p with q among their corners of weight * grad_out[p]. The
+// samples whose corner k (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) is q have
+// top-left corner q - (k & 1) - (k >> 1) W: one run of a.order each. (A sample on the last
+// column or row has its right or bottom weight 0, and is left out of that corner.)
+template <typename T>
+__global__ void flow_warp_image_grad_kernel(WarpArgs<T> a) {
+  const int W = a.s.W, C = a.s.C;
+  const int64_t plane = int64_t(a.s.H) * W, n = flat_index();
+  if (n >= a.s.B * plane) return;
+  const int b = int(n / plane), q = int(n % plane), x = q % W, y = q / W;
+  const T* fl = a.flow + size_t(b) * 2 * plane;
+  const int64_t* order = a.order + size_t(b) * plane;
+  const int* first = a.first + size_t(b) * (plane + 1);
+  for (int c0 = 0; c0 < C; c0 += kChannelChunk) {
+    const int nc = C - c0 < kChannelChunk ? C - c0 : kChannelChunk;
+    const T* go = a.grad_out + (size_t(b) * C + c0) * plane;
+    T acc[kChannelChunk] = {};
+    for (int k = 0; k < 4; ++k) {
+      const int dx = k & 1, dy = k >> 1;
+      if (x < dx || y < dy) continue;
+      const int corner = q - dy * W - dx;
+      for (int r = first[corner]; r < first[corner + 1]; ++r) {
+        const int p = int(order[r]);
+        const T w = bilinear_weight(tap_of(fl, p % W, p / W, a.s, a.padding), k);
+        for (int j = 0; j < nc; ++j) acc[j] += w * go[size_t(j) * plane + p];
+      }
+    }
+    for (int j = 0; j < nc; ++j) a.grad_img[(size_t(b) * C + c0 + j) * plane + q] = acc[j];
   }
+}
+
+// The image and origin of tile `block` of a grid of B * tiles_per_image blocks (columns of
+// tiles fastest, then rows of tiles, then images).
+struct Tile {
+  int b, x0, y0;
+};
+
+__device__ __forceinline__ Tile tile_of(unsigned block, const Shape& s) {
+  const unsigned tiles_x = (s.W + kTile - 1) / kTile, tiles_y = (s.H + kTile - 1) / kTile;
+  const unsigned row = block / tiles_x;
+  return Tile{int(row / tiles_y), int(block % tiles_x) * kTile, int(row % tiles_y) * kTile};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -106,8 +163,8 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
 
   const int H = a.s.H, W = a.s.W, C = a.s.C, plane = H * W;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
-  const int b = blockIdx.z;
-  const int x0 = blockIdx.x * kTile, y0 = blockIdx.y * kTile;
+  const Tile tile = tile_of(blockIdx.x, a.s);
+  const int b = tile.b, x0 = tile.x0, y0 = tile.y0;
   const int cx = x0 + tx, cy = y0 + ty;  // the window centre this thread owns
   const bool in_image = cx < W && cy < H;
   const bool valid = cx >= kRadius && cx < W - kRadius && cy >= kRadius && cy < H - kRadius;
@@ -124,10 +181,8 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
     for (int j = 0; j < kSpanSlots; ++j) {
       const int i = tid + j * kThreads;
       const int gy = y0 - kRadius + i / kSpan, gx = x0 - kRadius + i % kSpan;
-      if (i < kSpan * kSpan && gy >= 0 && gy < H && gx >= 0 && gx < W) {
-        const int at = gy * W + gx;
-        taps[j] = bilinear_tap(T(gx) + fl[at], T(gy) + fl[plane + at], H, W, a.padding);
-      }
+      if (i < kSpan * kSpan && gy >= 0 && gy < H && gx >= 0 && gx < W)
+        taps[j] = tap_of(fl, gx, gy, a.s, a.padding);
     }
   }
 
@@ -192,20 +247,20 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
         local += double(p.s);
         T* d = a.partials + (size_t(b) * C + c) * K * plane + cy * W + cx;
         d[0] = inv_count * p.mu_x;
-        d[plane] = inv_count * p.sq;
-        d[2 * plane] = inv_count * p.xy;
-        if (K == 4) d[3 * plane] = inv_count * p.mu_y;
+        d[size_t(plane)] = inv_count * p.sq;
+        d[size_t(2) * plane] = inv_count * p.xy;
+        if (K == 4) d[size_t(3) * plane] = inv_count * p.mu_y;
       } else {
         local += double(ssim_from_moments(u[0], u[1], u[2], u[3], a.c1, a.c2));
       }
     } else if (kGrad && in_image) {
       T* d = a.partials + (size_t(b) * C + c) * K * plane + cy * W + cx;
-      for (int k = 0; k < K; ++k) d[k * plane] = T(0);  // no window is centred here
+      for (int k = 0; k < K; ++k) d[size_t(k) * plane] = T(0);  // no window is centred here
     }
     __syncthreads();  // the next channel overwrites the tiles
   }
 
-  // ---- Phase 4: block reduction of the SSIM sum, one atomicAdd per block ----
+  // ---- Phase 4: block reduction of the SSIM sum into the tile's slot ----
   for (int offset = 16; offset > 0; offset /= 2)
     local += __shfl_down_sync(0xffffffff, local, offset);
   if (tid % 32 == 0) warp_sums[tid / 32] = local;
@@ -213,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   if (tid == 0) {
     double sum = 0;
     for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
-    atomicAdd(a.ssim + b, sum * (1.0 / (double(C) * (H - 2 * kRadius) * (W - 2 * kRadius))));
+    a.tile_sums[blockIdx.x] = sum;
   }
 }
 
@@ -228,19 +283,15 @@ __global__ void __launch_bounds__(kThreads) ssim_grad_kernel(SSIMArgs<T> a) {
 
   const int H = a.s.H, W = a.s.W, C = a.s.C, plane = H * W;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
-  const int b = blockIdx.z;
-  const int x0 = blockIdx.x * kTile, y0 = blockIdx.y * kTile;
+  const Tile tile = tile_of(blockIdx.x, a.s);
+  const int b = tile.b, x0 = tile.x0, y0 = tile.y0;
   const int qx = x0 + tx, qy = y0 + ty;  // the pixel this thread owns
   const bool inside = qx < W && qy < H;
   const int K = a.grad_y != nullptr ? 4 : 3;
   const bool flow_grad = kWarp && a.grad_flow != nullptr;
 
   BilinearTap<T> tap{};
-  if (flow_grad && inside) {
-    const T* fl = a.flow + size_t(b) * 2 * plane;
-    const int at = qy * W + qx;
-    tap = bilinear_tap(T(qx) + fl[at], T(qy) + fl[plane + at], H, W, a.padding);
-  }
+  if (flow_grad && inside) tap = tap_of(a.flow + size_t(b) * 2 * plane, qx, qy, a.s, a.padding);
   T gfx = 0, gfy = 0;
 
   for (int c = 0; c < C; ++c) {
@@ -252,7 +303,8 @@ __global__ void __launch_bounds__(kThreads) ssim_grad_kernel(SSIMArgs<T> a) {
       const int ly = i / kSpan, lx = i % kSpan;
       const int gy = y0 - kRadius + ly, gx = x0 - kRadius + lx;
       const bool in = gy >= 0 && gy < H && gx >= 0 && gx < W;
-      for (int k = 0; k < K; ++k) sd[k][ly][lx] = in ? part[k * plane + gy * W + gx] : T(0);
+      for (int k = 0; k < K; ++k)
+        sd[k][ly][lx] = in ? part[size_t(k) * plane + gy * W + gx] : T(0);
     }
     __syncthreads();
 
@@ -302,28 +354,42 @@ __global__ void __launch_bounds__(kThreads) ssim_grad_kernel(SSIMArgs<T> a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launch configurations, shared by warp_ssim_cuda.cu and the CPU emulation: launch(grid, block,
-// kernel, args...) runs the kernel over the grid (with <<<>>> on a stream, or on CPU threads).
+// Launchers (declared in warp_ssim_cuda.h). StreamLaunch, defined by the includer, is
+// constructed from the stream; launch(grid, block, kernel, args...) runs the kernel over the
+// grid there (<<<>>> on a GPU, CPU threads in the emulation) and keeps the first error in
+// launch.err, after which it launches nothing more.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, typename Launch>
-void launch_flow_warp_forward(Launch& launch, const T* img, const T* flow, T* out, Shape s,
-                              int padding) {
-  launch(dim3((s.H * s.W + 255) / 256, s.B), dim3(256), flow_warp_forward_kernel<T>, img, flow,
-         out, s, padding);
+// One thread per pixel of every image.
+inline dim3 pixel_grid(const Shape& s) {
+  return dim3(unsigned((int64_t(s.B) * s.H * s.W + kWarpThreads - 1) / kWarpThreads));
 }
 
-template <typename T, typename Launch>
-void launch_flow_warp_backward(Launch& launch, const T* grad_out, const T* img, const T* flow,
-                               T* grad_img, T* grad_flow, Shape s, int padding) {
-  launch(dim3((s.H * s.W + 255) / 256, s.B), dim3(256), flow_warp_backward_kernel<T>, grad_out,
-         img, flow, grad_img, grad_flow, s, padding);
+template <typename T>
+cudaError_t launch_warp_forward(const WarpArgs<T>& a, cudaStream_t stream) {
+  StreamLaunch launch(stream);
+  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_forward_kernel<T>, a);
+  return launch.err;
 }
 
-// a.partials and a.ssim must be set (see SSIMArgs).
-template <typename T, typename Launch>
-void launch_ssim(Launch& launch, const SSIMArgs<T>& a) {
-  const dim3 grid((a.s.W + kTile - 1) / kTile, (a.s.H + kTile - 1) / kTile, a.s.B);
+template <typename T>
+cudaError_t launch_warp_backward(const WarpArgs<T>& a, cudaStream_t stream) {
+  StreamLaunch launch(stream);
+  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_backward_kernel<T>, a);
+  return launch.err;
+}
+
+template <typename T>
+cudaError_t launch_warp_image_grad(const WarpArgs<T>& a, cudaStream_t stream) {
+  StreamLaunch launch(stream);
+  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_image_grad_kernel<T>, a);
+  return launch.err;
+}
+
+template <typename T>
+cudaError_t launch_ssim(const SSIMArgs<T>& a, cudaStream_t stream) {
+  StreamLaunch launch(stream);
+  const dim3 grid(unsigned(a.s.B * tiles_per_image(a.s)));
   const dim3 block(kTile, kTile);
   const bool warp = a.img != nullptr;
   const bool grad = a.wants_grad();
@@ -335,11 +401,13 @@ void launch_ssim(Launch& launch, const SSIMArgs<T>& a) {
     launch(grid, block, ssim_forward_kernel<T, false, true>, a);
   else
     launch(grid, block, ssim_forward_kernel<T, false, false>, a);
-  if (!grad) return;
-  if (warp)
-    launch(grid, block, ssim_grad_kernel<T, true>, a);
-  else
-    launch(grid, block, ssim_grad_kernel<T, false>, a);
+  if (grad) {
+    if (warp)
+      launch(grid, block, ssim_grad_kernel<T, true>, a);
+    else
+      launch(grid, block, ssim_grad_kernel<T, false>, a);
+  }
+  return launch.err;
 }
 
 }  // namespace warp_kernel

@@ -162,14 +162,19 @@ WK_HD T bilinear_sample_grad(const T* plane, const BilinearTap<T>& t, T* d_flow_
   return bilinear_blend_grad(v00, v01, v10, v11, t, d_flow_x, d_flow_y);
 }
 
-// Weights with which a gradient at the output pixel flows back to the four image corners
-// (top-left, top-right, bottom-left, bottom-right at offset, +step_x, +step_y, +both).
+// The weight of corner k of a sample (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right,
+// at offset, +step_x, +step_y, +both): how much of a gradient at the output pixel flows there.
+template <typename T>
+WK_HD T bilinear_weight(const BilinearTap<T>& t, int k) {
+  return (k & 1 ? t.wx : T(1) - t.wx) * (k & 2 ? t.wy : T(1) - t.wy);
+}
+
 template <typename T>
 WK_HD void bilinear_weights(const BilinearTap<T>& t, T* w00, T* w01, T* w10, T* w11) {
-  *w00 = (T(1) - t.wx) * (T(1) - t.wy);
-  *w01 = t.wx * (T(1) - t.wy);
-  *w10 = (T(1) - t.wx) * t.wy;
-  *w11 = t.wx * t.wy;
+  *w00 = bilinear_weight(t, 0);
+  *w01 = bilinear_weight(t, 1);
+  *w10 = bilinear_weight(t, 2);
+  *w11 = bilinear_weight(t, 3);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,19 +3,17 @@
 // Backend with
 //   static constexpr bool kCuda;                       // the device the tensors must be on
 //   struct Scope { explicit Scope(const at::Tensor&); };  // e.g. device guard + stream
-//   template <typename T> static void warp(const T* img, const T* flow, T* out, Shape,
-//                                          int padding, Scope&);
-//   template <typename T> static void warp_backward(const T* grad_out, const T* img,
-//       const T* flow, T* grad_img /* zeroed, or null */, T* grad_flow /* or null */, Shape,
-//       int padding, Scope&);
+//   template <typename T> static void warp(const WarpArgs<T>&, const at::Tensor& like, Scope&);
+//   template <typename T> static void warp_backward(WarpArgs<T>&, const at::Tensor& like,
+//                                                   Scope&);  // grad_img zeroed, or null
 //   template <typename T> static at::Tensor ssim(SSIMArgs<T>&, const at::Tensor& like,
 //                                                Scope&);  // -> (B,) mean SSIM, like's dtype
+// (like: an input, whose options scratch tensors take).
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>  // tensor <-> Python (much lighter than torch/extension.h)
 
@@ -27,21 +25,6 @@
 
 namespace warp_kernel {
 
-// For the CUDA kernels (on a GPU or emulated): the float64 sums the SSIM accumulates in and
-// the scratch partials of the gradient kernel; run(a) launches the kernels.
-template <typename T, typename Run>
-at::Tensor ssim_with_scratch(SSIMArgs<T>& a, const at::Tensor& like, const Run& run) {
-  at::Tensor sums = at::zeros({a.s.B}, like.options().dtype(at::kDouble));
-  at::Tensor partials;
-  if (a.wants_grad()) {
-    partials = at::empty({a.s.B, a.s.C, a.grad_y ? 4 : 3, a.s.H, a.s.W}, like.options());
-    a.partials = partials.data_ptr<T>();
-  }
-  a.ssim = sums.data_ptr<double>();
-  run(a);
-  return sums.to(like.scalar_type());
-}
-
 template <typename Backend>
 struct Ops {
   static at::Tensor flow_warp_forward(const at::Tensor& img, const at::Tensor& flow,
@@ -52,8 +35,9 @@ struct Ops {
     typename Backend::Scope scope(img);
     at::Tensor out = at::empty_like(img);
     AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_forward", [&] {
-      Backend::warp(img.data_ptr<scalar_t>(), flow.data_ptr<scalar_t>(),
-                    out.data_ptr<scalar_t>(), shape_of(img), int(padding), scope);
+      WarpArgs<scalar_t> a = warp_args<scalar_t>(img, flow, padding);
+      a.out = out.data_ptr<scalar_t>();
+      Backend::warp(a, img, scope);
     });
     return out;
   }
@@ -72,10 +56,11 @@ struct Ops {
     at::Tensor grad_flow = need_flow ? at::empty_like(flow) : at::Tensor();
     if (!need_img && !need_flow) return {grad_img, grad_flow};
     AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "flow_warp_backward", [&] {
-      Backend::warp_backward(grad_out.data_ptr<scalar_t>(), img.data_ptr<scalar_t>(),
-                             flow.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(grad_img),
-                             ptr_or_null<scalar_t>(grad_flow), shape_of(img), int(padding),
-                             scope);
+      WarpArgs<scalar_t> a = warp_args<scalar_t>(img, flow, padding);
+      a.grad_out = grad_out.data_ptr<scalar_t>();
+      a.grad_img = ptr_or_null<scalar_t>(grad_img);
+      a.grad_flow = ptr_or_null<scalar_t>(grad_flow);
+      Backend::warp_backward(a, img, scope);
     });
     return {grad_img, grad_flow};
   }
@@ -165,6 +150,16 @@ struct Ops {
   template <typename T>
   static T* ptr_or_null(at::Tensor& t) {
     return t.defined() ? t.data_ptr<T>() : nullptr;
+  }
+
+  template <typename T>
+  static WarpArgs<T> warp_args(const at::Tensor& img, const at::Tensor& flow, int64_t padding) {
+    WarpArgs<T> a;
+    a.s = shape_of(img);
+    a.padding = int(padding);
+    a.img = img.data_ptr<T>();
+    a.flow = flow.data_ptr<T>();
+    return a;
   }
 
   // The shape and the SSIM constants c1 = (0.01 L)^2, c2 = (0.03 L)^2.
