@@ -62,6 +62,11 @@ def knob(
 
 @dataclass
 class UADConfig:
+    method: str = knob(
+        "uad",
+        "uad: both stages; aa: stage 2 towards another image's features; noise: uniform noise",
+        choices=("uad", "aa", "noise"),
+    )
     # budget and stage 2 (feature simulation); images are in [0, 1]
     eps: float = knob(8 / 255, "L-infinity budget, 1 to 64", unit=255, above=0)
     alpha: float = knob(2 / 255, "PGD step size", unit=255, above=0)
@@ -125,9 +130,14 @@ class UADConfig:
 # `no-fidelity` is the same deformation with L_F off: no proxy loop, 42 encoder passes per
 # image instead of 242. `reference` is its old name: the authors' code gets no fidelity gradient
 # into the warp either, but it differs from this preset in its losses and warps (see README).
+# The baselines: `aa`, the paper's strongest ("AA": stage 2's PGD towards the features of
+# another image, with no deformation and no push away from the image's own features), and
+# `noise`, uniform random noise in [-eps, eps].
 PRESETS = {
     "paper": {},
     "no-fidelity": {"lambda_f": 0.0, "proxy_steps": 0},
+    "aa": {"method": "aa"},  # baseline: feature attack towards a given other image
+    "noise": {"method": "noise"},  # baseline: what the budget alone does
 }
 PRESET_ALIASES = {"reference": "no-fidelity"}
 
@@ -197,8 +207,10 @@ def feature_distance(fa: List[torch.Tensor], fb: List[torch.Tensor]) -> torch.Te
 
 
 def simulation_loss(f_x, f_target, f_image) -> torch.Tensor:
-    """Stage 2's objective d(f(x), f(target)) - d(f(x), f(image)), to minimise: (B,)."""
-    return feature_distance(f_x, f_target) - feature_distance(f_x, f_image)
+    """Stage 2's objective d(f(x), f(target)) - d(f(x), f(image)), to minimise: (B,).
+    Without f_image (the `aa` baseline) only d(f(x), f(target))."""
+    towards = feature_distance(f_x, f_target)
+    return towards if f_image is None else towards - feature_distance(f_x, f_image)
 
 
 @dataclass
@@ -226,6 +238,10 @@ class Surrogate:
 
 def encoder_passes(config: UADConfig) -> tuple:
     """(forwards, backwards) of the encoder that `attack` makes per batch with `config`."""
+    if config.method == "noise":
+        return 1, 0  # f(image), for the distance it reports
+    if config.method == "aa":
+        return 2 + config.steps, config.steps  # f(image), f(target image), the PGD steps
     per_deform_step = 1 + config.proxy_steps if uses_fidelity(config) else 0
     # f(image), the deformation steps, f(target), then one forward + backward per PGD step
     forwards = 1 + config.deform_steps * per_deform_step + 1 + config.steps
@@ -444,29 +460,46 @@ class AttackResult(NamedTuple):
     stats: Stats
 
 
-def attack(image: torch.Tensor, sam, config: UADConfig, progress=None) -> AttackResult:
+def attack(
+    image: torch.Tensor, sam, config: UADConfig, progress=None, target_image=None
+) -> AttackResult:
     """Both stages on a batch of images (B, C, H, W) in [0, 1]; everything returned detached.
 
+    config.method "aa" needs target_image, (1 or B, C, H', W') in [0, 1]: stage 2 then pulls
+    towards its features instead of a deformed target's; "noise" draws uniform noise only.
     progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
     loss) when a stage starts, then after each of its steps.
     """
     depth = len(sam.image_encoder.blocks)
     if max(config.layers) >= depth:
         raise UADError(f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}")
+    if (config.method == "aa") != (target_image is not None):
+        raise UADError("the aa baseline, and only it, takes a target image")
     stats, start = Stats(), time.monotonic()
     surrogate = Surrogate(sam, config, stats)
     gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
     with torch.no_grad():
         f_image = surrogate(image)
-    target, target_ssim, _ = deform(image, f_image, surrogate, config, gen, progress)
-    with torch.no_grad():
-        f_target = surrogate(target)
-    adv = simulate(image, f_target, f_image, surrogate, config, gen, progress)
+    if config.method == "uad":
+        target, target_ssim, _ = deform(image, f_image, surrogate, config, gen, progress)
+        with torch.no_grad():
+            f_target = surrogate(target)
+        adv = simulate(image, f_target, f_image, surrogate, config, gen, progress)
+        stats.target_ssim = target_ssim.tolist()
+    elif config.method == "aa":
+        target = target_image.to(image)
+        with torch.no_grad():
+            f_target = [f.expand(len(image), -1, -1, -1) for f in surrogate(target)]
+        adv = simulate(image, f_target, None, surrogate, config, gen, progress)
+    else:
+        target = image
+        noise = torch.empty(image.shape).uniform_(-config.eps, config.eps, generator=gen)
+        adv = project(image + noise.to(image.device), image, config.eps)
     with torch.no_grad():
         # 1 - cosine can round to just below 0 for near-identical features
         distance = feature_distance(surrogate(adv), f_image).clamp_min(0)
     stats.forwards -= 1  # the final measurement is not part of the attack
-    stats.target_ssim, stats.feature_distance = target_ssim.tolist(), distance.tolist()
+    stats.feature_distance = distance.tolist()
     stats.seconds = time.monotonic() - start
     return AttackResult(adv, target, stats)
 
@@ -482,7 +515,9 @@ def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor
     return torch.min(torch.max(a, i - k), i + k).clamp(0, 255) / 255
 
 
-def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=None, stats=None):
+def protect(
+    image, sam=None, *, config: Optional[UADConfig] = None, progress=None, stats=None, target=None
+):
     """Protects an image against promptable segmentation with UAD.
 
     Args:
@@ -495,6 +530,7 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
       config: attack settings; None is the `paper` preset.
       progress: callable(stage, step, total, loss=None), e.g. Progress(); None is silent.
       stats: a Stats to fill with what the attack did.
+      target: the other image of the `aa` baseline, of the same kinds as `image`.
 
     Returns:
       The protected image, of the same kind as `image`: a float tensor within eps of the input;
@@ -509,15 +545,21 @@ def protect(image, sam=None, *, config: Optional[UADConfig] = None, progress=Non
         )
     sam = sam if sam is not None else load_sam("vit_b", None, resolve_device("auto"))
     device = sam.pixel_mean.device
+    if target is not None:
+        if isinstance(target, torch.Tensor):
+            target = target.to(device, torch.float32)
+        else:
+            target = to_tensor(to_picture(target).pixels, device)
+        target = target.expand(-1, 3, -1, -1)
     if isinstance(image, torch.Tensor):
         if image.ndim != 4 or image.shape[1] not in (1, 3) or not image.is_floating_point():
             raise UADError(f"expected a float (B, 1 or 3, H, W) tensor, got {tuple(image.shape)}")
-        adv, _, s = attack(image.to(device, torch.float32), sam, config, progress)
+        adv, _, s = attack(image.to(device, torch.float32), sam, config, progress, target)
         result = adv.to(image.device, image.dtype)
     elif isinstance(image, (np.ndarray, Image.Image)):
         picture = to_picture(image)
         x = to_tensor(picture.pixels, device)
-        adv, _, s = attack(x, sam, config, progress)
+        adv, _, s = attack(x, sam, config, progress, target)
         pixels = to_pixels(quantize(adv, x, config.eps))
         result = picture.to_pil(pixels) if isinstance(image, Image.Image) else pixels
     else:
@@ -1269,6 +1311,10 @@ def check_model(args, config: UADConfig, device: torch.device) -> None:
     if args.checkpoint is not None and not args.checkpoint.is_file():
         problem = "is a folder" if args.checkpoint.is_dir() else "no such checkpoint file"
         raise UADError(f"{args.checkpoint}: {problem}")
+    if (config.method == "aa") != (args.target_image is not None):
+        raise UADError("--preset aa needs --target-image PATH, and only it takes one")
+    if args.target_image is not None:
+        read_image(args.target_image, args.max_pixels)
     if config.impl in ("cpp", "cuda"):
         wanted = "cpu" if config.impl == "cpp" else "cuda"
         if device.type != wanted:
@@ -1289,7 +1335,10 @@ def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> 
         )
     device = sam.pixel_mean.device
     x = to_tensor(picture.pixels, device)
-    adv, _, stats = attack(x, sam, config, progress)
+    target = None
+    if args.target_image is not None:
+        target = to_tensor(read_image(args.target_image, args.max_pixels).pixels, device)
+    adv, _, stats = attack(x, sam, config, progress, target)
     protected = dataclasses.replace(picture, pixels=to_pixels(quantize(adv, x, config.eps)))
     saved_picture = write_image(job.dst, protected, args.overwrite, job.new_folder)
     progress.end()
@@ -1341,7 +1390,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="paper",
         choices=[*PRESETS, *PRESET_ALIASES],
         help="paper (default): the live fidelity term, 242 encoder passes per image; "
-        "no-fidelity: L_F and the proxy loop off, 42 passes; reference: old name of no-fidelity",
+        "no-fidelity: L_F and the proxy loop off, 42 passes; reference: old name of no-fidelity; "
+        "baselines: aa (towards --target-image's features), noise (uniform noise)",
     )
     p.add_argument(
         "--model-type",
@@ -1365,6 +1415,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_PIXELS,
         metavar="N",
         help=f"refuse larger images, against decompression bombs [{MAX_PIXELS}]",
+    )
+    p.add_argument(
+        "--target-image",
+        type=Path,
+        metavar="PATH",
+        help="the other image whose features the aa baseline pulls towards (--preset aa only)",
     )
     p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -1430,6 +1486,7 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job]) -> st
         f"{config.deform_steps} deformation + {config.steps} PGD steps, surrogate "
         f"{args.model_type} on {device}, seed {config.seed}, {len(jobs)} image(s)"
         + (f", the encoder sees {config.robust}" if config.robust else "")
+        + (f", towards the features of {args.target_image}" if args.target_image else "")
     )
     if device.type == "cpu":
         minutes = cpu_estimate(config, args.model_type, torch.get_num_threads()) / 60

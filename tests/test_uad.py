@@ -678,10 +678,62 @@ def test_help_gives_units_ranges_and_choices(cli):
     flat = " ".join(out.split())
     assert "--eps X L-infinity budget, 1 to 64 in 1/255 [8]" in flat
     assert "--alpha X PGD step size in 1/255 [2]" in flat
-    assert "{vit_b,vit_l,vit_h}" in flat and "{paper,no-fidelity,reference}" in flat
+    assert "{vit_b,vit_l,vit_h}" in flat and "{paper,no-fidelity,aa,noise,reference}" in flat
 
 
 def test_identical_features_report_a_distance_of_zero_not_below(tiny_sam):
     image = uad.to_tensor(small_photo())
     stats = uad.attack(image, tiny_sam, uad.UADConfig(steps=0, deform_steps=0)).stats
     assert stats.feature_distance == [0.0]
+
+
+# ------------------------------------------------------------------------------------------
+# Baselines: aa (towards another image's features) and noise
+
+
+def test_aa_moves_features_towards_the_other_image_more_than_noise(tiny_sam):
+    image = uad.to_tensor(small_photo())
+    other = uad.to_tensor(small_photo((80, 80))[::-1].copy())
+    f = lambda x: uad.encoder_features(tiny_sam, x, (3, 4, 5, 6))
+    towards = {}
+    for preset in ("aa", "noise"):
+        config = uad.preset_config(preset, steps=8, seed=3)
+        result = uad.attack(image, tiny_sam, config, target_image=other if preset == "aa" else None)
+        assert (result.adv - image).abs().max() <= config.eps + 1e-6
+        assert (result.stats.forwards, result.stats.backwards) == uad.encoder_passes(config)
+        with torch.no_grad():
+            towards[preset] = uad.feature_distance(f(result.adv), f(other)).item()
+    with torch.no_grad():
+        start = uad.feature_distance(f(image), f(other)).item()
+    assert towards["aa"] < 0.9 * start and towards["aa"] < towards["noise"]
+
+
+def test_baselines_through_the_cli_are_within_eps_and_seeded(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    Image.fromarray(small_photo((64, 64))).save(tmp_path / "other.png")
+    runs = {}
+    for name, args in {
+        "aa": ["--preset", "aa", "--target-image", tmp_path / "other.png"],
+        "noise": ["--preset", "noise"],
+    }.items():
+        for seed in (1, 1, 2):
+            out = tmp_path / f"{name}{seed}.png"
+            out.unlink(missing_ok=True)
+            code, _, err = cli(
+                tmp_path / "in.png", out, *args, "--steps", 3, "--seed", seed, "--quiet"
+            )
+            assert code == 0, err
+            runs.setdefault(name, []).append(out.read_bytes())
+            diff = np.abs(uad.read_image(out).pixels.astype(int) - small_photo())
+            assert 0 < diff.max() <= 8
+        assert runs[name][0] == runs[name][1], name
+    assert runs["noise"][0] != runs["noise"][2]  # aa draws nothing: its seed changes nothing
+
+
+def test_aa_needs_its_target_image_before_the_model_loads(cli, tmp_path, no_model):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--preset", "aa", checkpoint=None)
+    assert code != 0 and "--preset aa needs --target-image" in err
+    args = ["--preset", "aa", "--target-image", tmp_path / "missing.png"]
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", *args, checkpoint=None)
+    assert code != 0 and "missing.png: no such file" in err and not (tmp_path / "o.png").exists()
