@@ -23,6 +23,7 @@ from warp_kernel import build, reference
 from warp_kernel.testing import (
     GRAD_CASES,
     assert_close,
+    assert_half_precision_is_float32,
     away_from_integers,
     make_inputs,
     run_warp_ssim,
@@ -318,10 +319,12 @@ def test_gaussian_taps_are_the_formula(cpu_ext):
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_bad_inputs_raise_value_errors(impl):
     img, flow, ref, _ = make_inputs((1, 3, 16, 16), seed=11)
-    with pytest.raises(ValueError, match="float32 or float64"):
-        warp_kernel.flow_warp(img.half(), flow.half(), impl=impl)
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64, got torch.int"):
+        warp_kernel.flow_warp((img * 255).int(), (flow * 255).int(), impl=impl)
+    with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64"):
         warp_kernel.ssim((img * 255).to(torch.uint8), (ref * 255).to(torch.uint8), impl=impl)
+    with pytest.raises(ValueError, match="flow is torch.float32 but img is torch.float16"):
+        warp_kernel.flow_warp(img.half(), flow, impl=impl)
     with pytest.raises(ValueError, match="same|float64"):
         warp_kernel.flow_warp(img, flow.double(), impl=impl)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
@@ -344,6 +347,12 @@ def test_bad_inputs_raise_value_errors(impl):
         warp_kernel.ssim(img, ref, data_range=0.0, impl=impl)
     with pytest.raises(TypeError):
         warp_kernel.ssim(img.numpy(), ref, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(impl, dtype):
+    assert_half_precision_is_float32(impl, dtype)
 
 
 def test_bad_impl_and_device():

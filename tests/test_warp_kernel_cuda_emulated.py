@@ -18,6 +18,7 @@ from warp_kernel.testing import (
     assert_all_close,
     assert_close,
     assert_far_corner_matches,
+    assert_half_precision_is_float32,
     corner_blocks,
     load_cuda_emulation,
     make_inputs,
@@ -93,6 +94,11 @@ def test_emulated_warp_ssim(cuda, shape, padding, dtype, needs):
     got = run_warp_ssim("cuda", img, flow, ref, padding, grad_warped, needs, True)
     want = run_warp_ssim("torch", img, flow, ref, padding, grad_warped, needs, True)
     assert_all_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_half_precision_inputs_are_computed_in_float32(cuda, dtype):
+    assert_half_precision_is_float32("cuda", dtype)
 
 
 def converging_flow(b, h, w, x, y):

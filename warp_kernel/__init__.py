@@ -11,6 +11,7 @@ Every op is differentiable. `impl` picks the backend:
            "auto" means, e.g. WARP_KERNEL_IMPL=torch never builds anything.
   "cuda"   the CUDA extension (float32/float64 CUDA tensors).
   "cpp"    the C++ extension (float32/float64 CPU tensors, OpenMP threads = torch.get_num_threads()).
+float16 and bfloat16 inputs are computed in float32 on every backend and returned in their dtype.
   "torch"  pure PyTorch (grid_sample + separable Gaussian convolutions), see warp_kernel.reference.
 The extensions are compiled on first use (see warp_kernel.build); importing never builds and
 never fails. Asking for an unavailable backend by name raises RuntimeError with the reason;
@@ -38,6 +39,8 @@ PADDINGS = {"border": 0, "reflection": 1}
 IMPLS = ("auto", "cuda", "cpp", "torch")
 IMPL_ENV = "WARP_KERNEL_IMPL"
 MIN_SSIM_SIZE = 2 * reference.RADIUS + 1
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32, returned in their dtype
+DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
 
 
 def _build():
@@ -92,8 +95,8 @@ def _check_image(t, name):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
@@ -141,7 +144,7 @@ def flow_warp(img, flow, padding="border", impl="auto"):
     the matching normalised grid.
 
     Args:
-        img: (B, C, H, W) float32/float64 image.
+        img: (B, C, H, W) float image (float16 and bfloat16 are computed in float32).
         flow: (B, 2, H, W) same dtype and device, displacement in pixels (channel 0 = x).
         padding: "border" (clamp to the edge pixels) or "reflection" (mirror about them).
         impl: "auto", "cuda", "cpp" or "torch" (see the module docstring).
@@ -151,6 +154,8 @@ def flow_warp(img, flow, padding="border", impl="auto"):
     """
     _check_flow(img, flow)
     code = _padding_code(padding)
+    if img.dtype in HALF_DTYPES:
+        return flow_warp(img.float(), flow.float(), padding, impl).to(img.dtype)
     ext = _resolve(impl, img.device)
     if ext is None:
         return reference.flow_warp(img, flow, padding)
@@ -165,7 +170,8 @@ def ssim(x, y, data_range=1.0, impl="auto"):
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=L.
 
     Args:
-        x, y: (B, C, H, W) float32/float64 images, H and W at least 11.
+        x, y: (B, C, H, W) float images (float16 and bfloat16 are computed in float32), H and W
+            at least 11.
         data_range: L, the dynamic range of the images (1.0 for images in [0, 1]).
         impl: "auto", "cuda", "cpp" or "torch".
 
@@ -174,6 +180,8 @@ def ssim(x, y, data_range=1.0, impl="auto"):
     """
     _check_image(x, "x")
     _check_ssim_inputs(x, "x", y, "y", data_range)
+    if x.dtype in HALF_DTYPES:
+        return ssim(x.float(), y.float(), data_range, impl).to(x.dtype)
     ext = _resolve(impl, x.device)
     if ext is None:
         return reference.ssim(x, y, float(data_range))
@@ -189,7 +197,8 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
     are needed (typically the flow's alone).
 
     Args:
-        img: (B, C, H, W) float32/float64 image to warp, H and W at least 11.
+        img: (B, C, H, W) float image to warp (float16 and bfloat16 are computed in float32),
+            H and W at least 11.
         flow: (B, 2, H, W) displacement in pixels (channel 0 = x, channel 1 = y).
         ref: (B, C, H, W) reference image.
         padding: "border" or "reflection".
@@ -202,6 +211,9 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
     _check_flow(img, flow)
     _check_ssim_inputs(img, "img", ref, "ref", data_range)
     code = _padding_code(padding)
+    if img.dtype in HALF_DTYPES:
+        s, warped = warp_ssim(img.float(), flow.float(), ref.float(), padding, data_range, impl)
+        return s.to(img.dtype), warped.to(img.dtype)
     ext = _resolve(impl, img.device)
     if ext is None:
         return reference.warp_ssim(img, flow, ref, padding, float(data_range))

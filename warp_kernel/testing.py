@@ -96,6 +96,23 @@ def run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped)
     return s.detach(), warped.detach(), img.grad, flow.grad, ref.grad
 
 
+def assert_half_precision_is_float32(impl, dtype, device="cpu"):
+    """float16 / bfloat16 inputs give what their float32 values give, rounded to their dtype,
+    outputs and gradients alike."""
+    img, flow, ref, grad_warped = make_inputs((2, 3, 20, 17), seed=11, dtype=dtype, device=device)
+    got = run_warp_ssim(impl, img, flow, ref, "border", grad_warped, (True, True, True), True)
+    f32 = [t.float() for t in (img, flow, ref, grad_warped)]
+    want = run_warp_ssim(impl, *f32[:3], "border", f32[3], (True, True, True), True)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert torch.equal(a, b.to(dtype))
+    x = img.clone().requires_grad_()
+    s = warp_kernel.ssim(x, ref, impl=impl)
+    s.sum().backward()
+    assert s.dtype == x.grad.dtype == dtype
+    assert torch.equal(s, warp_kernel.ssim(img.float(), ref.float(), impl=impl).to(dtype))
+
+
 def load_cuda_emulation(verbose=False):
     """The CUDA kernels and their host-side code built for the CPU (one thread per CUDA thread;
     slow, small inputs only), with the same functions as the extensions but on CPU tensors.
