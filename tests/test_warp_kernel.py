@@ -22,10 +22,13 @@ import warp_kernel
 from warp_kernel import build, reference
 from warp_kernel.testing import (
     GRAD_CASES,
+    assert_all_close,
     assert_close,
     assert_half_precision_is_float32,
     away_from_integers,
     make_inputs,
+    run_flow_warp,
+    run_ssim,
     run_warp_ssim,
     ssim_floor,
 )
@@ -72,28 +75,17 @@ def backends_under_test():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_flow_warp_matches_torch(impl, device, padding, shape):
     img, flow, _, grad_out = make_inputs(shape, seed=1, device=device)
-    outs = []
-    for backend in (impl, "torch"):
-        i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
-        out = warp_kernel.flow_warp(i, f, padding=padding, impl=backend)
-        out.backward(grad_out)
-        outs.append((out.detach(), i.grad, f.grad))
-    for actual, expected in zip(*outs):
-        assert_close(actual, expected)
+    got = run_flow_warp(impl, img, flow, grad_out, padding)
+    assert_all_close(
+        got, run_flow_warp("torch", img, flow, grad_out, padding), torch.float32, False
+    )
 
 
 @pytest.mark.parametrize("impl,device", backends_under_test())
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ssim_matches_torch(impl, device, shape):
     x, _, y, _ = make_inputs(shape, seed=2, device=device)
-    outs = []
-    for backend in (impl, "torch"):
-        xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
-        s = warp_kernel.ssim(xx, yy, data_range=1.0, impl=backend)
-        (s * torch.arange(1, s.numel() + 1, device=device)).sum().backward()
-        outs.append((s.detach(), xx.grad, yy.grad))
-    for i, (actual, expected) in enumerate(zip(*outs)):
-        assert_close(actual, expected, floor=SSIM_FLOOR if i == 0 else 0.0)
+    assert_all_close(run_ssim(impl, x, y), run_ssim("torch", x, y), torch.float32)
 
 
 @pytest.mark.parametrize("impl,device", backends_under_test())
@@ -105,11 +97,7 @@ def test_warp_ssim_matches_torch(impl, device, padding, shape, case):
     img, flow, ref, grad_warped = make_inputs(shape, seed=3, device=device)
     got = run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped)
     want = run_warp_ssim("torch", img, flow, ref, padding, grad_warped, needs, use_warped)
-    for i, (actual, expected) in enumerate(zip(got, want)):
-        if expected is None:
-            assert actual is None
-        else:
-            assert_close(actual, expected, floor=SSIM_FLOOR if i == 0 else 0.0)
+    assert_all_close(got, want, torch.float32)
 
 
 def coherent_flow(kind, b, h, w, seed):
@@ -145,15 +133,11 @@ def coherent_flow(kind, b, h, w, seed):
 def test_coherent_flows_match_torch(cpu_ext, padding, kind, shape):
     img, _, ref, grad_out = make_inputs(shape, seed=16)
     flow = coherent_flow(kind, shape[0], shape[2], shape[3], seed=17)
-    outs = []
-    for backend in ("cpp", "torch"):
-        i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
-        out = warp_kernel.flow_warp(i, f, padding=padding, impl=backend)
-        out.backward(grad_out)
-        outs.append((out.detach(), i.grad, f.grad))
-        outs[-1] += run_warp_ssim(backend, img, flow, ref, padding, grad_out, (True,) * 3, True)
-    for k, (actual, expected) in enumerate(zip(*outs)):
-        assert_close(actual, expected, floor=SSIM_FLOOR if k == 3 else 0.0)
+    warp = (img, flow, grad_out, padding)
+    got, want = run_flow_warp("cpp", *warp), run_flow_warp("torch", *warp)
+    assert_all_close(got, want, torch.float32, False)
+    fused = (img, flow, ref, padding, grad_out, (True,) * 3, True)
+    assert_all_close(run_warp_ssim("cpp", *fused), run_warp_ssim("torch", *fused), torch.float32)
 
 
 def test_warp_ssim_data_range_and_no_grad(cpu_ext):
@@ -652,6 +636,8 @@ def test_gpu_check_command_runs_on_cpp(cpu_ext, monkeypatch):
     monkeypatch.setattr(check, "IMPL", "cpp")
     check.check_float32()
     check.check_identities()
+    check.check_determinism((1, 3, 40, 37), runs=2)
+    check.check_many_samples_on_one_pixel((2, 3, 29, 31))
 
 
 def test_bench_command_runs(cpu_ext, tmp_path, capsys):

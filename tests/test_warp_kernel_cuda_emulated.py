@@ -16,13 +16,15 @@ import torch
 import warp_kernel
 from warp_kernel.testing import (
     assert_all_close,
-    assert_close,
     assert_far_corner_matches,
     assert_half_precision_is_float32,
+    converging_flow,
     corner_blocks,
     load_cuda_emulation,
     make_inputs,
     only_blocks,
+    run_flow_warp,
+    run_ssim,
     run_warp_ssim,
 )
 
@@ -54,35 +56,19 @@ def cuda(emu, monkeypatch):
     return emu
 
 
-def warp_step(impl, img, flow, grad_out, padding):
-    """(out, img.grad, flow.grad) of flow_warp with the gradient grad_out."""
-    i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
-    out = warp_kernel.flow_warp(i, f, padding, impl=impl)
-    out.backward(grad_out)
-    return out.detach(), i.grad, f.grad
-
-
-def ssim_step(impl, x, y):
-    """(ssim, x.grad, y.grad) of the loss sum_b (b + 1) ssim[b]."""
-    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
-    s = warp_kernel.ssim(xx, yy, impl=impl)
-    (s * torch.arange(1.0, s.numel() + 1, dtype=s.dtype)).sum().backward()
-    return s.detach(), xx.grad, yy.grad
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_emulated_flow_warp(cuda, padding, dtype):
     img, flow, _, grad_out = make_inputs((2, 3, 23, 37), seed=1, dtype=dtype)
-    got = warp_step("cuda", img, flow, grad_out, padding)
-    assert_all_close(got, warp_step("torch", img, flow, grad_out, padding), dtype, False)
+    got = run_flow_warp("cuda", img, flow, grad_out, padding)
+    assert_all_close(got, run_flow_warp("torch", img, flow, grad_out, padding), dtype, False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_ssim(cuda, shape, dtype):
     x, _, y, _ = make_inputs(shape, seed=2, dtype=dtype)
-    assert_all_close(ssim_step("cuda", x, y), ssim_step("torch", x, y), dtype)
+    assert_all_close(run_ssim("cuda", x, y), run_ssim("torch", x, y), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,25 +87,15 @@ def test_emulated_half_precision_inputs_are_computed_in_float32(cuda, dtype):
     assert_half_precision_is_float32("cuda", dtype)
 
 
-def converging_flow(b, h, w, x, y):
-    """(B, 2, H, W) float64 flow taking every pixel into [x, x + 0.9] x [y, y + 0.9]: each
-    image's H * W samples share one top-left corner, whose run the four pixels there gather."""
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
-    )
-    jitter = torch.rand(b, 2, h, w, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    return torch.stack([x - xs, y - ys]).expand(b, 2, h, w) + 0.9 * jitter
-
-
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_emulated_many_samples_on_one_pixel(cuda, padding):
     """Every output pixel samples the 2 x 2 pixels at (6, 4); then the last pixel (past the
     image's corner, where the right and bottom weights are 0)."""
     img, _, ref, grad_out = make_inputs((2, 3, 23, 37), seed=5, dtype=torch.float64)
     for flow in (converging_flow(2, 23, 37, 6.05, 4.05), converging_flow(2, 23, 37, 40.0, 30.0)):
-        got = warp_step("cuda", img, flow, grad_out, padding)
+        got = run_flow_warp("cuda", img, flow, grad_out, padding)
         assert_all_close(
-            got, warp_step("torch", img, flow, grad_out, padding), torch.float64, False
+            got, run_flow_warp("torch", img, flow, grad_out, padding), torch.float64, False
         )
         needs = (True, True, True)
         got = run_warp_ssim("cuda", img, flow, ref, padding, grad_out, needs, True)
@@ -134,7 +110,7 @@ def test_emulated_results_are_the_same_on_every_run(cuda):
     flow = 0.5 * flow + 0.5 * converging_flow(2, 37, 40, 20.3, 12.6)
     needs = (True, True, True)
     runs = [
-        warp_step("cuda", img, flow, grad_out, "border")
+        run_flow_warp("cuda", img, flow, grad_out, "border")
         + run_warp_ssim("cuda", img, flow, ref, "reflection", grad_out, needs, True)
         for _ in range(4)
     ]
@@ -163,8 +139,8 @@ def test_emulated_launches_follow_the_current_stream_and_device(cuda):
     img, flow, ref, grad_out = make_inputs((1, 2, 20, 18), seed=8)
     cuda.set_stream(7)
     try:
-        warp_step("cuda", img, flow, grad_out, "border")
-        ssim_step("cuda", img, ref)
+        run_flow_warp("cuda", img, flow, grad_out, "border")
+        run_ssim("cuda", img, ref)
         run_warp_ssim("cuda", img, flow, ref, "border", grad_out, (True, True, True), True)
     finally:
         cuda.set_stream(0)
@@ -185,7 +161,7 @@ def test_emulated_batches_beyond_65535_images(emu):
         grad_img, grad_flow = emu.flow_warp_backward(grad_out, img, flow, 0, True, True)
         ssim, _, _, unit_flow, unit_ref = emu.warp_ssim_forward(img, flow, ref, 0, 1.0, 0, 1, 1)
     last = [t[-1:].clone() for t in (img, flow, ref, grad_out)]
-    want = warp_step("torch", last[0], last[1], last[3], "border")
+    want = run_flow_warp("torch", last[0], last[1], last[3], "border")
     assert_all_close([warped[-1:], grad_img[-1:], grad_flow[-1:]], want, torch.float32, False)
     got = [ssim[-1:], unit_flow[-1:], unit_ref[-1:]]
     want = run_warp_ssim("torch", *last[:3], "border", last[3], (False, True, True), False)
@@ -242,3 +218,13 @@ def test_emulated_size_guard(emu):
             emu.ssim_forward(big, big, 1.0, False, False)
         with pytest.raises(RuntimeError, match="img is too large"):
             emu.flow_warp_forward(big, big, 0)
+
+
+def test_gpu_checks_run_on_the_emulation(cuda, monkeypatch):
+    """python -m warp_kernel.check's determinism and one-pixel checks, on small images: the
+    command stays tested, on the kernels it checks."""
+    from warp_kernel import check
+
+    monkeypatch.setattr(check, "DEVICE", "cpu")  # IMPL stays "cuda", which runs the emulation
+    check.check_determinism((1, 2, 30, 33), runs=3)
+    check.check_many_samples_on_one_pixel((1, 2, 23, 37))

@@ -1,27 +1,57 @@
 """Every GPU correctness check of the CUDA backend, then the GPU benchmark - one command for
-whoever has a CUDA GPU (the test suite skips these without one):
+whoever has a CUDA GPU (the test suite runs the kernels on CPU threads only):
 
-    python -m warp_kernel.check                 # checks, then python -m warp_kernel.bench on the GPU
+    python -m warp_kernel.check                 # checks, then warp_kernel.bench on the GPU
     python -m warp_kernel.check --no-bench
     python -m warp_kernel.check --json bench.json
 
-Exit status 0 when every check passes, 1 when one fails, 2 without a GPU or CUDA extension.
+Each check prints PASS, FAIL (with its traceback) or SKIP (with the reason: a second GPU, or
+the memory a huge image needs), with its time. Besides the backend against PyTorch and
+gradcheck, the checks aim at what only a GPU shows: results that differ from run to run, work
+launched on another stream than the current one (checked without a device-wide sync), offsets
+past 2^31, the size guard, many samples landing on one pixel, and grids beyond 65535 blocks.
+About a minute on a current GPU, the benchmark included.
+
+Exit status 0 when every check passes or skips, 1 when one fails, 2 without a GPU or without the
+CUDA extension (one line says which).
 """
 
 import sys
+import time
 import traceback
 
 import torch
 
 import warp_kernel
 from warp_kernel import bench, build, cli
-from warp_kernel.testing import GRAD_CASES, assert_all_close, assert_close, make_inputs
-from warp_kernel.testing import run_warp_ssim as warp_ssim_step
+from warp_kernel.testing import (
+    GRAD_CASES,
+    assert_all_close,
+    assert_far_corner_matches,
+    converging_flow,
+    make_inputs,
+    run_flow_warp,
+    run_ssim,
+    run_warp_ssim,
+)
 
-DEVICE, IMPL = "cuda", "cuda"  # what is checked (a dry run can point these at cpu / cpp)
+DEVICE, IMPL = (
+    "cuda",
+    "cuda",
+)  # what is checked (the tests point these at cpu / cpp or the emulation)
 PADDINGS = ("border", "reflection")
 SHAPES = [(1, 3, 23, 31), (3, 1, 17, 40), (3, 3, 32, 29), (1, 1, 11, 12)]
 LARGE_SHAPES = [(2, 3, 130, 257), (1, 3, 1024, 1024)]
+ALL = GRAD_CASES["all+warped"]
+
+
+class Skip(Exception):
+    """A check that cannot run here (the reason is the message)."""
+
+
+def extension():
+    """The extension module the checks that call it directly use."""
+    return build.load("cuda", warn=False)
 
 
 def inputs(shape, dtype, **kwargs):
@@ -33,24 +63,13 @@ def check_against_torch(dtype):
         for padding in PADDINGS:
             img, flow, ref, gw = inputs(shape, dtype)
             for needs, use_warped in GRAD_CASES.values():
-                got = warp_ssim_step(IMPL, img, flow, ref, padding, gw, needs, use_warped)
-                want = warp_ssim_step("torch", img, flow, ref, padding, gw, needs, use_warped)
+                got = run_warp_ssim(IMPL, img, flow, ref, padding, gw, needs, use_warped)
+                want = run_warp_ssim("torch", img, flow, ref, padding, gw, needs, use_warped)
                 assert_all_close(got, want, dtype)
-            outs = []
-            for impl in (IMPL, "torch"):
-                i, f = img.clone().requires_grad_(), flow.clone().requires_grad_()
-                out = warp_kernel.flow_warp(i, f, padding, impl=impl)
-                out.backward(gw)
-                outs.append((out.detach(), i.grad, f.grad))
-            assert_all_close(*outs, dtype, ssim_first=False)
+            got = run_flow_warp(IMPL, img, flow, gw, padding)
+            assert_all_close(got, run_flow_warp("torch", img, flow, gw, padding), dtype, False)
         x, _, y, _ = inputs(shape, dtype, seed=1)
-        outs = []
-        for impl in (IMPL, "torch"):
-            xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
-            s = warp_kernel.ssim(xx, yy, impl=impl)
-            (s * torch.arange(1, s.numel() + 1, device=DEVICE, dtype=dtype)).sum().backward()
-            outs.append((s.detach(), xx.grad, yy.grad))
-        assert_all_close(*outs, dtype)
+        assert_all_close(run_ssim(IMPL, x, y), run_ssim("torch", x, y), dtype)
 
 
 def check_float32():
@@ -62,6 +81,7 @@ def check_float64():
 
 
 def check_gradcheck():
+    """Includes gradcheck's test that the backward gives the same result twice."""
     img, flow, ref, _ = inputs((2, 2, 12, 13), torch.float64, max_px=4.0)
     img, flow, ref = (t.requires_grad_() for t in (img, flow, ref))
     gc = torch.autograd.gradcheck
@@ -73,15 +93,55 @@ def check_gradcheck():
         )
 
 
+def check_determinism(shape=(2, 3, 256, 256), runs=10):
+    """The same bits on every run, under torch.use_deterministic_algorithms(True): the image
+    gradient of a flow that sends half the samples to one pixel (a scatter with atomicAdd would
+    add them in a different order each time) and the SSIM, a sum over blocks."""
+    b, _, h, w = shape
+    for dtype in (torch.float32, torch.float64):
+        img, flow, ref, gw = inputs(shape, dtype)
+        flow = 0.5 * flow + 0.5 * converging_flow(b, h, w, w / 2 + 0.3, h / 3 + 0.6, DEVICE)
+        flow = flow.to(dtype)
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            results = [
+                run_flow_warp(IMPL, img, flow, gw, "border")
+                + run_warp_ssim(IMPL, img, flow, ref, "reflection", gw, *ALL)
+                for _ in range(runs)
+            ]
+        finally:
+            torch.use_deterministic_algorithms(was)
+        for run in results[1:]:
+            for i, (a, b_) in enumerate(zip(run, results[0])):
+                assert torch.equal(a, b_), f"{dtype} result {i} changed between runs"
+
+
+def check_many_samples_on_one_pixel(shape=(1, 3, 512, 512)):
+    """Every output pixel samples the same 2 x 2 pixels, then the last pixel (past the corner):
+    runs of H * W samples, summed by one thread each."""
+    b, _, h, w = shape
+    img, _, ref, gw = inputs(shape, torch.float64)
+    for x, y in ((6.05, 4.05), (w + 3.0, h + 7.0)):
+        flow = converging_flow(b, h, w, x, y, DEVICE)
+        for padding in PADDINGS:
+            got = run_flow_warp(IMPL, img, flow, gw, padding)
+            want = run_flow_warp("torch", img, flow, gw, padding)
+            assert_all_close(got, want, torch.float64, False)
+            got = run_warp_ssim(IMPL, img, flow, ref, padding, gw, *ALL)
+            assert_all_close(
+                got, run_warp_ssim("torch", img, flow, ref, padding, gw, *ALL), torch.float64
+            )
+
+
 def check_against_cpp():
     if not warp_kernel.backends()["cpp"]:
-        raise RuntimeError(f"C++ extension unavailable: {build.failure('cpu')}")
+        raise Skip(f"C++ extension unavailable: {build.failure('cpu')}")
     img, flow, ref, gw = inputs((2, 3, 64, 80), torch.float32)
     for padding in PADDINGS:
-        needs, use_warped = GRAD_CASES["all+warped"]
-        got = warp_ssim_step(IMPL, img, flow, ref, padding, gw, needs, use_warped)
+        got = run_warp_ssim(IMPL, img, flow, ref, padding, gw, *ALL)
         cpu = [t.cpu() for t in (img, flow, ref, gw)]
-        want = warp_ssim_step("cpp", *cpu[:3], padding, cpu[3], needs, use_warped)
+        want = run_warp_ssim("cpp", *cpu[:3], padding, cpu[3], *ALL)
         assert_all_close([t.cpu() for t in got], want, torch.float32)
 
 
@@ -106,11 +166,10 @@ def check_large_images():
     twice PyTorch's own float32 error (plus 1e-6 of the largest entry)."""
     for shape in LARGE_SHAPES:
         img, flow, ref, gw = inputs(shape, torch.float64, max_px=8.0)
-        needs, use_warped = GRAD_CASES["all+warped"]
-        truth = warp_ssim_step("torch", img, flow, ref, "border", gw, needs, use_warped)
+        truth = run_warp_ssim("torch", img, flow, ref, "border", gw, *ALL)
         f32 = [t.float() for t in (img, flow, ref, gw)]
-        got = warp_ssim_step(IMPL, *f32[:3], "border", f32[3], needs, use_warped)
-        ref32 = warp_ssim_step("torch", *f32[:3], "border", f32[3], needs, use_warped)
+        got = run_warp_ssim(IMPL, *f32[:3], "border", f32[3], *ALL)
+        ref32 = run_warp_ssim("torch", *f32[:3], "border", f32[3], *ALL)
         names = ("ssim", "warped", "grad img", "grad flow", "grad ref")
         for name, a, b, t in zip(names, got, ref32, truth):
             error = float((a.double() - t).abs().max())
@@ -118,28 +177,80 @@ def check_large_images():
             assert error <= allowed, f"{shape} {name}: error {error:.3g} > {allowed:.3g}"
 
 
-def check_streams_and_devices():
+def check_side_stream():
+    """Work queued on a side stream and read back on it, with no device-wide sync: the inputs
+    are NaN on the default stream and get their values on the side stream only after 50 ms of
+    sleep there, so a kernel launched on any other stream reads NaN or finds nothing written."""
+    img, flow, ref, gw = inputs((2, 3, 50, 61), torch.float32)
+    want = run_flow_warp(IMPL, img, flow, gw, "border")
+    want += run_warp_ssim(IMPL, img, flow, ref, "border", gw, *ALL)
+    copies = [torch.full_like(t, float("nan")) for t in (img, flow, ref, gw)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # about 50 ms of GPU clock cycles, on the side stream
+        for copy, t in zip(copies, (img, flow, ref, gw)):
+            copy.copy_(t)
+        got = run_flow_warp(IMPL, copies[0], copies[1], copies[3], "border")
+        got += run_warp_ssim(IMPL, *copies[:3], "border", copies[3], *ALL)
+        got = [t.cpu() for t in got]  # waits for the side stream alone
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b.cpu()), f"result {i} differs on a side stream"
+
+
+def check_device_guard():
+    """Inputs on cuda:1 while cuda:0 is current."""
+    if torch.cuda.device_count() < 2:
+        raise Skip("needs a second GPU")
     img, flow, ref, _ = inputs((2, 3, 50, 61), torch.float32)
-    want = warp_kernel.warp_ssim(img, flow, ref, impl="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # launches must follow the current stream
-        got = warp_kernel.warp_ssim(img, flow, ref, impl="cuda")
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    want = warp_kernel.warp_ssim(img, flow, ref, impl=IMPL)
+    with torch.cuda.device(0):
+        got = warp_kernel.warp_ssim(*(t.to("cuda:1") for t in (img, flow, ref)), impl=IMPL)
     for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    if torch.cuda.device_count() > 1:  # the device guard: inputs on cuda:1, current device 0
-        with torch.cuda.device(0):
-            moved = [t.to("cuda:1") for t in (img, flow, ref)]
-            got = warp_kernel.warp_ssim(*moved, impl="cuda")
-        for a, b in zip(got, want):
-            assert a.device.index == 1
-            assert_close(a.cpu(), b.cpu())
+        assert a.device.index == 1
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def check_batches_and_heights_beyond_65535():
+    """70000 images (the batch is folded into grid.x; grid.y and z stop at 65535), then an
+    image 1.1 million rows high (68750 rows of tiles)."""
+    img, flow, ref, gw = inputs((70000, 1, 11, 11), torch.float32, max_px=3.0)
+    got = run_flow_warp(IMPL, img, flow, gw, "border")
+    assert_all_close(got, run_flow_warp("torch", img, flow, gw, "border"), torch.float32, False)
+    got = run_warp_ssim(IMPL, img, flow, ref, "border", gw, *ALL)
+    want = run_warp_ssim("torch", img, flow, ref, "border", gw, *ALL)
+    assert_all_close(got, want, torch.float32)
+    assert_far_corner_matches(extension(), (1, 2, 1_100_000, 64), DEVICE)
+
+
+def needs_memory(gigabytes):
+    free = torch.cuda.mem_get_info()[0] / 2**30
+    if free < gigabytes:
+        raise Skip(f"needs {gigabytes} GB of free GPU memory, {free:.0f} GB free")
+
+
+def check_offsets_past_2_31():
+    """A 26800 x 26800 image: the gradient's four partial maps span 4 * 26800^2 > 2^31 values
+    (35 GB of tensors in all)."""
+    needs_memory(40)
+    assert_far_corner_matches(extension(), (1, 1, 26800, 26800), DEVICE)
+
+
+def check_size_guard():
+    """A tensor of 2^31 values or more is refused with a clear error (the kernels index one
+    tensor with 32-bit ints)."""
+    needs_memory(10)
+    big = torch.empty((1, 1, 46341, 46341), device=DEVICE)
+    try:
+        extension().ssim_forward(big, big, 1.0, False, False)
+    except RuntimeError as e:
+        assert f"x is too large ({46341**2} elements" in str(e), str(e)
+    else:
+        raise AssertionError("a tensor of 2^31 values was accepted")
 
 
 def check_errors():
-    ext = build.load("cuda", warn=False)
+    ext = extension()
     img, flow, ref, _ = inputs((1, 3, 16, 16), torch.float32)
     for call, message in [
         (lambda: ext.flow_warp_forward(img.cpu(), flow.cpu(), 0), "CUDA tensor"),
@@ -154,7 +265,7 @@ def check_errors():
         else:
             raise AssertionError(f"no error for a bad input ({message})")
     try:
-        warp_kernel.ssim(img, ref.cpu(), impl="cuda")
+        warp_kernel.ssim(img, ref.cpu(), impl=IMPL)
     except ValueError:
         pass
     else:
@@ -162,8 +273,10 @@ def check_errors():
 
 
 CHECKS = [
-    check_float32, check_float64, check_gradcheck, check_against_cpp, check_identities,
-    check_large_images, check_streams_and_devices, check_errors,
+    check_float32, check_float64, check_gradcheck, check_determinism,
+    check_many_samples_on_one_pixel, check_against_cpp, check_identities, check_large_images,
+    check_side_stream, check_device_guard, check_batches_and_heights_beyond_65535,
+    check_offsets_past_2_31, check_size_guard, check_errors,
 ]  # fmt: skip
 
 
@@ -179,20 +292,29 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("warp_kernel.check: no CUDA GPU visible; nothing to check.")
         return 2
-    if build.load("cuda", warn=False) is None:
+    if extension() is None:
         print(f"warp_kernel.check: the CUDA extension is unavailable: {build.failure('cuda')}")
         return 2
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    failed = 0
+    failed = skipped = 0
+    start = time.perf_counter()
     for check in CHECKS:
+        began = time.perf_counter()
         try:
             check()
-            print(f"PASS {check.__name__}")
+            torch.cuda.synchronize()
+            outcome = "PASS"
+        except Skip as reason:
+            skipped += 1
+            outcome = f"SKIP ({reason})"
         except Exception:  # noqa: BLE001 - report every failing check, then exit 1
             failed += 1
-            print(f"FAIL {check.__name__}")
+            outcome = "FAIL"
             traceback.print_exc()
-    print(f"{len(CHECKS) - failed}/{len(CHECKS)} checks passed")
+        torch.cuda.empty_cache()
+        print(f"{outcome} {check.__name__} ({time.perf_counter() - began:.1f} s)", flush=True)
+    passed, seconds = len(CHECKS) - failed - skipped, time.perf_counter() - start
+    print(f"{passed} passed, {skipped} skipped, {failed} failed in {seconds:.0f} s")
     if failed:
         return 1
     if not args.no_bench:

@@ -83,6 +83,33 @@ def assert_all_close(got, want, dtype, ssim_first=True):
             assert_close(a, b, ssim_floor(dtype) if ssim_first and i == 0 else 0.0)
 
 
+def converging_flow(b, h, w, x, y, device="cpu"):
+    """(B, 2, H, W) float64 flow taking every pixel into [x, x + 0.9] x [y, y + 0.9]: each
+    image's H * W samples share one top-left corner, whose run the four pixels there gather."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    jitter = torch.rand(b, 2, h, w, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    flow = torch.stack([x - xs, y - ys]).expand(b, 2, h, w) + 0.9 * jitter
+    return flow.to(device)
+
+
+def run_flow_warp(impl, img, flow, grad_out, padding):
+    """(out, img.grad, flow.grad) of flow_warp, differentiated with the gradient grad_out."""
+    i, f = img.detach().clone().requires_grad_(), flow.detach().clone().requires_grad_()
+    out = warp_kernel.flow_warp(i, f, padding, impl=impl)
+    out.backward(grad_out)
+    return out.detach(), i.grad, f.grad
+
+
+def run_ssim(impl, x, y):
+    """(ssim, x.grad, y.grad) of the loss sum_b (b + 1) ssim[b]."""
+    x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    s = warp_kernel.ssim(x, y, impl=impl)
+    (s * torch.arange(1, s.numel() + 1, device=s.device, dtype=s.dtype)).sum().backward()
+    return s.detach(), x.grad, y.grad
+
+
 def run_warp_ssim(impl, img, flow, ref, padding, grad_warped, needs, use_warped):
     """One training step: (ssim, warped, img.grad, flow.grad, ref.grad) of the loss
     sum_b (b + 1) ssim[b] (+ sum(warped * grad_warped) if use_warped), where `needs` says which
