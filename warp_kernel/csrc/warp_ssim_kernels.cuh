@@ -39,7 +39,6 @@ namespace warp_kernel {
 
 constexpr int kSpan = kTile + 2 * kRadius;  // 26: the tile with its halo
 constexpr int kThreads = kTile * kTile;     // one thread per pixel of the tile
-constexpr int kSpanSlots = (kSpan * kSpan + kThreads - 1) / kThreads;  // 3 span pixels a thread
 constexpr int kWarpThreads = 256;           // block of the plain-warp kernels
 constexpr int kChannelChunk = 4;  // channels the image gradient sums per pass over its runs
 
@@ -138,6 +137,33 @@ __global__ void flow_warp_image_grad_kernel(WarpArgs<T> a) {
   }
 }
 
+// A bilinear tap as the SSIM forward keeps it for every channel, in shared memory: 16 bytes
+// (float) where BilinearTap takes 36, and no registers (held in registers across the channel
+// loop, the taps doubled the kernel's registers, 32 -> 72 for sm_80).
+template <typename T>
+struct SpanTap {
+  int offset;
+  int steps;  // 1: step_x = 1, 2: step_y = W
+  T wx, wy;
+};
+
+template <typename T>
+__device__ __forceinline__ SpanTap<T> pack(const BilinearTap<T>& t) {
+  return SpanTap<T>{t.offset, (t.step_x ? 1 : 0) | (t.step_y ? 2 : 0), t.wx, t.wy};
+}
+
+// What bilinear_sample reads of a tap (not its corner or padding gradients).
+template <typename T>
+__device__ __forceinline__ BilinearTap<T> unpack(const SpanTap<T>& p, int W) {
+  BilinearTap<T> t{};
+  t.offset = p.offset;
+  t.step_x = p.steps & 1;
+  t.step_y = p.steps & 2 ? W : 0;
+  t.wx = p.wx;
+  t.wy = p.wy;
+  return t;
+}
+
 // The image and origin of tile `block` of a grid of B * tiles_per_image blocks (columns of
 // tiles fastest, then rows of tiles, then images).
 struct Tile {
@@ -160,6 +186,7 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   __shared__ T sy[kSpan][kSpan + 1];
   __shared__ T sh[4][kSpan][kTile];
   __shared__ double warp_sums[kThreads / 32];
+  __shared__ SpanTap<T> taps[kWarp ? kSpan * kSpan : 1];
 
   const int H = a.s.H, W = a.s.W, C = a.s.C, plane = H * W;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
@@ -172,17 +199,14 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
   const T inv_count = T(1.0 / (double(C) * (H - 2 * kRadius) * (W - 2 * kRadius)));
   double local = 0;
 
-  // The bilinear taps of this thread's pixels of the tile and its halo (thread tid loads span
-  // pixels tid, tid + 256, tid + 512), computed once for all channels and kept in registers.
-  BilinearTap<T> taps[kSpanSlots] = {};
+  // ---- Phase 0: the bilinear taps of the tile and its halo, once for all channels ----
+  // (each thread reads back only the taps it wrote: no barrier needed)
   if (kWarp) {
     const T* fl = a.flow + size_t(b) * 2 * plane;
-#pragma unroll
-    for (int j = 0; j < kSpanSlots; ++j) {
-      const int i = tid + j * kThreads;
+    for (int i = tid; i < kSpan * kSpan; i += kThreads) {
       const int gy = y0 - kRadius + i / kSpan, gx = x0 - kRadius + i % kSpan;
-      if (i < kSpan * kSpan && gy >= 0 && gy < H && gx >= 0 && gx < W)
-        taps[j] = tap_of(fl, gx, gy, a.s, a.padding);
+      if (gy >= 0 && gy < H && gx >= 0 && gx < W)
+        taps[i] = pack(tap_of(fl, gx, gy, a.s, a.padding));
     }
   }
 
@@ -190,17 +214,14 @@ __global__ void __launch_bounds__(kThreads) ssim_forward_kernel(SSIMArgs<T> a) {
     const size_t pc = (size_t(b) * C + c) * plane;
 
     // ---- Phase 1: tile load with a 5-px halo; warped pixels sampled on the fly ----
-#pragma unroll
-    for (int j = 0; j < kSpanSlots; ++j) {
-      const int i = tid + j * kThreads;
-      if (i >= kSpan * kSpan) break;
+    for (int i = tid; i < kSpan * kSpan; i += kThreads) {
       const int ly = i / kSpan, lx = i % kSpan;
       const int gy = y0 - kRadius + ly, gx = x0 - kRadius + lx;
       T xv = 0, yv = 0;
       if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
         const int at = gy * W + gx;
         if (kWarp) {
-          xv = bilinear_sample(a.img + pc, taps[j]);
+          xv = bilinear_sample(a.img + pc, unpack(taps[i], W));
           const bool core = ly >= kRadius && ly < kRadius + kTile && lx >= kRadius &&
                             lx < kRadius + kTile;
           if (core) a.warped[pc + at] = xv;  // each pixel is the core of exactly one tile
