@@ -10,7 +10,8 @@ the memory a huge image needs), with its time. Besides the backend against PyTor
 gradcheck, the checks aim at what only a GPU shows: results that differ from run to run, work
 launched on another stream than the current one (checked without a device-wide sync), offsets
 past 2^31, the size guard, many samples landing on one pixel, and grids beyond 65535 blocks.
-About a minute on a current GPU, the benchmark included.
+Sized to finish, benchmark included, well within 5 minutes on a current GPU (it has not yet run
+on one: the tests run these kernels on CPU threads).
 
 Exit status 0 when every check passes or skips, 1 when one fails, 2 without a GPU or without the
 CUDA extension (one line says which).

@@ -381,30 +381,29 @@ __global__ void __launch_bounds__(kThreads) ssim_grad_kernel(SSIMArgs<T> a) {
 // launch.err, after which it launches nothing more.
 // ---------------------------------------------------------------------------------------------
 
-// One thread per pixel of every image.
-inline dim3 pixel_grid(const Shape& s) {
-  return dim3(unsigned((int64_t(s.B) * s.H * s.W + kWarpThreads - 1) / kWarpThreads));
+// kernel over one thread per pixel of every image.
+template <typename T>
+cudaError_t launch_per_pixel(void (*kernel)(WarpArgs<T>), const WarpArgs<T>& a,
+                             cudaStream_t stream) {
+  StreamLaunch launch(stream);
+  const int64_t pixels = int64_t(a.s.B) * a.s.H * a.s.W;
+  launch(dim3(unsigned((pixels + kWarpThreads - 1) / kWarpThreads)), dim3(kWarpThreads), kernel, a);
+  return launch.err;
 }
 
 template <typename T>
 cudaError_t launch_warp_forward(const WarpArgs<T>& a, cudaStream_t stream) {
-  StreamLaunch launch(stream);
-  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_forward_kernel<T>, a);
-  return launch.err;
+  return launch_per_pixel(flow_warp_forward_kernel<T>, a, stream);
 }
 
 template <typename T>
 cudaError_t launch_warp_backward(const WarpArgs<T>& a, cudaStream_t stream) {
-  StreamLaunch launch(stream);
-  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_backward_kernel<T>, a);
-  return launch.err;
+  return launch_per_pixel(flow_warp_backward_kernel<T>, a, stream);
 }
 
 template <typename T>
 cudaError_t launch_warp_image_grad(const WarpArgs<T>& a, cudaStream_t stream) {
-  StreamLaunch launch(stream);
-  launch(pixel_grid(a.s), dim3(kWarpThreads), flow_warp_image_grad_kernel<T>, a);
-  return launch.err;
+  return launch_per_pixel(flow_warp_image_grad_kernel<T>, a, stream);
 }
 
 template <typename T>
