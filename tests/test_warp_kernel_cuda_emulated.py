@@ -212,7 +212,10 @@ def test_emulated_offsets_past_2_31(emu):
 def test_emulated_size_guard(emu):
     """The kernels index one tensor with 32-bit ints: a tensor of 2^31 values or more is refused
     with a clear error (allocated, never written, so it costs no memory)."""
-    big = torch.empty((1, 1, 46341, 46341))  # 2^31 + 4633 values
+    try:
+        big = torch.empty((1, 1, 46341, 46341))  # 2^31 + 4633 values
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve 8.6 GB of address space: {str(e).splitlines()[0]}")
     with only_blocks(emu, [(0, 0)]):  # if the guard let it through, no block would run
         with pytest.raises(RuntimeError, match=rf"x is too large \({46341**2} elements"):
             emu.ssim_forward(big, big, 1.0, False, False)
