@@ -15,16 +15,17 @@
 //     gradient, the top-left corner the pixel's sample reads. The host then sorts each image's
 //     output pixels by that corner (at::sort, stable) and finds where each corner's run starts
 //     (at::searchsorted), and
-//   flow_warp_image_grad_kernel: one thread per image pixel q gathers, in that order, the runs
-//     of the four corners whose 2 x 2 samples hold q (q itself, q - 1, q - W, q - W - 1).
+//   flow_warp_image_grad_kernel: one thread per image pixel q gathers, in that order, the
+//     samples that have q among their 2 x 2 corners: the runs of top-left corners q, q - 1,
+//     q - W and q - W - 1. (Where all samples land on one pixel, one thread sums them all.)
 //
 // The fused SSIM runs as two kernels over 16x16 tiles of pixels, one thread per pixel, each
 // tile loading a 5-pixel halo into shared memory and looping over the channels:
 //   ssim_forward_kernel: warped pixels sampled on the fly (and written out) with bilinear taps
-//     computed once for all channels, horizontal then vertical Gaussian pass for the four
-//     moments (x, y, x^2 + y^2, xy), the SSIM summed over the tile into its slot of tile_sums
-//     (which the host adds up in a fixed order); for a gradient, the SSIM partial derivatives
-//     of every window, per unit of grad_ssim.
+//     computed once for all channels (kept in shared memory), horizontal then vertical
+//     Gaussian pass for the four moments (x, y, x^2 + y^2, xy), the SSIM summed over the tile
+//     into its slot of tile_sums (which the host adds up in a fixed order); for a gradient,
+//     the SSIM partial derivatives of every window, per unit of grad_ssim.
 //   ssim_grad_kernel: the partials blurred back onto the pixels (the window is symmetric, so
 //     the transposed pass uses the same taps), the gradient of x and y at every pixel, and of
 //     the flow, summed over channels in registers (one thread owns one pixel).
