@@ -469,13 +469,7 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
 
 def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[str] = None):
     """Loads a checkpoint into `model` (CPU, weights only); missing weights are an error."""
-    if not path.is_file():
-        raise uad.UADError(f"{path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise uad.UADError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    state = uad.read_checkpoint(path)
     if key is not None and isinstance(state, dict) and key in state:
         state = state[key]
     if not isinstance(state, dict):
@@ -691,7 +685,7 @@ def summarise_quality(rows: Sequence[dict]) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
-# Output: table, JSON, CSV, progress
+# Output: table, JSON, CSV
 
 
 def format_number(value, digits: int = 2) -> str:
@@ -758,44 +752,6 @@ def format_csv(rows: Sequence[dict], summary: dict, quality: dict, gt: bool) -> 
     return out.getvalue()
 
 
-def format_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-class ImageProgress:
-    """ "[i/N] name  s/image, ETA" on stderr: redrawn in place on a terminal, a line per image in
-    a log file. Errors go through it so that they never land in the middle of a redrawn line."""
-
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.quiet, self.started = total, quiet, time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.open = False  # a redrawn line is on screen, without its newline
-
-    def show(self, done: int, name: str) -> None:
-        if self.quiet or (done == 0 and not self.tty):
-            return
-        line = f"[{done}/{self.total}] {name}"
-        if done:
-            per_image = (time.monotonic() - self.started) / done
-            eta = format_duration(per_image * (self.total - done))
-            line += f"  {per_image:.1f} s/image, ETA {eta}"
-        if self.tty:
-            print(f"\r{line[:79]:<79}", end="", file=sys.stderr, flush=True)
-            self.open = True
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def error(self, message: str) -> None:
-        self.end()
-        print(f"error: {message}", file=sys.stderr, flush=True)
-
-    def end(self) -> None:
-        if self.open:
-            print(file=sys.stderr, flush=True)
-            self.open = False
-
-
 # -----------------------------------------------------------------------------------------------
 # Benchmark
 
@@ -803,7 +759,6 @@ class ImageProgress:
 def run_benchmark(args, specs, device) -> int:
     """Times one synthetic image per model with random-init weights (see --bench)."""
     from segment_anything import SamPredictor
-    from segment_anything.build_sam import _build_sam
 
     try:
         width, height = (int(v) for v in args.bench.lower().split("x"))
@@ -828,15 +783,8 @@ def run_benchmark(args, specs, device) -> int:
     for name, _ in specs:
         if name not in uad.SAM_ARCHS:
             raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
-        a = uad.SAM_ARCHS[name]
         torch.manual_seed(0)
-        sam = _build_sam(
-            encoder_embed_dim=a["embed_dim"],
-            encoder_depth=a["depth"],
-            encoder_num_heads=a["num_heads"],
-            encoder_global_attn_indexes=list(a["global_attn_indexes"]),
-        )
-        sam = sam.eval().requires_grad_(False).to(device)
+        sam = uad.build_sam(name).requires_grad_(False).to(device)
         predictors = (SamPredictor(sam), SamPredictor(sam))
         started = time.perf_counter()
         for p, image in zip(predictors, (clean, adv)):
@@ -929,7 +877,7 @@ def run(args) -> int:
             if not json_path.is_file():
                 failures.append(f"{json_path}: no such annotation file (for {pair.clean})")
                 pairs.remove(pair)
-    progress = ImageProgress(len(pairs), args.quiet)
+    progress = uad.Progress(args.quiet)
     for message in failures:
         progress.error(message)
     if not pairs:
@@ -941,13 +889,12 @@ def run(args) -> int:
     predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]
     rows = []
     for i, pair in enumerate(pairs):
-        progress.show(i, pair.clean.name)
+        progress.item(i, len(pairs), pair.clean.name)
         try:
             rows.append(score_pair(pair, segmenters, predictors, args))
         except uad.UADError as e:
             progress.error(str(e))
             failures.append(str(e))
-        progress.show(i + 1, pair.clean.name)
     progress.end()
     if not rows:
         if folders:
