@@ -9,10 +9,10 @@ wrote). Each model is loaded once and scores every pair with the same prompts. G
 are replicated to RGB; an alpha channel is ignored.
 
 Reference masks and prompts
-  --annotations DIR (SA-1B per-image JSON, DIR/<clean stem>.json, COCO RLE): the protocol of the
-    paper's code. The first --max-masks (10) annotations are the objects (an empty mask cannot be
-    prompted and is skipped); the reference mask of a prompt is its annotation's mask, and the
-    clean image is scored too, as a baseline.
+  Annotation mode, --annotations DIR (SA-1B per-image JSON, DIR/<clean stem>.json, COCO RLE): the
+    protocol of the paper's code. The first --max-masks (10) annotations are the objects (an
+    empty mask cannot be prompted and is skipped); the reference mask of a prompt is its
+    annotation's mask, and the clean image is scored too, as a baseline.
   Otherwise (clean-reference mode) the objects are the masks that the first model's automatic
     mask generator (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for SAM 2) finds on the
     clean image with --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's
@@ -39,7 +39,7 @@ Scoring
   type (point, box, all), pooled over every prompt of every image: mIoU = mean IoU (lower =
   stronger attack); ASR@50 = % of prompts with IoU < 50 and ASR@10 = % with IoU < 10 (the paper's
   code counts IoU <= 50: on its data the two differ by at most 0.03 points); count = number of
-  prompts; with --annotations also the clean image's mIoU. Image quality of each adversarial
+  prompts; in annotation mode also the clean image's mIoU. Image quality of each adversarial
   image as scored (after --resize and --jpeg) against its clean twin: L-inf in 1/255, PSNR in dB
   over all channels (null when the images are identical, and then left out of the mean), SSIM
   (warp_kernel.ssim, mean over RGB).
@@ -64,15 +64,16 @@ Models
   The last three families need their package installed and a checkpoint given as NAME=PATH.
 
 Cost
-  --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) with the annotation
-  protocol, with random-init weights of each --models architecture (vit_b, vit_l, vit_h; no
-  checkpoint needed: the arithmetic does not depend on the weights), and prints seconds per
-  image per model. Clean-reference mode adds one automatic-mask-generator run of the first model
-  per image.
+  --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) in annotation mode,
+  with random-init weights of each --models architecture (vit_b, vit_l, vit_h; no checkpoint
+  needed: the arithmetic does not depend on the weights), and prints seconds per image per
+  model. Clean-reference mode adds one automatic-mask-generator run of the first model per
+  image.
 """
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -294,7 +295,88 @@ def sample_prompts(objects: Sequence[RefObject], name: str, seed: int, n_points:
 
 
 # -----------------------------------------------------------------------------------------------
-# Metrics
+# Metrics and result rows (the JSON output is these dataclasses, see to_json)
+
+
+@dataclass
+class Metrics:
+    """Scores of one model on a set of prompts; IoUs are in percent, None without prompts."""
+
+    miou: Optional[float]  # mean IoU, lower = stronger attack
+    asr50: Optional[float]  # % of prompts with IoU < 50
+    asr10: Optional[float]  # % of prompts with IoU < 10
+    count: int  # prompts
+    clean_miou: Optional[float] = None  # annotation mode: the clean image's mIoU
+
+
+@dataclass
+class Quality:
+    """An adversarial image as scored against its clean twin."""
+
+    linf: int  # L-inf in 1/255
+    psnr: Optional[float]  # dB over all channels; None when the images are identical
+    ssim: float  # warp_kernel.ssim, mean over RGB
+
+
+@dataclass
+class PromptResult:
+    object: int  # index of the reference object it was drawn from
+    kind: str  # "point" | "box"
+    coords: List[int]  # (x, y) or (x0, y0, x1, y1), pixels of the original image
+    iou: Dict[str, float] = dataclasses.field(default_factory=dict)  # model -> IoU of adv
+    clean_iou: Optional[Dict[str, float]] = None  # annotation mode: model -> IoU of clean
+
+
+@dataclass
+class ImageResult:
+    """One scored pair: a row of the JSON's "images"."""
+
+    name: str  # the clean file's name
+    clean: str
+    adv: str
+    size: List[int]  # W, H
+    reference: str  # "annotations" | "automatic" | "automatic, unfiltered"
+    objects: int
+    linf: int  # Quality's fields, flat
+    psnr: Optional[float]
+    ssim: float
+    metrics: Dict[str, Dict[str, Metrics]]  # model -> prompt type ("point", "box", "all")
+    seconds: Dict[str, float]  # model (and "mask_generator") -> seconds
+    prompts: List[PromptResult]
+
+
+@dataclass
+class QualitySummary:
+    linf_max: int
+    psnr_mean: Optional[float]  # identical images left out; None if all are
+    ssim_mean: float
+    images: int
+
+
+@dataclass
+class Results:
+    """What a run found: the JSON output, and what the table and the CSV are made from."""
+
+    mode: str  # "annotations" | "clean-reference"
+    settings: dict
+    summary: Dict[str, Dict[str, Metrics]]  # model -> prompt type -> pooled over all images
+    quality: QualitySummary
+    seconds_per_image: Dict[str, float]
+    images: List[ImageResult]
+    failures: List[str]
+
+    @property
+    def annotated(self) -> bool:
+        return self.mode == "annotations"
+
+
+ANNOTATION_ONLY = ("clean_miou", "clean_iou")  # fields that exist in annotation mode only
+
+
+def to_json(obj, annotated: bool):
+    """A result dataclass as plain dicts; the clean image's scores only in annotation mode."""
+    drop = () if annotated else ANNOTATION_ONLY
+    return dataclasses.asdict(obj, dict_factory=lambda kv: {k: v for k, v in kv if k not in drop})
 
 
 def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -303,29 +385,49 @@ def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
     return 100.0 if union == 0 else 100.0 * np.count_nonzero(pred & ref) / union
 
 
-def summarise_ious(ious: Sequence[float]) -> dict:
+def summarise_ious(ious: Sequence[float]) -> Metrics:
     """mIoU, ASR@50 (% IoU < 50), ASR@10 (% IoU < 10) and count of a list of IoUs in percent."""
     a = np.asarray(ious, dtype=np.float64)
     if a.size == 0:
-        return {"miou": None, "asr50": None, "asr10": None, "count": 0}
-    return {
-        "miou": float(a.mean()),
-        "asr50": float(100 * np.mean(a < 50)),
-        "asr10": float(100 * np.mean(a < 10)),
-        "count": int(a.size),
-    }
+        return Metrics(None, None, None, 0)
+    return Metrics(
+        float(a.mean()), float(100 * np.mean(a < 50)), float(100 * np.mean(a < 10)), int(a.size)
+    )
 
 
-def measure_quality(clean: np.ndarray, adv: np.ndarray) -> dict:
+def measure_quality(clean: np.ndarray, adv: np.ndarray) -> Quality:
     """L-inf (in 1/255), PSNR (dB, None if identical) and SSIM of two (H, W, 3) uint8 images."""
     diff = clean.astype(np.int16) - adv.astype(np.int16)
     mse = float(np.mean(diff.astype(np.float64) ** 2))
     ssim = warp_kernel.ssim(uad.to_tensor(clean), uad.to_tensor(adv), data_range=1.0)
-    return {
-        "linf": int(np.abs(diff).max()),
-        "psnr": 10 * math.log10(255**2 / mse) if mse > 0 else None,
-        "ssim": float(ssim[0]),
-    }
+    return Quality(
+        int(np.abs(diff).max()), 10 * math.log10(255**2 / mse) if mse > 0 else None, float(ssim[0])
+    )
+
+
+def summarise_rows(rows: Sequence[ImageResult], model_names: Sequence[str], annotated: bool):
+    """Pooled Metrics per model and prompt type over every prompt of every row."""
+    summary = {}
+    for name in model_names:
+        summary[name] = {}
+        for kind in (*PROMPT_KINDS, "all"):
+            records = [p for r in rows for p in r.prompts if kind in ("all", p.kind)]
+            summary[name][kind] = summarise_ious([p.iou[name] for p in records])
+            if annotated:
+                clean = summarise_ious([p.clean_iou[name] for p in records])
+                summary[name][kind].clean_miou = clean.miou
+    return summary
+
+
+def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
+    """Max L-inf, mean PSNR (identical images left out) and mean SSIM over the rows."""
+    psnrs = [r.psnr for r in rows if r.psnr is not None]
+    return QualitySummary(
+        max(r.linf for r in rows),
+        float(np.mean(psnrs)) if psnrs else None,
+        float(np.mean([r.ssim for r in rows])),
+        len(rows),
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -577,8 +679,8 @@ def score_prompts(predictors, prompts, objects: Optional[Sequence[RefObject]]):
       predictors: two predictors of the same model, whose set_image has been given the clean
         and the adversarial image, (H, W, 3) uint8 RGB.
       prompts: list of Prompt.
-      objects: the annotated objects (GT mode), or None: each prompt's reference is then the
-        model's own prediction on the clean image.
+      objects: the annotated objects (annotation mode), or None: each prompt's reference is
+        then the model's own prediction on the clean image.
 
     Returns:
       (ious, clean_ious): lists of IoU in percent; clean_ious is None without objects.
@@ -602,8 +704,8 @@ def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, Li
     return {**out, "all": list(values)}
 
 
-def score_pair(pair: Pair, segmenters, predictors, args) -> dict:
-    """Scores one image pair with every model; returns its row (see the JSON output)."""
+def score_pair(pair: Pair, segmenters, predictors, args) -> ImageResult:
+    """Scores one image pair with every model (annotation mode with --annotations)."""
     clean, adv = read_rgb(pair.clean), read_rgb(pair.adv)
     if clean.shape != adv.shape:
         raise uad.UADError(
@@ -612,12 +714,14 @@ def score_pair(pair: Pair, segmenters, predictors, args) -> dict:
         )
     if args.resize is not None or args.jpeg is not None:
         adv = degrade(adv, args.resize, args.jpeg)
+    annotated = args.annotations is not None
     seconds = {}
     started = time.perf_counter()
-    if args.annotations is not None:
+    if annotated:
         path = args.annotations
         path = path / f"{pair.clean.stem}.json" if path.is_dir() else path
-        objects, reference = read_annotations(path, clean.shape[:2], args.max_masks), "annotations"
+        objects = read_annotations(path, clean.shape[:2], args.max_masks)
+        reference = "annotations"
     else:
         try:
             objects, reference = find_objects(segmenters[0], clean, args)
@@ -625,95 +729,95 @@ def score_pair(pair: Pair, segmenters, predictors, args) -> dict:
             raise uad.UADError(f"{pair.clean}: {e}") from None
         seconds["mask_generator"] = time.perf_counter() - started
     prompts = sample_prompts(objects, pair.clean.stem, args.seed, args.points, args.boxes)
-    row = {
-        "name": pair.clean.name,
-        "clean": str(pair.clean),
-        "adv": str(pair.adv),
-        "size": [clean.shape[1], clean.shape[0]],
-        "reference": reference,
-        "objects": len(objects),
-        **measure_quality(clean, adv),
-        "metrics": {},
-        "seconds": seconds,
-        "prompts": [
-            {"object": p.object, "kind": p.kind, "coords": list(p.coords), "iou": {}}
-            for p in prompts
-        ],
-    }
-    gt = objects if args.annotations is not None else None
+    results = [
+        PromptResult(p.object, p.kind, list(p.coords), clean_iou={} if annotated else None)
+        for p in prompts
+    ]
+    metrics, references = {}, objects if annotated else None
     for segmenter, pair_of_predictors in zip(segmenters, predictors):
         started = time.perf_counter()
         for predictor, image in zip(pair_of_predictors, (clean, adv)):
             predictor.set_image(image)
-        ious, clean_ious = score_prompts(pair_of_predictors, prompts, gt)
+        ious, clean_ious = score_prompts(pair_of_predictors, prompts, references)
         seconds[segmenter.name] = time.perf_counter() - started
-        metrics = {kind: summarise_ious(v) for kind, v in per_kind(prompts, ious).items()}
-        for i, record in enumerate(row["prompts"]):
-            record["iou"][segmenter.name] = ious[i]
-            if clean_ious is not None:
-                record.setdefault("clean_iou", {})[segmenter.name] = clean_ious[i]
-        if clean_ious is not None:
+        metrics[segmenter.name] = {k: summarise_ious(v) for k, v in per_kind(prompts, ious).items()}
+        for i, result in enumerate(results):
+            result.iou[segmenter.name] = ious[i]
+            if annotated:
+                result.clean_iou[segmenter.name] = clean_ious[i]
+        if annotated:
             for kind, v in per_kind(prompts, clean_ious).items():
-                metrics[kind]["clean_miou"] = summarise_ious(v)["miou"]
-        row["metrics"][segmenter.name] = metrics
-    return row
-
-
-def summarise_rows(rows: Sequence[dict], model_names: Sequence[str], gt: bool) -> dict:
-    """Pooled metrics per model and prompt type over every prompt of every row."""
-    summary = {}
-    for name in model_names:
-        summary[name] = {}
-        for kind in (*PROMPT_KINDS, "all"):
-            records = [p for r in rows for p in r["prompts"] if kind in ("all", p["kind"])]
-            summary[name][kind] = summarise_ious([p["iou"][name] for p in records])
-            if gt:
-                clean = summarise_ious([p["clean_iou"][name] for p in records])
-                summary[name][kind]["clean_miou"] = clean["miou"]
-    return summary
-
-
-def summarise_quality(rows: Sequence[dict]) -> dict:
-    """Max L-inf, mean PSNR (identical images left out) and mean SSIM over the rows."""
-    psnrs = [r["psnr"] for r in rows if r["psnr"] is not None]
-    return {
-        "linf_max": max(r["linf"] for r in rows),
-        "psnr_mean": float(np.mean(psnrs)) if psnrs else None,
-        "ssim_mean": float(np.mean([r["ssim"] for r in rows])),
-        "images": len(rows),
-    }
+                metrics[segmenter.name][kind].clean_miou = summarise_ious(v).miou
+    return ImageResult(
+        name=pair.clean.name,
+        clean=str(pair.clean),
+        adv=str(pair.adv),
+        size=[clean.shape[1], clean.shape[0]],
+        reference=reference,
+        objects=len(objects),
+        **dataclasses.asdict(measure_quality(clean, adv)),
+        metrics=metrics,
+        seconds=seconds,
+        prompts=results,
+    )
 
 
 # -----------------------------------------------------------------------------------------------
-# Output: table, JSON, CSV
+# Output: table, CSV, JSON
 
 
 def format_number(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(summary: dict, quality: dict, seconds: dict, gt: bool) -> str:
-    head = ["model", "prompts", "count", "mIoU", "ASR@50", "ASR@10"] + (
-        ["clean mIoU"] if gt else []
-    )
-    lines = [head]
-    for name, kinds in summary.items():
+def format_table(results: Results) -> str:
+    annotated = results.annotated
+    head = ["model", "prompts", "count", "mIoU", "ASR@50", "ASR@10"]
+    lines = [head + (["clean mIoU"] if annotated else [])]
+    for name, kinds in results.summary.items():
         for kind, m in kinds.items():
-            cells = [name, kind, str(m["count"])]
-            cells += [format_number(m[k]) for k in ("miou", "asr50", "asr10")]
-            lines.append(cells + ([format_number(m["clean_miou"])] if gt else []))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+            numbers = (m.miou, m.asr50, m.asr10) + ((m.clean_miou,) if annotated else ())
+            lines.append([name, kind, str(m.count)] + [format_number(v) for v in numbers])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     text = [
         "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in lines
     ]
-    psnr = "inf (identical)" if quality["psnr_mean"] is None else f"{quality['psnr_mean']:.2f} dB"
+    q = results.quality
+    psnr = "inf (identical)" if q.psnr_mean is None else f"{q.psnr_mean:.2f} dB"
     text.append(
-        f"image quality over {quality['images']} image(s): L-inf max {quality['linf_max']}/255, "
-        f"PSNR mean {psnr}, SSIM mean {quality['ssim_mean']:.4f}"
+        f"image quality over {q.images} image(s): L-inf max {q.linf_max}/255, "
+        f"PSNR mean {psnr}, SSIM mean {q.ssim_mean:.4f}"
     )
+    seconds = results.seconds_per_image
     text.append("seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return "\n".join(text)
+
+
+def format_csv(results: Results) -> str:
+    """One line per image x model x prompt type, then the pooled summary as image "ALL"."""
+    annotated = results.annotated
+    fields = ["image", "model", "prompts", "count", "miou", "asr50", "asr10"]
+    fields += (["clean_miou"] if annotated else []) + ["linf", "psnr", "ssim", "seconds"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+
+    def line(image, model, kind, m: Metrics, linf, psnr, ssim, seconds):
+        cells = {"image": image, "model": model, "prompts": kind, **to_json(m, annotated)}
+        cells.update(linf=linf, psnr="inf" if psnr is None else psnr, ssim=ssim, seconds=seconds)
+        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+
+    for r in results.images:
+        for model, kinds in r.metrics.items():
+            for kind, m in kinds.items():
+                line(r.name, model, kind, m, r.linf, r.psnr, r.ssim, r.seconds[model])
+    q = results.quality
+    for model, kinds in results.summary.items():
+        mean_seconds = float(np.mean([r.seconds[model] for r in results.images]))
+        for kind, m in kinds.items():
+            line("ALL", model, kind, m, q.linf_max, q.psnr_mean, q.ssim_mean, mean_seconds)
+    return out.getvalue()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -721,35 +825,6 @@ def write_text(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
     except OSError as e:
         raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def format_csv(rows: Sequence[dict], summary: dict, quality: dict, gt: bool) -> str:
-    """One line per image x model x prompt type, then the pooled summary as image "ALL"."""
-    fields = ["image", "model", "prompts", "count", "miou", "asr50", "asr10"]
-    fields += (["clean_miou"] if gt else []) + ["linf", "psnr", "ssim", "seconds"]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-
-    def line(image, model, kind, m, linf, psnr, ssim, seconds):
-        cells = {"image": image, "model": model, "prompts": kind, "linf": linf, "ssim": ssim}
-        cells.update({k: m[k] for k in fields if k in m})
-        cells["psnr"] = "inf" if psnr is None else psnr
-        cells["seconds"] = seconds
-        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
-
-    for r in rows:
-        for model, kinds in r["metrics"].items():
-            for kind, m in kinds.items():
-                line(
-                    r["name"], model, kind, m, r["linf"], r["psnr"], r["ssim"], r["seconds"][model]
-                )
-    for model, kinds in summary.items():
-        mean_seconds = float(np.mean([r["seconds"][model] for r in rows]))
-        for kind, m in kinds.items():
-            q = quality
-            line("ALL", model, kind, m, q["linf_max"], q["psnr_mean"], q["ssim_mean"], mean_seconds)
-    return out.getvalue()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -777,7 +852,7 @@ def run_benchmark(args, specs, device) -> int:
     prompts = sample_prompts(objects, "bench", args.seed, args.points, args.boxes)
     print(
         f"benchmark: random-init weights, {width}x{height} image, {len(prompts)} prompts, "
-        f"annotation protocol (2 encoder passes, {2 * len(prompts)} mask decodes), "
+        f"annotation mode (2 encoder passes, {2 * len(prompts)} mask decodes), "
         f"{device}, {torch.get_num_threads()} thread(s)"
     )
     for name, _ in specs:
@@ -901,29 +976,31 @@ def run(args) -> int:
             progress.error(f"none of the {len(pairs)} image pair(s) could be scored")
         return 1
 
-    gt = args.annotations is not None
+    annotated = args.annotations is not None
     names = [s.name for s in segmenters]
-    summary = summarise_rows(rows, names, gt)
-    quality = summarise_quality(rows)
-    seconds = {k: float(np.mean([r["seconds"][k] for r in rows])) for k in rows[0]["seconds"]}
-    mode = "annotations" if gt else f"clean-reference (objects from {names[0]}'s automatic masks)"
-    print(f"mode: {mode}; {len(rows)} image(s) scored, {len(failures)} failed; seed {args.seed}")
-    print(format_table(summary, quality, seconds, gt))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings["models"] = dict(specs)
+    results = Results(
+        mode="annotations" if annotated else "clean-reference",
+        settings=settings,
+        summary=summarise_rows(rows, names, annotated),
+        quality=summarise_quality(rows),
+        seconds_per_image={
+            k: float(np.mean([r.seconds[k] for r in rows])) for k in rows[0].seconds
+        },
+        images=rows,
+        failures=failures,
+    )
+    how = "" if annotated else f" (objects from {names[0]}'s automatic masks)"
+    counts = f"{len(rows)} image(s) scored, {len(failures)} failed"
+    print(f"mode: {results.mode}{how}; {counts}; seed {args.seed}")
+    print(format_table(results))
     if args.out is not None:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        settings["models"] = dict(specs)
-        result = {
-            "mode": "annotations" if gt else "clean-reference",
-            "settings": settings,
-            "summary": summary,
-            "quality": quality,
-            "seconds_per_image": seconds,
-            "images": rows,
-            "failures": failures,
-        }
-        write_text(args.out, json.dumps(result, indent=1, allow_nan=False) + "\n")
+        write_text(
+            args.out, json.dumps(to_json(results, annotated), indent=1, allow_nan=False) + "\n"
+        )
     if args.csv is not None:
-        write_text(args.csv, format_csv(rows, summary, quality, gt))
+        write_text(args.csv, format_csv(results))
     if failures and folders:
         progress.error(f"{len(failures)} image(s) not scored, see above")
     return 1 if failures else 0

@@ -300,22 +300,22 @@ def test_iou_on_hand_made_masks():
 
 def test_asr_counts_strictly_below_the_threshold():
     m = ev.summarise_ious([100, 50, 49.99, 10, 9.5, 0])
-    assert m["count"] == 6
-    assert m["miou"] == pytest.approx((100 + 50 + 49.99 + 10 + 9.5) / 6)
-    assert m["asr50"] == pytest.approx(100 * 4 / 6)  # 49.99, 10, 9.5, 0; 50 itself is not
-    assert m["asr10"] == pytest.approx(100 * 2 / 6)  # 9.5, 0
-    assert ev.summarise_ious([]) == {"miou": None, "asr50": None, "asr10": None, "count": 0}
+    assert m.count == 6
+    assert m.miou == pytest.approx((100 + 50 + 49.99 + 10 + 9.5) / 6)
+    assert m.asr50 == pytest.approx(100 * 4 / 6)  # 49.99, 10, 9.5, 0; 50 itself is not
+    assert m.asr10 == pytest.approx(100 * 2 / 6)  # 9.5, 0
+    assert ev.summarise_ious([]) == ev.Metrics(miou=None, asr50=None, asr10=None, count=0)
 
 
 def test_image_quality_figures():
     clean = np.full((32, 48, 3), 100, np.uint8)
     same = ev.measure_quality(clean, clean.copy())
-    assert same["linf"] == 0 and same["psnr"] is None and same["ssim"] == pytest.approx(1, abs=1e-5)
+    assert same.linf == 0 and same.psnr is None and same.ssim == pytest.approx(1, abs=1e-5)
     shifted = clean + 8
     q = ev.measure_quality(clean, shifted)
-    assert q["linf"] == 8
-    assert q["psnr"] == pytest.approx(10 * np.log10(255**2 / 64))
-    assert q["ssim"] < 1
+    assert q.linf == 8
+    assert q.psnr == pytest.approx(10 * np.log10(255**2 / 64))
+    assert q.ssim < 1
 
 
 def test_publishing_probes_keep_the_size_and_change_the_pixels():
