@@ -94,6 +94,7 @@ import warp_kernel
 
 PROMPT_KINDS = ("point", "box")
 BOX_JITTER = (0.9, 1.1)  # range of the factor on the bbox's width and height
+BENCH_SIZE = (2250, 1500)  # W, H of --bench's synthetic image: SA-1B's size
 
 # name -> (package, architecture key or SAM 2 config)
 MODELS = {
@@ -835,11 +836,10 @@ def run_benchmark(args, specs, device) -> int:
     """Times one synthetic image per model with random-init weights (see --bench)."""
     from segment_anything import SamPredictor
 
-    try:
-        width, height = (int(v) for v in args.bench.lower().split("x"))
-        assert width >= 16 and height >= 16
-    except (ValueError, AssertionError):
-        raise uad.UADError(f"--bench {args.bench!r}: expected WxH, both at least 16") from None
+    width, height = args.bench
+    for name, _ in specs:
+        if name not in uad.SAM_ARCHS:
+            raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
     rng = np.random.default_rng(args.seed)
     clean = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     adv = np.clip(clean + rng.integers(-8, 9, clean.shape), 0, 255).astype(np.uint8)
@@ -856,8 +856,6 @@ def run_benchmark(args, specs, device) -> int:
         f"{device}, {torch.get_num_threads()} thread(s)"
     )
     for name, _ in specs:
-        if name not in uad.SAM_ARCHS:
-            raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
         torch.manual_seed(0)
         sam = uad.build_sam(name).requires_grad_(False).to(device)
         predictors = (SamPredictor(sam), SamPredictor(sam))
@@ -880,8 +878,39 @@ def run_benchmark(args, specs, device) -> int:
 # Command line
 
 
+def number(kind: type, low, high=None, above: bool = False):
+    """An argparse type: an int or float at least `low` (above it if `above`), at most `high`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r}: not {what}") from None
+        if not (value > low if above else value >= low):
+            raise argparse.ArgumentTypeError(
+                f"{text}: must be {'above' if above else 'at least'} {low}"
+            )
+        if high is not None and not value <= high:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most {high}")
+        return value
+
+    return parse
+
+
+def image_size(text: str) -> Tuple[int, int]:
+    """--bench: WxH in pixels, both at least 16."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        width = height = 0
+    if min(width, height) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WxH, both at least 16")
+    return width, height
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = uad.Parser(  # every usage error is one line
         prog="eval.py",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -890,43 +919,36 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--clean", type=Path, metavar="PATH", help="clean image file or folder")
     add("--adv", type=Path, metavar="PATH", help="adversarial image file or folder (same names)")
-    add("--models", metavar="LIST", help="NAME or NAME=CHECKPOINT, comma-separated")
+    add("--models", required=True, metavar="LIST", help="NAME or NAME=CHECKPOINT, comma-separated")
     add("--annotations", type=Path, metavar="DIR", help="SA-1B JSON folder (or one JSON file)")
-    add("--points", type=int, default=5, metavar="N", help="point prompts per object (5)")
-    add("--boxes", type=int, default=3, metavar="N", help="box prompts per object (3)")
-    add("--max-masks", type=int, default=10, metavar="N", help="objects per image (10)")
-    add("--seed", type=int, default=0, metavar="N", help="prompt seed, >= 0 (0)")
-    add("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
+    count, at_least_1, threshold = number(int, 0), number(int, 1), number(float, 0.0, 1.0)
+    for flag, kind, default, what in [
+        ("--points", count, 5, "point prompts per object"),
+        ("--boxes", count, 3, "box prompts per object"),
+        ("--max-masks", at_least_1, 10, "objects per image"),
+        ("--seed", count, 0, "prompt seed, >= 0"),
+        ("--points-per-side", at_least_1, 32, "clean-reference generator grid"),
+        ("--pred-iou-thresh", threshold, 0.88, "clean-reference, in [0, 1]"),
+        ("--stability-score-thresh", threshold, 0.95, "clean-reference, in [0, 1]"),
+    ]:
+        metavar = "N" if type(default) is int else "T"
+        add(flag, type=kind, default=default, metavar=metavar, help=f"{what} (%(default)s)")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (%(default)s)")
     add("--out", type=Path, metavar="FILE", help="write the results as JSON")
     add("--csv", type=Path, metavar="FILE", help="write per-image and summary rows as CSV")
-    add("--jpeg", type=int, metavar="Q", help="re-encode the adversarial image as JPEG, quality Q")
-    add("--resize", type=float, metavar="S", help="downscale the adversarial image by S and back")
-    add("--points-per-side", type=int, default=32, metavar="N", help="clean-reference grid (32)")
-    add("--pred-iou-thresh", type=float, default=0.88, metavar="T", help="clean-reference (0.88)")
-    add("--stability-score-thresh", type=float, default=0.95, metavar="T", help="same (0.95)")
-    add("--bench", nargs="?", const="2250x1500", metavar="WxH", help="time each model and exit")
+    add("--jpeg", type=number(int, 1, 100), metavar="Q", help="probe: JPEG at quality Q, 1..100")
+    probe = "probe: downscale by S in (0, 1] and back"
+    add("--resize", type=number(float, 0.0, 1.0, above=True), metavar="S", help=probe)
+    bench = "time each model on a WxH image (%dx%d) and exit" % BENCH_SIZE
+    add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
     add("--quiet", action="store_true", help="no progress line")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    for flag, value, low in [
-        ("--points", args.points, 0),
-        ("--boxes", args.boxes, 0),
-        ("--max-masks", args.max_masks, 1),
-        ("--seed", args.seed, 0),
-        ("--points-per-side", args.points_per_side, 1),
-    ]:
-        if value < low:
-            parser.error(f"{flag} must be at least {low}")
+    """What argparse's declarations cannot say: flags that go together."""
     if args.points + args.boxes == 0:
         parser.error("--points and --boxes are both 0: nothing to score")
-    if args.jpeg is not None and not 1 <= args.jpeg <= 100:
-        parser.error("--jpeg must be a quality in 1..100")
-    if args.resize is not None and not 0 < args.resize <= 1:
-        parser.error("--resize must be a factor in (0, 1]")
-    if args.models is None:
-        parser.error("--models is required")
     if args.bench is None and (args.clean is None or args.adv is None):
         parser.error("--clean and --adv are required (unless --bench)")
 

@@ -1,5 +1,6 @@
 """eval.py: RLE decoding, prompts, metrics, and the command line on tiny random-init SAMs."""
 
+import argparse
 import csv
 import io
 import json
@@ -692,23 +693,73 @@ def test_bad_input_is_one_line(cli, tmp_path, case, message):
 
 
 @pytest.mark.parametrize(
-    "flags",
-    [["--jpeg", "0"], ["--resize", "2"], ["--points", "0", "--boxes", "0"], ["--seed", "-1"]],
+    "flags, message",
+    [
+        (["--jpeg", "0"], "argument --jpeg: 0: must be at least 1"),
+        (["--jpeg", "101"], "argument --jpeg: 101: must be at most 100"),
+        (["--jpeg", "high"], "argument --jpeg: 'high': not a whole number"),
+        (["--resize", "2"], "argument --resize: 2: must be at most 1.0"),
+        (["--resize", "0"], "argument --resize: 0: must be above 0.0"),
+        (["--resize", "nan"], "argument --resize: nan: must be above 0.0"),
+        (["--points", "0", "--boxes", "0"], "--points and --boxes are both 0"),
+        (["--points", "-1"], "argument --points: -1: must be at least 0"),
+        (["--seed", "-1"], "argument --seed: -1: must be at least 0"),
+        (["--max-masks", "0"], "argument --max-masks: 0: must be at least 1"),
+        (["--points-per-side", "0"], "argument --points-per-side: 0: must be at least 1"),
+        (["--pred-iou-thresh", "1.5"], "argument --pred-iou-thresh: 1.5: must be at most 1.0"),
+        (["--bench", "64"], "argument --bench: '64': expected WxH, both at least 16"),
+        (["--bench", "8x8"], "argument --bench: '8x8': expected WxH, both at least 16"),
+        (["--models", None], "the following arguments are required: --models"),
+        (["--clean", None], "--clean and --adv are required (unless --bench)"),
+    ],
 )
-def test_bad_flags_are_usage_errors(cli, flags):
-    code, _, stderr = cli("--clean", "a.png", "--adv", "b.png", "--models", "vit_b", *flags)
-    assert code == 2 and "error:" in stderr
+def test_bad_flags_are_one_line_usage_errors(cli, flags, message):
+    args = {"--clean": "a.png", "--adv": "b.png", "--models": "vit_b"}
+    args.update(zip(flags[::2], flags[1::2]))
+    argv = [a for flag, value in args.items() if value is not None for a in (flag, value)]
+    code, _, stderr = cli(*argv)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: ") and message in stderr and "Traceback" not in stderr
 
 
-def test_help_documents_the_protocol(cli):
+def help_entries(text: str) -> dict:
+    """{first option string: its whole entry} of the "options:" block of argparse's --help."""
+    block = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries, flag = {}, None
+    for line in block.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        else:  # a continuation of the entry above
+            entries[flag] += " " + line.strip()
+    return entries
+
+
+def test_help_lists_every_flag_with_its_default_and_every_model(cli):
     code, stdout, _ = cli("--help")
     assert code == 0
-    for text in ("clean-reference mode", "--annotations", "ASR@50", "int(0.9 w)", "--bench"):
-        assert text in stdout
+    entries = help_entries(stdout)
+    for action in ev.build_parser()._actions:
+        flag = action.option_strings[0]
+        assert flag in entries, flag
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"({action.default})" in entries[flag], (flag, entries[flag])
+    assert "(2250x1500)" in entries["--bench"]  # --bench's value when given alone
+    usage = stdout.split("\n\n", 1)[0]
+    assert " --models LIST" in usage and "[--models" not in usage  # required, so not bracketed
+    epilog = stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[1]
+    for name in ev.MODELS:  # each model name on its own, not inside a longer one
+        assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.+])", epilog), name
 
 
 # -----------------------------------------------------------------------------------------------
 # Cost
+
+
+BENCH_LINE = (
+    r"vit_b: (\d+\.\d\d) s per image "
+    r"\(encoder (\d+\.\d\d) s for 2 passes, mask decoding and IoU (\d+\.\d\d) s\)"
+)
 
 
 def test_bench_prints_seconds_per_image_per_model(cli):
@@ -718,6 +769,8 @@ def test_bench_prints_seconds_per_image_per_model(cli):
     assert code == 0, stderr
     assert "random-init weights, 64x48 image, 2 prompts" in stdout
     (line,) = [line for line in stdout.splitlines() if line.startswith("vit_b:")]
-    assert float(line.split()[1]) > 0 and "s per image" in line
+    total, encode, decode = map(float, re.fullmatch(BENCH_LINE, line).groups())
+    assert total > 0 and encode > 0 and decode > 0
+    assert total == pytest.approx(encode + decode, abs=0.015)  # the parts add up, to rounding
     code, _, stderr = cli("--bench", "--models", "mobile_sam")
     assert code == 1 and "--bench times vit_b, vit_l, vit_h only" in stderr
