@@ -6,7 +6,8 @@
 CLEAN and ADV are two image files, or two folders whose images pair up by file name: CLEAN/x.jpg
 pairs with ADV/x.jpg, else with the only ADV/x.* (so x.jpg may pair with the x.png an attack
 wrote). Each model is loaded once and scores every pair with the same prompts. Greyscale images
-are replicated to RGB; an alpha channel is ignored.
+are replicated to RGB; an alpha channel is ignored; of an animation or multi-page file only the
+first frame is scored (with a warning).
 
 Reference masks and prompts
   Annotation mode, --annotations DIR (SA-1B per-image JSON, DIR/<clean stem>.json, COCO RLE): the
@@ -53,9 +54,16 @@ Publishing probes (applied in memory to the adversarial image only)
 Outputs
   A table on stdout; --out JSON (settings, summary, per-image rows with every prompt's IoU);
   --csv one row per image x model x prompt type, plus rows with image "ALL" for the summary.
-  A bad pair (sizes differ, no adversarial twin, unreadable image, missing or corrupt annotation
-  JSON) is reported on stderr as one line and skipped; the others are still scored and written,
-  and the exit status is 1.
+  Both are written whole (through a temporary file) or not at all.
+
+Errors
+  Every input is read before any model loads. A bad pair (sizes differ, no adversarial twin,
+  unreadable or truncated image, one over --max-pixels, missing or corrupt annotation JSON) is
+  reported on stderr as one line and skipped; the others are still scored and written, and the
+  exit status is 1. Anything else (a flag's value, a device this machine lacks, a model whose
+  package or checkpoint file is missing, an --out or --csv that cannot be written or would
+  replace an input) is one line and a non-zero exit before any model loads, and nothing is
+  written; a checkpoint that is not a PyTorch file is found when its model loads.
 
 Models
   vit_b, vit_l, vit_h (segment-anything; without =PATH the official checkpoint from the cache,
@@ -79,7 +87,9 @@ import importlib
 import io
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +160,14 @@ def decode_rle_string(counts: str) -> List[int]:
     return runs
 
 
+def rle_size(segmentation: dict) -> Tuple[int, int]:
+    """(H, W) of a COCO RLE, read without decoding it; ValueError if it is not an RLE."""
+    if not isinstance(segmentation, dict) or "size" not in segmentation:
+        raise ValueError("segmentation is not an RLE ({'size', 'counts'}); polygons are not read")
+    h, w = (int(v) for v in segmentation["size"])
+    return h, w
+
+
 def decode_rle(segmentation: dict) -> np.ndarray:
     """Decodes a COCO RLE, compressed (string counts, as in SA-1B) or not (list of counts).
 
@@ -161,9 +179,7 @@ def decode_rle(segmentation: dict) -> np.ndarray:
     Returns:
       (H, W) bool mask. Raises ValueError if the RLE is malformed.
     """
-    if not isinstance(segmentation, dict) or "size" not in segmentation:
-        raise ValueError("segmentation is not an RLE ({'size', 'counts'}); polygons are not read")
-    h, w = (int(v) for v in segmentation["size"])
+    h, w = rle_size(segmentation)
     counts = segmentation.get("counts")
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
@@ -186,6 +202,12 @@ def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)
 
 
+def check_annotation_file(path: Path) -> None:
+    if not path.is_file():
+        problem = "is a folder, not a JSON file" if path.is_dir() else "no such annotation file"
+        raise uad.UADError(f"{path}: {problem}")
+
+
 def read_annotations(path: Path, image_size: Tuple[int, int], max_masks: int) -> List[RefObject]:
     """The first `max_masks` annotations of an SA-1B JSON file, empty masks skipped.
 
@@ -197,31 +219,35 @@ def read_annotations(path: Path, image_size: Tuple[int, int], max_masks: int) ->
     Returns:
       RefObjects in file order. Any problem raises UADError naming the file.
     """
-    if not path.is_file():
-        raise uad.UADError(f"{path}: no such annotation file")
+    check_annotation_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise uad.UADError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise uad.UADError(f"{path}: cannot read ({e.strerror or e})") from None
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
         raise uad.UADError(f"{path}: no 'annotations' list")
     objects = []
     for i, ann in enumerate(anns[:max_masks]):
         try:
+            size = rle_size(ann["segmentation"])
+            if size != image_size:  # checked before decoding: a few bytes can declare gigapixels
+                raise uad.UADError(
+                    f"{path}: annotation {i} is {size[1]}x{size[0]}, "
+                    f"the clean image {image_size[1]}x{image_size[0]}"
+                )
             mask = decode_rle(ann["segmentation"])
             bbox = tuple(float(v) for v in ann["bbox"])
             if len(bbox) != 4:
                 raise ValueError(f"bbox has {len(bbox)} numbers, not 4")
+            if not all(map(math.isfinite, bbox)):
+                raise ValueError(f"bbox {list(bbox)} is not finite")
         except KeyError as e:
             raise uad.UADError(f"{path}: annotation {i} has no {e.args[0]!r}") from None
-        except (ValueError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError, AttributeError, OverflowError) as e:
             raise uad.UADError(f"{path}: annotation {i}: {e}") from None
-        if mask.shape != image_size:
-            raise uad.UADError(
-                f"{path}: annotation {i} is {mask.shape[1]}x{mask.shape[0]}, "
-                f"the clean image {image_size[1]}x{image_size[0]}"
-            )
         if mask.any():
             objects.append(RefObject(mask, bbox))
     if not objects:
@@ -439,6 +465,7 @@ def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
 class Pair:
     clean: Path
     adv: Path
+    annotations: Optional[Path] = None  # annotation mode: the clean image's JSON file
 
 
 def image_files(folder: Path) -> List[Path]:
@@ -447,29 +474,22 @@ def image_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
 
 
-def peek_size(path: Path) -> Tuple[int, int]:
-    """(W, H) as uad.read_image will see it, from the header alone; UADError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that transpose
-                w, h = h, w
-        return w, h
-    except Exception:
-        uad.read_image(path)  # raises the precise one-line error
-        raise uad.UADError(f"{path}: not an image file that PIL can read") from None
-
-
-def check_pair(pair: Pair) -> None:
-    size_clean, size_adv = peek_size(pair.clean), peek_size(pair.adv)
-    if size_clean != size_adv:
+def check_sizes(pair: Pair, clean: np.ndarray, adv: np.ndarray) -> None:
+    """UADError unless the pixels of the pair's two images have the same height and width."""
+    (h_clean, w_clean), (h_adv, w_adv) = clean.shape[:2], adv.shape[:2]
+    if (h_clean, w_clean) != (h_adv, w_adv):
         raise uad.UADError(
-            f"{pair.adv}: adversarial image is {size_adv[0]}x{size_adv[1]}, "
-            f"its clean twin {pair.clean} is {size_clean[0]}x{size_clean[1]}"
+            f"{pair.adv}: adversarial image is {w_adv}x{h_adv}, "
+            f"its clean twin {pair.clean} is {w_clean}x{h_clean}"
         )
 
 
-def pair_inputs(clean: Path, adv: Path) -> Tuple[List[Pair], List[str]]:
+def check_pair(pair: Pair, max_pixels: Optional[int]) -> None:
+    """Both images decode, within max_pixels, and have the same size; UADError if not."""
+    check_sizes(pair, *(uad.read_image(p, max_pixels).pixels for p in (pair.clean, pair.adv)))
+
+
+def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = uad.MAX_PIXELS):
     """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem).
 
     Returns the good pairs and one error line per clean image that cannot be scored.
@@ -498,16 +518,19 @@ def pair_inputs(clean: Path, adv: Path) -> Tuple[List[Pair], List[str]]:
     pairs = []
     for pair in candidates:
         try:
-            check_pair(pair)
+            check_pair(pair, max_pixels)
             pairs.append(pair)
         except uad.UADError as e:
             errors.append(str(e))
     return pairs, errors
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, max_pixels: Optional[int], progress: uad.Progress) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file; greyscale is replicated, alpha dropped."""
-    pixels = uad.read_image(path).pixels
+    picture = uad.read_image(path, max_pixels)
+    if picture.frames > 1:
+        progress.warn(f"{path}: only the first of its {picture.frames} frames is scored")
+    pixels = picture.pixels
     return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
 
 
@@ -559,15 +582,40 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
     """Parses --models: "vit_b=PATH,vit_h" -> [("vit_b", "PATH"), ("vit_h", None)]."""
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, path = item.partition("=")
+        name, equals, path = item.partition("=")
         if name not in MODELS:
             raise uad.UADError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         if name in (n for n, _ in specs):
             raise uad.UADError(f"model {name!r} is listed twice in --models")
+        if equals and not path:
+            raise uad.UADError(f"--models {item}: no checkpoint after '='")
         specs.append((name, path or None))
     if not specs:
         raise uad.UADError("--models names no model")
     return specs
+
+
+def import_package(name: str):
+    """The package of a model that segment_anything does not provide; UADError if missing."""
+    package = MODELS[name][0]
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise uad.UADError(
+            f"model {name} needs the {package} package: {INSTALL[package]}"
+        ) from None
+
+
+def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
+    """What can be known of the models before any loads: their packages and checkpoint files."""
+    for name, checkpoint in specs:
+        if MODELS[name][0] != "segment_anything":
+            import_package(name)
+            if checkpoint is None:
+                raise uad.UADError(f"model {name} needs a checkpoint: pass {name}=PATH in --models")
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            problem = "is a folder" if Path(checkpoint).is_dir() else "no such checkpoint file"
+            raise uad.UADError(f"{checkpoint}: {problem}")
 
 
 def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[str] = None):
@@ -591,6 +639,7 @@ def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[st
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
     """Builds model `name` (a key of MODELS) with its checkpoint, ready to predict."""
+    check_models([(name, checkpoint)])
     package, arch = MODELS[name]
     if package == "segment_anything":
         from segment_anything import SamAutomaticMaskGenerator, SamPredictor
@@ -599,14 +648,7 @@ def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = F
         return Segmenter(
             name, lambda: SamPredictor(sam), lambda **kw: SamAutomaticMaskGenerator(sam, **kw)
         )
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise uad.UADError(
-            f"model {name} needs the {package} package: {INSTALL[package]}"
-        ) from None
-    if checkpoint is None:
-        raise uad.UADError(f"model {name} needs a checkpoint: pass {name}=PATH in --models")
+    module = import_package(name)
     if package == "sam2":
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
         from sam2.build_sam import build_sam2
@@ -705,23 +747,18 @@ def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, Li
     return {**out, "all": list(values)}
 
 
-def score_pair(pair: Pair, segmenters, predictors, args) -> ImageResult:
-    """Scores one image pair with every model (annotation mode with --annotations)."""
-    clean, adv = read_rgb(pair.clean), read_rgb(pair.adv)
-    if clean.shape != adv.shape:
-        raise uad.UADError(
-            f"{pair.adv}: adversarial image is {adv.shape[1]}x{adv.shape[0]}, "
-            f"its clean twin {pair.clean} is {clean.shape[1]}x{clean.shape[0]}"
-        )
+def score_pair(pair: Pair, segmenters, predictors, args, progress: uad.Progress) -> ImageResult:
+    """Scores one image pair with every model (annotation mode when pair.annotations is set)."""
+    clean = read_rgb(pair.clean, args.max_pixels, progress)
+    adv = read_rgb(pair.adv, args.max_pixels, progress)
+    check_sizes(pair, clean, adv)  # again: a file may have changed since check_pair
     if args.resize is not None or args.jpeg is not None:
         adv = degrade(adv, args.resize, args.jpeg)
-    annotated = args.annotations is not None
+    annotated = pair.annotations is not None
     seconds = {}
     started = time.perf_counter()
     if annotated:
-        path = args.annotations
-        path = path / f"{pair.clean.stem}.json" if path.is_dir() else path
-        objects = read_annotations(path, clean.shape[:2], args.max_masks)
+        objects = read_annotations(pair.annotations, clean.shape[:2], args.max_masks)
         reference = "annotations"
     else:
         try:
@@ -764,7 +801,7 @@ def score_pair(pair: Pair, segmenters, predictors, args) -> ImageResult:
 
 
 # -----------------------------------------------------------------------------------------------
-# Output: table, CSV, JSON
+# Output: table, CSV, results files
 
 
 def format_number(value, digits: int = 2) -> str:
@@ -821,11 +858,38 @@ def format_csv(results: Results) -> str:
     return out.getvalue()
 
 
+def check_output(path: Path) -> None:
+    """Checks, before any work, that a results file (--out, --csv) can be written at `path`."""
+    folder = path.parent  # "." for a bare file name
+    if path.is_dir():
+        raise uad.UADError(f"{path}: is a folder")
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise uad.UADError(f"{path}: folder {folder} {problem}")
+    try:  # os.access cannot tell a read-only file system, and says yes to root
+        with tempfile.TemporaryFile(dir=folder, prefix=f".{path.name}."):
+            pass
+    except OSError as e:
+        raise uad.UADError(f"{path}: cannot write to folder {folder} ({e.strerror or e})") from None
+
+
 def write_text(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all: a temporary file in its folder, renamed into place."""
     try:
-        path.write_text(text, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
+    try:
+        # surrogateescape: a file name that is not UTF-8 is written back as the bytes it was
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+        os.chmod(tmp, uad.default_file_mode(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -837,6 +901,8 @@ def run_benchmark(args, specs, device) -> int:
     from segment_anything import SamPredictor
 
     width, height = args.bench
+    if width * height > args.max_pixels:
+        raise uad.UADError(f"--bench {width}x{height}: over --max-pixels {args.max_pixels}")
     for name, _ in specs:
         if name not in uad.SAM_ARCHS:
             raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
@@ -930,6 +996,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--points-per-side", at_least_1, 32, "clean-reference generator grid"),
         ("--pred-iou-thresh", threshold, 0.88, "clean-reference, in [0, 1]"),
         ("--stability-score-thresh", threshold, 0.95, "clean-reference, in [0, 1]"),
+        (
+            "--max-pixels",
+            at_least_1,
+            uad.MAX_PIXELS,
+            "refuse larger images, against decompression bombs",
+        ),
     ]:
         metavar = "N" if type(default) is int else "T"
         add(flag, type=kind, default=default, metavar=metavar, help=f"{what} (%(default)s)")
@@ -941,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resize", type=number(float, 0.0, 1.0, above=True), metavar="S", help=probe)
     bench = "time each model on a WxH image (%dx%d) and exit" % BENCH_SIZE
     add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
-    add("--quiet", action="store_true", help="no progress line")
+    add("--quiet", action="store_true", help="no progress or warning lines")
     return parser
 
 
@@ -953,45 +1025,72 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--clean and --adv are required (unless --bench)")
 
 
+def check_inputs(args) -> Tuple[List[Pair], List[str]]:
+    """Everything about the images, annotations and outputs that can be known before any model
+    loads. Returns the pairs to score and an error line per image that cannot be; raises
+    UADError for a problem that stops the run."""
+    outputs = [p for p in (args.out, args.csv) if p is not None]
+    for path in outputs:
+        check_output(path)
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise uad.UADError(f"{args.out}: --out and --csv name the same file")
+    if args.annotations is not None and not args.annotations.exists():
+        raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
+    pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels)
+    if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
+        raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
+    if args.annotations is not None:
+        folder = args.annotations.is_dir()
+        for pair in list(pairs):
+            pair.annotations = (
+                args.annotations / f"{pair.clean.stem}.json" if folder else args.annotations
+            )
+            try:
+                check_annotation_file(pair.annotations)
+            except uad.UADError as e:
+                failures.append(f"{e} (for {pair.clean})")
+                pairs.remove(pair)
+    folders = args.clean.is_dir()
+    images = image_files(args.clean) + image_files(args.adv) if folders else [args.clean, args.adv]
+    inputs = {p.resolve() for p in images + [pair.annotations for pair in pairs] if p}
+    for path in outputs:
+        if path.resolve() in inputs:
+            raise uad.UADError(f"{path}: is one of the inputs; write the results elsewhere")
+    return pairs, failures
+
+
 def run(args) -> int:
     specs = parse_models(args.models)
     device = uad.resolve_device(args.device)
     if args.bench is not None:
         return run_benchmark(args, specs, device)
-    if args.annotations is not None and not args.annotations.exists():
-        raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
-    for path in (args.out, args.csv):
-        if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
-            raise uad.UADError(f"{path}: folder {path.parent} does not exist")
-    pairs, failures = pair_inputs(args.clean, args.adv)
-    folders = args.clean.is_dir()
-    if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
-        raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
-    if args.annotations is not None and args.annotations.is_dir():
-        # a missing annotation file is known before any model is loaded
-        for pair in list(pairs):
-            json_path = args.annotations / f"{pair.clean.stem}.json"
-            if not json_path.is_file():
-                failures.append(f"{json_path}: no such annotation file (for {pair.clean})")
-                pairs.remove(pair)
+    pairs, failures = check_inputs(args)
     progress = uad.Progress(args.quiet)
     for message in failures:
         progress.error(message)
+    folders = args.clean.is_dir()
     if not pairs:
         if folders:
             progress.error(f"no image pair left to score in {args.clean}")
         return 1
+    check_models(specs)
 
-    segmenters = [load_segmenter(name, path, device, args.quiet) for name, path in specs]
+    try:
+        segmenters = [load_segmenter(name, path, device, args.quiet) for name, path in specs]
+    except (torch.OutOfMemoryError, MemoryError):
+        raise uad.UADError(f"out of memory on {device} loading {args.models}") from None
     predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]
     rows = []
     for i, pair in enumerate(pairs):
         progress.item(i, len(pairs), pair.clean.name)
         try:
-            rows.append(score_pair(pair, segmenters, predictors, args))
+            rows.append(score_pair(pair, segmenters, predictors, args, progress))
         except uad.UADError as e:
             progress.error(str(e))
             failures.append(str(e))
+        except (torch.OutOfMemoryError, MemoryError):
+            failures.append(f"{pair.clean}: out of memory on {device}; try a smaller image")
+            progress.error(failures[-1])
     progress.end()
     if not rows:
         if folders:
@@ -1017,12 +1116,13 @@ def run(args) -> int:
     counts = f"{len(rows)} image(s) scored, {len(failures)} failed"
     print(f"mode: {results.mode}{how}; {counts}; seed {args.seed}")
     print(format_table(results))
+    texts = {}  # both files are formatted before either is written
     if args.out is not None:
-        write_text(
-            args.out, json.dumps(to_json(results, annotated), indent=1, allow_nan=False) + "\n"
-        )
+        texts[args.out] = json.dumps(to_json(results, annotated), indent=1, allow_nan=False) + "\n"
     if args.csv is not None:
-        write_text(args.csv, format_csv(results))
+        texts[args.csv] = format_csv(results)
+    for path, text in texts.items():
+        write_text(path, text)
     if failures and folders:
         progress.error(f"{len(failures)} image(s) not scored, see above")
     return 1 if failures else 0
@@ -1040,4 +1140,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # nothing is half-written: results files are renamed into place
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

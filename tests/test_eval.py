@@ -206,15 +206,59 @@ def test_read_annotations_keeps_the_first_masks_and_skips_empty_ones(tmp_path):
             {"annotations": [{"segmentation": {"size": [64, 96], "counts": [6144]}, "bbox": [0]}]},
             "bbox has 1 numbers, not 4",
         ),
+        (
+            {
+                "annotations": [
+                    {
+                        "segmentation": {"size": [64, 96], "counts": [6144]},
+                        "bbox": [0, 0, float("nan"), 5],
+                    }
+                ]
+            },
+            r"bbox \[0.0, 0.0, nan, 5.0\] is not finite",
+        ),
+        (  # a few bytes that declare 10 gigapixels: refused before anything is allocated
+            {
+                "annotations": [
+                    {"segmentation": {"size": [10**5] * 2, "counts": [10**10]}, "bbox": [0] * 4}
+                ]
+            },
+            "annotation 0 is 100000x100000, the clean image 96x64",
+        ),
+        (
+            {
+                "annotations": [
+                    {"segmentation": {"size": [64, 96], "counts": [10**30]}, "bbox": [0] * 4}
+                ]
+            },
+            "annotation 0: ",
+        ),
+        ("folder", "is a folder, not a JSON file"),
     ],
 )
 def test_read_annotations_names_the_file_and_the_problem(tmp_path, content, message):
     path = tmp_path / "sa_1.json"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(uad.UADError, match=message) as e:
         ev.read_annotations(path, (64, 96), 10)
     assert str(e.value).startswith(str(path))
+
+
+def test_unreadable_annotation_file_is_one_line(tmp_path, monkeypatch):
+    path = write_annotations(tmp_path / "sa_1.json", [two_objects()[0]])
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):  # as root, chmod 000 would not stop the read
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(uad.UADError, match=f"^{path}: cannot read .Permission denied.$"):
+        ev.read_annotations(path, (64, 96), 10)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -707,6 +751,7 @@ def test_bad_input_is_one_line(cli, tmp_path, case, message):
         (["--max-masks", "0"], "argument --max-masks: 0: must be at least 1"),
         (["--points-per-side", "0"], "argument --points-per-side: 0: must be at least 1"),
         (["--pred-iou-thresh", "1.5"], "argument --pred-iou-thresh: 1.5: must be at most 1.0"),
+        (["--max-pixels", "0"], "argument --max-pixels: 0: must be at least 1"),
         (["--bench", "64"], "argument --bench: '64': expected WxH, both at least 16"),
         (["--bench", "8x8"], "argument --bench: '8x8': expected WxH, both at least 16"),
         (["--models", None], "the following arguments are required: --models"),
@@ -720,6 +765,143 @@ def test_bad_flags_are_one_line_usage_errors(cli, flags, message):
     code, _, stderr = cli(*argv)
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("error: ") and message in stderr and "Traceback" not in stderr
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load or build a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for module, name in [(ev, "load_segmenter"), (uad, "load_sam"), (uad, "build_sam")]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+# case -> (the adversarial image and more flags, the message); {tmp} stands for tmp_path, where
+# clean.png (96 x 64), tiny.png (12 x 12), truncated.png, notes.txt, sub/ and ann/clean.json lie
+EARLY_BAD_INPUTS = {
+    "device gpu": (["clean.png", "--device", "gpu"], "device 'gpu': not a device"),
+    "device cuda:7": (["clean.png", "--device", "cuda:7"], "device 'cuda:7'"),
+    "checkpoint is a folder": (["clean.png", "--models", "vit_b={tmp}"], "{tmp}: is a folder"),
+    "missing checkpoint": (
+        ["clean.png", "--models", "vit_b={tmp}/no.pth"],
+        "{tmp}/no.pth: no such checkpoint file",
+    ),
+    "empty checkpoint path": (["clean.png", "--models", "vit_b="], "vit_b=: no checkpoint after"),
+    "out into a missing folder": (
+        ["clean.png", "--out", "{tmp}/no/r.json"],
+        "{tmp}/no/r.json: folder {tmp}/no does not exist",
+    ),
+    "out under a file": (
+        ["clean.png", "--out", "{tmp}/clean.png/r.json"],
+        "folder {tmp}/clean.png is not a folder",
+    ),
+    "out is a folder": (["clean.png", "--out", "{tmp}/sub"], "{tmp}/sub: is a folder"),
+    "out unwritable": (["clean.png", "--out", "/proc/r.json"], "cannot write to folder /proc"),
+    "csv unwritable": (["clean.png", "--csv", "/proc/r.csv"], "cannot write to folder /proc"),
+    "out and csv the same": (
+        ["clean.png", "--out", "{tmp}/r.txt", "--csv", "{tmp}/r.txt"],
+        "--out and --csv name the same file",
+    ),
+    "out would replace an input": (
+        ["clean.png", "--csv", "{tmp}/clean.png"],
+        "{tmp}/clean.png: is one of the inputs",
+    ),
+    "out would replace an annotation": (
+        ["clean.png", "--annotations", "{tmp}/ann", "--out", "{tmp}/ann/clean.json"],
+        "{tmp}/ann/clean.json: is one of the inputs",
+    ),
+    "over the pixel limit": (
+        ["clean.png", "--max-pixels", "1000"],
+        "clean.png: image is 96x64 (0 Mpx), over the limit of 1000 pixels",
+    ),
+    "image too small": (["tiny.png"], "tiny.png: image is 12x12, at least 16x16 needed"),
+    "truncated adversarial image": (
+        ["truncated.png"],
+        "{tmp}/truncated.png: truncated or corrupt image",
+    ),
+    "adversarial is a folder": (["sub"], "must be two files or two folders"),
+    "text file as image": (["notes.txt"], "notes.txt: not an image file that PIL"),
+    "bench over the pixel limit": (
+        ["clean.png", "--bench", "4000x3000", "--max-pixels", "1000000"],
+        "--bench 4000x3000: over --max-pixels 1000000",
+    ),
+    "bench of another family": (
+        ["clean.png", "--bench", "--models", "mobile_sam"],
+        "--bench times",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_BAD_INPUTS)
+def test_bad_input_is_found_before_any_model_loads(cli, tmp_path, no_model, case):
+    clean = save(tmp_path / "clean.png", small_photo((96, 64)))
+    save(tmp_path / "tiny.png", small_photo((12, 12)))
+    (tmp_path / "truncated.png").write_bytes(clean.read_bytes()[:200])  # header, a little data
+    (tmp_path / "notes.txt").write_text("these are not weights\n")
+    (tmp_path / "sub").mkdir()
+    write_annotations(tmp_path / "ann" / "clean.json", [two_objects()[0]])
+    (adv, *flags), message = EARLY_BAD_INPUTS[case]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    if "--models" not in flags:
+        flags += ["--models", "vit_b"]
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    code, out, err = cli("--clean", clean, "--adv", tmp_path / adv, *flags)
+    assert code == 1 and out == "", (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert message.format(tmp=tmp_path) in err, err
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_unreadable_checkpoints_are_one_line_and_nothing_is_written(
+    cli, tiny_checkpoints, tmp_path
+):
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(tiny_checkpoints["vit_b"].read_bytes()[:5000])
+    out = tmp_path / "r.json"
+    for path, reason in [(text, "not a PyTorch file"), (truncated, "truncated or corrupt")]:
+        code, stdout, stderr = cli(
+            "--clean", cat, "--adv", cat, "--out", out, "--models", f"vit_b={path}", *FAST
+        )
+        assert code == 1 and stdout == ""
+        assert stderr == f"error: {path}: not a readable PyTorch checkpoint ({reason})\n"
+        assert not out.exists()
+
+
+def test_folder_of_unreadable_adversarial_images_stops_before_any_model_loads(
+    cli, tmp_path, monkeypatch, no_model
+):
+    cat = small_photo((96, 64))
+    clean, adv = tmp_path / "clean", tmp_path / "adv"
+    for name in ("locked", "truncated", "big"):
+        save(clean / f"{name}.png", cat)
+    locked = save(adv / "locked.png", cat)
+    save(adv / "truncated.png", cat)
+    (adv / "truncated.png").write_bytes((adv / "truncated.png").read_bytes()[:300])
+    save(adv / "big.png", small_photo((192, 128)))  # over --max-pixels, and another size
+    real_open = Image.open
+
+    def open_image(fp, *args, **kwargs):  # as root, chmod 000 would not stop the read
+        if Path(fp) == locked:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_image)
+    out = tmp_path / "r.json"
+    pair = ["--clean", clean, "--adv", adv, "--max-pixels", 10000, "--out", out]
+    code, stdout, stderr = cli(*pair, "--models", "vit_b", *FAST)
+    assert code == 1 and stdout == "" and "Traceback" not in stderr
+    errors = stderr.splitlines()
+    assert len(errors) == 4 and all(e.startswith("error: ") for e in errors), errors
+    assert f"{adv / 'big.png'}: image is 192x128" in errors[0] and "10000 pixels" in errors[0]
+    assert f"{locked}: " in errors[1] and "Permission denied" in errors[1]
+    assert f"{adv / 'truncated.png'}: truncated or corrupt image" in errors[2]
+    assert errors[3] == f"error: no image pair left to score in {clean}"
+    assert not out.exists()
 
 
 def help_entries(text: str) -> dict:
