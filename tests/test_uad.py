@@ -737,3 +737,14 @@ def test_aa_needs_its_target_image_before_the_model_loads(cli, tmp_path, no_mode
     args = ["--preset", "aa", "--target-image", tmp_path / "missing.png"]
     code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", *args, checkpoint=None)
     assert code != 0 and "missing.png: no such file" in err and not (tmp_path / "o.png").exists()
+
+
+def test_an_unreadable_file_says_so(tmp_path, monkeypatch):
+    Image.fromarray(small_photo()).save(tmp_path / "locked.png")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(uad.Image, "open", denied)
+    with pytest.raises(uad.UADError, match="locked.png: cannot be read .permission denied."):
+        uad.read_image(tmp_path / "locked.png")
