@@ -990,7 +990,7 @@ def read_image(path, max_pixels: Optional[int] = MAX_PIXELS) -> Picture:
     except Image.UnidentifiedImageError:
         raise UADError(f"{path}: not an image file that PIL can read") from None
     except PermissionError:
-        raise UADError(f"{path}: cannot be read (permission denied)") from None
+        raise UADError(f"{path}: cannot be read (Permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UADError(f"{path}: truncated or corrupt image ({e})") from None
     h, w = picture.pixels.shape[:2]

@@ -746,5 +746,5 @@ def test_an_unreadable_file_says_so(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(uad.Image, "open", denied)
-    with pytest.raises(uad.UADError, match="locked.png: cannot be read .permission denied."):
+    with pytest.raises(uad.UADError, match="locked.png: cannot be read .Permission denied."):
         uad.read_image(tmp_path / "locked.png")
