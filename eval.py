@@ -87,9 +87,7 @@ import importlib
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -613,9 +611,8 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
             import_package(name)
             if checkpoint is None:
                 raise uad.UADError(f"model {name} needs a checkpoint: pass {name}=PATH in --models")
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            problem = "is a folder" if Path(checkpoint).is_dir() else "no such checkpoint file"
-            raise uad.UADError(f"{checkpoint}: {problem}")
+        if checkpoint is not None:
+            uad.check_checkpoint_file(checkpoint)
 
 
 def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[str] = None):
@@ -858,38 +855,10 @@ def format_csv(results: Results) -> str:
     return out.getvalue()
 
 
-def check_output(path: Path) -> None:
-    """Checks, before any work, that a results file (--out, --csv) can be written at `path`."""
-    folder = path.parent  # "." for a bare file name
-    if path.is_dir():
-        raise uad.UADError(f"{path}: is a folder")
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise uad.UADError(f"{path}: folder {folder} {problem}")
-    try:  # os.access cannot tell a read-only file system, and says yes to root
-        with tempfile.TemporaryFile(dir=folder, prefix=f".{path.name}."):
-            pass
-    except OSError as e:
-        raise uad.UADError(f"{path}: cannot write to folder {folder} ({e.strerror or e})") from None
-
-
 def write_text(path: Path, text: str) -> None:
-    """Writes `path` whole or not at all: a temporary file in its folder, renamed into place."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        # surrogateescape: a file name that is not UTF-8 is written back as the bytes it was
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-        os.chmod(tmp, uad.default_file_mode(path))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise uad.UADError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Writes `path` whole or not at all (uad.write_atomically)."""
+    # surrogateescape: a file name that is not UTF-8 is written back as the bytes it was
+    uad.write_atomically(path, text.encode("utf-8", errors="surrogateescape"))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1031,7 +1000,7 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
     UADError for a problem that stops the run."""
     outputs = [p for p in (args.out, args.csv) if p is not None]
     for path in outputs:
-        check_output(path)
+        uad.check_writable(path)
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise uad.UADError(f"{args.out}: --out and --csv name the same file")
     if args.annotations is not None and not args.annotations.exists():

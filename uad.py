@@ -754,11 +754,17 @@ def build_sam(model_type: str = "vit_b", arch: Optional[dict] = None):
     return sam.eval()
 
 
-def read_checkpoint(path) -> object:
-    """torch.load(path) on the CPU, weights only; any problem is one UADError line."""
+def check_checkpoint_file(path) -> Path:
+    """`path` as a Path if it is a file; UADError naming the problem if not."""
     path = Path(path)
     if not path.is_file():
         raise UADError(f"{path}: {'is a folder' if path.is_dir() else 'no such checkpoint file'}")
+    return path
+
+
+def read_checkpoint(path) -> object:
+    """torch.load(path) on the CPU, weights only; any problem is one UADError line."""
+    path = check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -1061,12 +1067,18 @@ def output_format(path) -> str:
     return fmt
 
 
+def in_layout_of(saved: Picture, written: Picture) -> Picture:
+    """A re-read Picture in the layout written: a grey image that a format stores as three equal
+    channels (WebP) comes back grey."""
+    p = saved.pixels
+    if p.ndim == 3 and written.pixels.ndim == 2 and (p == p[..., :1]).all():
+        return dataclasses.replace(saved, pixels=np.ascontiguousarray(p[..., 0]))
+    return saved
+
+
 def same_pixels(saved: Picture, written: Picture) -> bool:
-    """Whether a re-read file holds the pixels written, in the layout written (a grey image that
-    a format stores as three equal channels counts as grey)."""
-    pixels = saved.pixels
-    if pixels.ndim == 3 and written.pixels.ndim == 2 and (pixels == pixels[..., :1]).all():
-        pixels = pixels[..., 0]
+    """Whether a re-read file holds the pixels written, in the layout written."""
+    pixels = in_layout_of(saved, written).pixels
     alpha_ok = (saved.alpha is None and written.alpha is None) or (
         saved.alpha is not None
         and written.alpha is not None
@@ -1128,19 +1140,14 @@ def existing_ancestor(folder: Path) -> Path:
     return folder
 
 
-def check_destination(
-    path, overwrite: bool = False, mode: Optional[str] = None, new_folder: bool = False
-) -> str:
-    """Checks that `path` can be written, by creating and removing a temporary file in its
-    folder, and, given a picture mode (L, LA, RGB, RGBA), that its format holds such a picture
-    exactly. new_folder: the folder may be missing (it is then created on writing). Returns the
-    PIL format; raises UADError naming the problem."""
+def check_writable(path, new_folder: bool = False) -> None:
+    """Checks that a file can be written at `path`, by creating and removing a temporary file
+    in its folder (os.access alone says yes to root and to read-only file systems). new_folder:
+    the folder may be missing, to be created on writing; its nearest existing ancestor is
+    checked. Raises UADError naming the problem."""
     path = Path(path)
-    fmt = output_format(path)
     if path.is_dir():
         raise UADError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise UADError(f"{path}: exists; pass --overwrite to replace it")
     folder = existing_ancestor(path.parent) if new_folder else path.parent
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
@@ -1152,42 +1159,76 @@ def check_destination(
             pass
     except OSError as e:
         raise UADError(f"{path}: cannot write to folder {folder} ({e.strerror or e})") from None
+
+
+def write_atomically(path, data: bytes, verify=None) -> None:
+    """Writes `path` whole or not at all: a temporary file in its folder, then `verify(tmp)` if
+    given (it raises to refuse the file), then a rename into place with the permissions a plain
+    save gives. On any failure nothing is left."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UADError(f"{path}: cannot write to folder {path.parent} ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if verify is not None:
+            verify(tmp)
+        os.chmod(tmp, default_file_mode(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UADError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_destination(
+    path, overwrite: bool = False, mode: Optional[str] = None, new_folder: bool = False
+) -> str:
+    """Checks that an image can be written at `path` (see check_writable) and, given a picture
+    mode (L, LA, RGB, RGBA), that its format holds such a picture exactly. Returns the PIL
+    format; raises UADError naming the problem."""
+    path = Path(path)
+    fmt = output_format(path)
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise UADError(f"{path}: exists; pass --overwrite to replace it")
+    check_writable(path, new_folder)
     if mode is not None:
         check_format(path, fmt, mode)
     return fmt
 
 
 def write_image(path, picture, overwrite: bool = False, new_folder: bool = False) -> Picture:
-    """Saves a Picture (or PIL image) to `path` atomically; returns what the file holds, re-read.
+    """Saves a Picture (or PIL image) to `path` atomically; returns what the file holds, re-read,
+    in the layout written.
 
-    A temporary file in the destination folder is written, re-read and checked, then renamed
-    into place with the permissions a plain save gives; on any failure nothing is left. A
-    lossless format must give back exactly the pixels written; a lossy one (JPEG) is only read.
+    The temporary file is re-read and checked before it is renamed into place: a lossless
+    format must give back exactly the pixels written; a lossy one (JPEG) is only read.
     """
     path = Path(path)
     picture = to_picture(picture) if isinstance(picture, Image.Image) else picture
     fmt = check_destination(path, overwrite, new_folder=new_folder)
     if fmt == "JPEG" and picture.alpha is not None:
         raise UADError(f"{path}: JPEG cannot store the alpha channel; save as .png")
+    saved = []
+
+    def verify(tmp):
+        saved.append(in_layout_of(read_image(tmp, max_pixels=None), picture))
+        if fmt not in LOSSY_FORMATS and not same_pixels(saved[0], picture):
+            raise UADError(f"{path}: {fmt} did not store the pixels exactly; nothing written")
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise UADError(f"{path}: cannot write to folder {path.parent} ({e.strerror})") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode(picture.to_pil(), fmt))
-        saved = read_image(tmp, max_pixels=None)
-        if fmt not in LOSSY_FORMATS and not same_pixels(saved, picture):
-            raise UADError(f"{path}: {fmt} did not store the pixels exactly; nothing written")
-        os.chmod(tmp, default_file_mode(path))
-        os.replace(tmp, path)
-        return saved
-    except OSError as e:
+        data = encode(picture.to_pil(), fmt)
+    except OSError as e:  # e.g. no memory for the encoder's buffers
         raise UADError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, data, verify)
+    return saved[0]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1310,9 +1351,8 @@ def check_model(args, config: UADConfig, device: torch.device) -> None:
             f"--layers {','.join(map(str, config.layers))}: {args.model_type} has blocks "
             f"0..{depth - 1}"
         )
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        problem = "is a folder" if args.checkpoint.is_dir() else "no such checkpoint file"
-        raise UADError(f"{args.checkpoint}: {problem}")
+    if args.checkpoint is not None:
+        check_checkpoint_file(args.checkpoint)
     if (config.method == "aa") != (args.target_image is not None):
         raise UADError("--preset aa needs --target-image PATH, and only it takes one")
     if args.target_image is not None:
@@ -1345,8 +1385,6 @@ def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> 
     saved_picture = write_image(job.dst, protected, args.overwrite, job.new_folder)
     progress.end()
     saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
-    if saved.shape[1] != x.shape[1]:  # a grey image a format stored as RGB
-        saved = saved[:, :1]
     with torch.no_grad():
         f_image = encoder_features(sam, x, config.layers, config.dtype)
         f_saved = encoder_features(sam, saved, config.layers, config.dtype)
