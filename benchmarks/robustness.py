@@ -18,17 +18,16 @@ on that network survives publishing, not what a trained SAM does.
 """
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import eval as ev  # noqa: E402
 import uad  # noqa: E402
 import warp_kernel  # noqa: E402
 
@@ -37,18 +36,12 @@ PUBLISHING = ["none", "jpeg 95", "jpeg 85", "jpeg 75", "jpeg 50", "resize 0.5"]
 
 
 def publish(pixels: np.ndarray, how: str) -> np.ndarray:
-    """Real publishing with PIL, in memory: (H, W, 3) uint8 -> (H, W, 3) uint8."""
+    """Real publishing with PIL, in memory (eval.py's probe): (H, W, 3) uint8 -> the same."""
     kind, _, value = how.partition(" ")
-    im = Image.fromarray(pixels)
     if kind == "jpeg":
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=int(value))
-        with Image.open(buf) as decoded:
-            return np.asarray(decoded.convert("RGB"))
+        return ev.degrade(pixels, jpeg=int(value))
     if kind == "resize":
-        w, h = im.size
-        small = im.resize((round(w * float(value)), round(h * float(value))), Image.BICUBIC)
-        return np.asarray(small.resize((w, h), Image.BICUBIC))
+        return ev.degrade(pixels, resize=float(value))
     return pixels
 
 
