@@ -81,7 +81,14 @@ class UADConfig:
     robust: str = knob(
         "", "publishing the encoder sees at each PGD step, e.g. jpeg:50-95,resize:0.5-1,none"
     )
-    layers: Sequence[int] = knob((3, 4, 5, 6), "0-based encoder blocks giving the features")
+    layers: Sequence[int] = knob(
+        (3, 4, 5, 6), "ViT surrogates (SAM v1): 0-based encoder blocks giving the features"
+    )
+    stage_layers: Sequence[int] = knob(
+        (0, 1, 2, 3),
+        "hierarchical surrogates (SAM 2's Hiera, MobileSAM's TinyViT): blocks giving the "
+        "features, counted from the first of the third stage (stride 16)",
+    )
     # stage 1 (deformation)
     deform_steps: int = knob(40, "Adam steps on the flow fields", at_least=0)
     deform_lr: float = knob(10.0, "Adam learning rate, pixels at SAM's 1024 input scale", above=0)
@@ -120,10 +127,12 @@ class UADConfig:
             if meta["at_most"] is not None and not value <= meta["at_most"]:
                 raise UADError(f"{f.name} {value!r}: must be at most {meta['at_most']}")
         parse_robust(self.robust)
-        if not self.layers or min(self.layers) < 0:
-            raise UADError(
-                f"layers {','.join(map(str, self.layers))}: need one or more block indices >= 0"
-            )
+        for name in ("layers", "stage_layers"):
+            blocks = getattr(self, name)
+            if not blocks or min(blocks) < 0:
+                raise UADError(
+                    f"{name} {','.join(map(str, blocks))}: need one or more block indices >= 0"
+                )
 
 
 # `paper` optimises the deformation with the live fidelity term, as the paper states.
@@ -151,11 +160,17 @@ def preset_config(name: str, **overrides) -> UADConfig:
 
 
 # -----------------------------------------------------------------------------------------------
-# Segment Anything: preprocessing and encoder features
+# Segment Anything: preprocessing and encoder features. A surrogate is a model of the family
+# whose encoder features f the attack moves; a Surrogate class per family below states, in one
+# place, what that encoder is fed (its package's own preprocessing, here differentiable and run
+# inside the optimisation) and which block outputs form f. Only the blocks up to the deepest of
+# those ever run: the later blocks and the neck cannot change f.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM 2, on [0, 1]
 
 
 def sam_input(x: torch.Tensor, sam) -> torch.Tensor:
-    """SAM's preprocessing, differentiable: the one place it happens.
+    """SAM v1's preprocessing (MobileSAM's too), differentiable: the one place it happens.
 
     Matches SamPredictor.set_image: resize the longest side to the encoder's input size with
     antialiased bilinear interpolation (what PIL does there), normalise by the model's pixel
@@ -181,6 +196,27 @@ def sam_input(x: torch.Tensor, sam) -> torch.Tensor:
     return F.pad(x, (0, size - nw, 0, size - nh))
 
 
+def sam2_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """SAM 2's preprocessing, differentiable: SAM2Transforms as SAM2ImagePredictor applies it.
+
+    Resizes to a size x size square, not keeping the aspect ratio (bilinear and antialiased, as
+    torchvision's Resize does to a tensor), and normalises by ImageNet's mean and std on the
+    [0, 1] scale. Nothing is padded or rounded.
+
+    Args:
+      x: (B, C, H, W) float in [0, 1], C = 3 (RGB) or 1 (grey, replicated to RGB).
+      size: the model's image_size (1024 for every released SAM 2 and 2.1).
+
+    Returns:
+      (B, 3, size, size) float.
+    """
+    x = F.interpolate(
+        x.expand(-1, 3, -1, -1), (size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    mean, std = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1), x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32"):
     """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1].
 
@@ -200,10 +236,65 @@ def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "
     return feats
 
 
-def feature_distance(fa: List[torch.Tensor], fb: List[torch.Tensor]) -> torch.Tensor:
-    """d = 1 - cosine similarity of each image's flattened features, averaged over layers: (B,)."""
+def hiera_features(model, x: torch.Tensor, blocks: Sequence[int], dtype: str = "float32"):
+    """Outputs of SAM 2's Hiera trunk blocks `blocks` for images x (B, C, H, W) in [0, 1].
+
+    Runs what Hiera.forward runs before its blocks (patch_embed and the windowed positional
+    embedding) and blocks[0 : max(blocks) + 1] only: the later blocks, the FPN neck and the
+    mask decoder's high-resolution convolutions are never run. Returns a list of
+    (B, S / stride, S / stride, width), S = model.image_size; stride 16 in the third stage.
+    """
+    trunk = model.image_encoder.trunk
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        h = trunk.patch_embed(sam2_input(x, model.image_size))  # (B, S/4, S/4, width)
+        h = h + trunk._get_pos_embed(h.shape[1:3])  # the package's own interpolated table
+        feats = []
+        for i, block in enumerate(trunk.blocks[: max(blocks) + 1]):
+            h = block(h)  # the first block of a stage pools its queries: stride x 2
+            if i in blocks:
+                feats.append(h.float())
+    return feats
+
+
+def tinyvit_features(sam, x: torch.Tensor, blocks: Sequence[int], dtype: str = "float32"):
+    """Outputs of MobileSAM's TinyViT blocks `blocks` (numbered across its four stages) for
+    images x (B, C, H, W) in [0, 1].
+
+    Runs patch_embed, then each stage's blocks and, between stages, its patch merging, up to
+    block max(blocks) only: the later blocks and the neck are never run. Returns a list of
+    (B, width, S/4, S/4) for the first stage's convolution blocks, (B, L, width) tokens after.
+    """
+    enc, last, i = sam.image_encoder, max(blocks), 0
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        h = enc.patch_embed(sam_input(x, sam))  # (B, 64, S/4, S/4)
+        feats = []
+        for stage in enc.layers:
+            for block in stage.blocks:
+                h = block(h)
+                if i in blocks:
+                    feats.append(h.float())
+                if i == last:
+                    return feats
+                i += 1
+            h = stage.downsample(h)  # every stage but the last has one
+    return feats
+
+
+def feature_distance(fa: list, fb: list) -> torch.Tensor:
+    """d = 1 - cosine similarity of each image's flattened features, averaged over layers: (B,).
+
+    For an ensemble's features (a list of features per surrogate), the mean over the surrogates
+    of each one's d.
+    """
+    if isinstance(fa[0], list):
+        return torch.stack([feature_distance(a, b) for a, b in zip(fa, fb)]).mean(0)
     d = [1 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1) for a, b in zip(fa, fb)]
     return torch.stack(d).mean(0)
+
+
+def each_feature(fn, features: list) -> list:
+    """fn applied to every tensor of a surrogate's (or an ensemble's) features, nesting kept."""
+    return [each_feature(fn, f) if isinstance(f, list) else fn(f) for f in features]
 
 
 def simulation_loss(f_x, f_target, f_image) -> torch.Tensor:
@@ -213,9 +304,160 @@ def simulation_loss(f_x, f_target, f_image) -> torch.Tensor:
     return towards if f_image is None else towards - feature_distance(f_x, f_image)
 
 
+def check_layers(name: str, config: UADConfig, depth: int, third_stage=None, cli=False) -> None:
+    """UADError unless the blocks `config` asks of surrogate `name` exist: an encoder of `depth`
+    blocks whose third stage starts at block `third_stage` (None: a ViT, which has one stage).
+    cli: the error names the command-line flag."""
+    field = "layers" if third_stage is None else "stage_layers"
+    chosen, have = getattr(config, field), depth - (third_stage or 0)
+    if max(chosen) >= have:
+        label = f"--{field.replace('_', '-')}" if cli else field
+        where = "" if third_stage is None else ", counted from the first of its third stage"
+        raise UADError(
+            f"{label} {','.join(map(str, chosen))}: {name} has blocks 0..{have - 1}{where}"
+        )
+
+
+class Surrogate:
+    """A model of the SAM family as the attack's surrogate: f(x), for images x in [0, 1].
+
+    One subclass per family states its preprocessing and which blocks' outputs form f;
+    `Surrogate.of(model)` picks the family from the model's image encoder. Blocks are numbered
+    0-based over the whole encoder.
+
+    Args:
+      model: the model, in eval mode: a segment_anything (or segment_anything_hq) Sam, a
+        mobile_sam Sam, or a sam2 SAM2Base.
+      name: how lines and errors name it (default: the family).
+    """
+
+    family = ""
+    third_stage: Optional[int] = None  # first block of the third stage; None: a ViT
+
+    def __init__(self, model, name: Optional[str] = None):
+        self.model, self.name = model, name or self.family
+
+    @staticmethod
+    def of(model, name: Optional[str] = None) -> "Surrogate":
+        """The Surrogate of `model`'s family (a Surrogate is returned as it is)."""
+        if isinstance(model, Surrogate):
+            return model
+        encoder = getattr(model, "image_encoder", None)
+        if hasattr(encoder, "trunk"):
+            return HieraSurrogate(model, name)
+        if hasattr(encoder, "layers"):
+            return TinyViTSurrogate(model, name)
+        if hasattr(encoder, "blocks"):
+            return ViTSurrogate(model, name)
+        raise UADError(
+            f"cannot use a {type(model).__name__} as a surrogate: expected a Segment Anything "
+            "model (SAM, SAM-HQ, MobileSAM or SAM 2)"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def blocks(self, config: UADConfig) -> tuple:
+        """The 0-based encoder blocks whose outputs form f: config.layers for a ViT,
+        config.stage_layers counted from the third stage for a hierarchical encoder."""
+        if self.third_stage is None:
+            return tuple(config.layers)
+        return tuple(self.third_stage + i for i in config.stage_layers)
+
+    def check(self, config: UADConfig) -> None:
+        check_layers(self.name, config, self.depth, self.third_stage)
+
+    def features(self, x: torch.Tensor, config: UADConfig) -> List[torch.Tensor]:
+        """f(x): the outputs of blocks(config) for images x (B, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+
+class ViTSurrogate(Surrogate):
+    """SAM v1 (and SAM-HQ, which keeps SAM's encoder): a plain ViT at stride 16. Input:
+    sam_input (longest side resized to the encoder's size and padded, 0-255 scale, the
+    model's pixel mean and std). f: the outputs of blocks config.layers, by default the paper's
+    blocks 4-7 of ViT-B (0-based 3..6), each (B, 64, 64, width)."""
+
+    family = "SAM ViT"
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.image_encoder.blocks)
+
+    def features(self, x, config):
+        return encoder_features(self.model, x, self.blocks(config), config.dtype)
+
+
+class HieraSurrogate(Surrogate):
+    """SAM 2 and SAM 2.1: a Hiera trunk of four stages at strides 4, 8, 16 and 32. Input:
+    sam2_input (a square resize to image_size, ImageNet mean and std on [0, 1]). f: by default
+    the outputs of the first four blocks of the third stage (config.stage_layers), at stride 16.
+
+    Why those: SAM v1's ViT works at stride 16 throughout, and the paper's f is an early-middle
+    stretch of it (blocks 4-7 of 12), before the later blocks specialise. Hiera reaches stride
+    16 in its third stage, which holds most of its blocks (7 of Hiera-T's 12, 36 of Hiera-L's
+    48) and feeds the stride-16 image embedding that SAM 2's mask decoder attends to (the
+    strides 4 and 8 reach it only as high-resolution skips). Its first four blocks are the
+    early-middle stretch at that stride, four like the paper's, and cheap: Hiera-T runs 7 of
+    12 blocks for them, Hiera-L 12 of 48. Which blocks transfer best is not measured here (no
+    trained checkpoint can be fetched on this project's machines); --stage-layers chooses
+    others.
+    """
+
+    family = "SAM 2 Hiera"
+
+    @property
+    def third_stage(self) -> int:
+        return self.model.image_encoder.trunk.stage_ends[1] + 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.image_encoder.trunk.blocks)
+
+    def features(self, x, config):
+        return hiera_features(self.model, x, self.blocks(config), config.dtype)
+
+
+class TinyViTSurrogate(Surrogate):
+    """MobileSAM: a TinyViT of four stages (convolutions at stride 4, attention at strides 8,
+    16 and 16: MobileSAM's last patch merging keeps 64 x 64). Input: sam_input, as SAM v1's,
+    with MobileSAM's pixel mean and std (SAM's values). f: by default the outputs of the first
+    four blocks of the third stage (config.stage_layers; blocks 4..7 of 12), for the reasons
+    given for Hiera: the early-middle stretch at stride 16, where most of the attention blocks
+    are; 8 of 12 blocks run.
+    """
+
+    family = "MobileSAM TinyViT"
+
+    @property
+    def third_stage(self) -> int:
+        layers = self.model.image_encoder.layers
+        return len(layers[0].blocks) + len(layers[1].blocks)
+
+    @property
+    def depth(self) -> int:
+        return sum(len(stage.blocks) for stage in self.model.image_encoder.layers)
+
+    def features(self, x, config):
+        return tinyvit_features(self.model, x, self.blocks(config), config.dtype)
+
+
+def surrogates_of(sam) -> List[Surrogate]:
+    """A model, a Surrogate, or a list of either, as a list of Surrogates on one device."""
+    surrogates = [Surrogate.of(m) for m in (sam if isinstance(sam, (list, tuple)) else [sam])]
+    if not surrogates:
+        raise UADError("no surrogate given")
+    devices = {str(s.device) for s in surrogates}
+    if len(devices) > 1:
+        raise UADError(f"the surrogates are on different devices ({', '.join(sorted(devices))})")
+    return surrogates
+
+
 @dataclass
 class Stats:
-    """What one attack did: encoder passes (per batch) and the losses it ended at."""
+    """What one attack did: encoder passes (per batch, through each surrogate) and the losses
+    it ended at."""
 
     forwards: int = 0
     backwards: int = 0
@@ -224,20 +466,23 @@ class Stats:
     seconds: float = 0.0
 
 
-class Surrogate:
-    """The encoder features f(x) of one SAM, counting the passes that reach it."""
+class Ensemble:
+    """The surrogates as the attack calls them: f(x) is a list of features per surrogate, and
+    feature_distance averages the surrogates' distances. A call is one pass through each
+    surrogate's encoder; the passes are counted in stats."""
 
-    def __init__(self, sam, config: UADConfig, stats: Stats):
-        self.sam, self.config, self.stats = sam, config, stats
+    def __init__(self, surrogates: List[Surrogate], config: UADConfig, stats: Stats):
+        self.surrogates, self.config, self.stats = surrogates, config, stats
 
-    def __call__(self, x: torch.Tensor, backward_passes: int = 0) -> List[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, backward_passes: int = 0) -> List[List[torch.Tensor]]:
         self.stats.forwards += 1
         self.stats.backwards += backward_passes
-        return encoder_features(self.sam, x, self.config.layers, self.config.dtype)
+        return [s.features(x, self.config) for s in self.surrogates]
 
 
 def encoder_passes(config: UADConfig) -> tuple:
-    """(forwards, backwards) of the encoder that `attack` makes per batch with `config`."""
+    """(forwards, backwards) that `attack` makes per batch with `config` through the encoder of
+    each surrogate (an ensemble of n makes them through each of its n encoders)."""
     if config.method == "noise":
         return 1, 0  # f(image), for the distance it reports
     if config.method == "aa":
@@ -329,8 +574,8 @@ def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, confi
     proxy = proxy.detach().requires_grad_(True)
     f_target = surrogate(target, backward_passes=1)
     f_proxy = surrogate(encoder_view(proxy, config, gen), backward_passes=1)
-    fidelity = feature_distance([f.detach() for f in f_proxy], f_target)  # -> the flow only
-    f_target = [f.detach() for f in f_target]
+    fidelity = feature_distance(each_feature(torch.Tensor.detach, f_proxy), f_target)  # -> flow
+    f_target = each_feature(torch.Tensor.detach, f_target)
     proxy_loss = simulation_loss(f_proxy, f_target, f_image)  # -> the proxy only
     (loss + config.lambda_f * fidelity + proxy_loss).sum().backward()
     proxy = pgd_step(proxy.detach(), proxy.grad, image, config, momentum)
@@ -345,12 +590,12 @@ class Deformation(NamedTuple):
     flow: torch.Tensor  # (B, 2, H, W) the applied flow, pixels at the 1024 scale
 
 
-def deform(image, f_image, surrogate: Surrogate, config: UADConfig, gen, progress=None):
+def deform(image, f_image, surrogate: Ensemble, config: UADConfig, gen, progress=None):
     """Stage 1: the target I_hat = warp(I, flow) minimising SSIM + lambda_C L_C + lambda_F L_F.
 
     Args:
       image: (B, C, H, W) in [0, 1].
-      f_image: the surrogate's features of `image`.
+      f_image: the surrogates' features of `image`.
 
     Returns:
       Deformation(target, ssim, flow), detached.
@@ -434,7 +679,7 @@ def refine(x, image, f_target, f_image, surrogate, config, gen, momentum):
     return pgd_step(x.detach(), grad, image, config, momentum), loss.detach()
 
 
-def simulate(image, f_target, f_image, surrogate: Surrogate, config: UADConfig, gen, progress=None):
+def simulate(image, f_target, f_image, surrogate: Ensemble, config: UADConfig, gen, progress=None):
     """Stage 2: L-infinity PGD from image towards the target's features. Returns (B, C, H, W)."""
     x = image.clone()
     if config.random_start:
@@ -465,18 +710,20 @@ def attack(
 ) -> AttackResult:
     """Both stages on a batch of images (B, C, H, W) in [0, 1]; everything returned detached.
 
+    sam is the surrogate: a SAM-family model (SAM, SAM-HQ, MobileSAM, SAM 2), a Surrogate, or a
+    list of them, an ensemble whose feature distances both stages average (see Surrogate).
     config.method "aa" needs target_image, (1 or B, C, H', W') in [0, 1]: stage 2 then pulls
     towards its features instead of a deformed target's; "noise" draws uniform noise only.
     progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
     loss) when a stage starts, then after each of its steps.
     """
-    depth = len(sam.image_encoder.blocks)
-    if max(config.layers) >= depth:
-        raise UADError(f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}")
+    surrogates = surrogates_of(sam)
+    for s in surrogates:
+        s.check(config)
     if (config.method == "aa") != (target_image is not None):
         raise UADError("the aa baseline, and only it, takes a target image")
     stats, start = Stats(), time.monotonic()
-    surrogate = Surrogate(sam, config, stats)
+    surrogate = Ensemble(surrogates, config, stats)
     gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
     with torch.no_grad():
         f_image = surrogate(image)
@@ -489,7 +736,7 @@ def attack(
     elif config.method == "aa":
         target = target_image.to(image)
         with torch.no_grad():
-            f_target = [f.expand(len(image), -1, -1, -1) for f in surrogate(target)]
+            f_target = each_feature(lambda f: f.expand(len(image), *f.shape[1:]), surrogate(target))
         adv = simulate(image, f_target, None, surrogate, config, gen, progress)
     else:
         target = image
@@ -525,8 +772,9 @@ def protect(
         - torch.Tensor (B, C, H, W) float in [0, 1], C = 3 (RGB) or 1 (grey), on any device;
         - np.ndarray (H, W, 3) or (H, W) uint8;
         - PIL.Image.Image (any mode; an alpha channel and an ICC profile are carried through).
-      sam: the surrogate, a segment_anything Sam; None loads the official ViT-B (downloading it
-        on first use) onto CUDA when available.
+      sam: the surrogate: a SAM-family model (a segment_anything Sam, a SAM-HQ, MobileSAM or
+        SAM 2 model), a Surrogate, or a list of them (an ensemble, on one device); None loads
+        the official ViT-B (downloading it on first use) onto CUDA when available.
       config: attack settings; None is the `paper` preset.
       progress: callable(stage, step, total, loss=None), e.g. Progress(); None is silent.
       stats: a Stats to fill with what the attack did.
@@ -543,8 +791,8 @@ def protect(
             f"eps {config.eps:g} is below one grey level (1/255 = {1 / 255:.4f}): "
             "a uint8 image cannot change"
         )
-    sam = sam if sam is not None else load_sam("vit_b", None, resolve_device("auto"))
-    device = sam.pixel_mean.device
+    sam = surrogates_of(sam if sam is not None else load_sam("vit_b", None, resolve_device("auto")))
+    device = sam[0].device
     if target is not None:
         if isinstance(target, torch.Tensor):
             target = target.to(device, torch.float32)

@@ -98,13 +98,13 @@ def test_fidelity_gradient_reaches_the_flow_and_descends_l_f(tiny_sam):
     # 1024 px long side: SAM's resize (and its rounding) is skipped, so L_F is smooth in the flow
     image = uad.to_tensor(small_photo((1024, 640)))
     config = uad.UADConfig(proxy_steps=1)
+    surrogate = uad.Ensemble([uad.Surrogate.of(tiny_sam)], config, uad.Stats())
     with torch.no_grad():
-        f_image = uad.encoder_features(tiny_sam, image, config.layers)
+        f_image = surrogate(image)
     gen = torch.Generator().manual_seed(0)
     cells = uad.mosaic_cells(640, 1024, config, "cpu")
     ctrl = (20 * torch.randn(1, 4, 2, 6, 6, generator=gen)).requires_grad_(True)  # 1024-scale px
     proxy = uad.project(image + 0.03 * torch.randn(image.shape, generator=gen), image, config.eps)
-    surrogate = uad.Surrogate(tiny_sam, config, uad.Stats())
 
     def flow_gradient(lambda_f):
         ctrl.grad = None
