@@ -66,10 +66,11 @@ Errors
   written; a checkpoint that is not a PyTorch file is found when its model loads.
 
 Models
-  vit_b, vit_l, vit_h (segment-anything; without =PATH the official checkpoint from the cache,
-  downloaded on first use), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ), mobile_sam
-  (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l (SAM 2).
-  The last three families need their package installed and a checkpoint given as NAME=PATH.
+  vit_b, vit_l, vit_h (segment-anything), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ),
+  mobile_sam (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+,
+  sam2.1_l (SAM 2): each loaded by uad.load_model, from NAME=PATH or, without it, the official
+  checkpoint from the cache (downloaded on first use). Every family but segment-anything needs its
+  package: see README.md's model table for the install commands.
 
 Cost
   --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) in annotation mode,
@@ -83,7 +84,6 @@ import argparse
 import csv
 import dataclasses
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -103,23 +103,6 @@ import warp_kernel
 PROMPT_KINDS = ("point", "box")
 BOX_JITTER = (0.9, 1.1)  # range of the factor on the bbox's width and height
 BENCH_SIZE = (2250, 1500)  # W, H of --bench's synthetic image: SA-1B's size
-
-# name -> (package, architecture key or SAM 2 config)
-MODELS = {
-    **{t: ("segment_anything", t) for t in ("vit_b", "vit_l", "vit_h")},
-    **{f"hq_{t}": ("segment_anything_hq", t) for t in ("vit_b", "vit_l", "vit_h", "vit_tiny")},
-    "mobile_sam": ("mobile_sam", "vit_t"),
-    **{
-        f"sam2{v}_{s}": ("sam2", f"configs/sam2{v}/sam2{v}_hiera_{s}.yaml")
-        for v in ("", ".1")
-        for s in ("t", "s", "b+", "l")
-    },
-}
-INSTALL = {
-    "segment_anything_hq": "pip install segment-anything-hq",
-    "mobile_sam": "pip install git+https://github.com/ChaoningZhang/MobileSAM.git",
-    "sam2": "pip install git+https://github.com/facebookresearch/sam2.git",
-}
 
 # -----------------------------------------------------------------------------------------------
 # Reference objects: SA-1B annotations (COCO run-length encoding)
@@ -581,8 +564,8 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, equals, path = item.partition("=")
-        if name not in MODELS:
-            raise uad.UADError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if name not in uad.MODELS:
+            raise uad.UADError(f"unknown model {name!r}; choose from {', '.join(uad.MODELS)}")
         if name in (n for n, _ in specs):
             raise uad.UADError(f"model {name!r} is listed twice in --models")
         if equals and not path:
@@ -593,76 +576,29 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
     return specs
 
 
-def import_package(name: str):
-    """The package of a model that segment_anything does not provide; UADError if missing."""
-    package = MODELS[name][0]
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise uad.UADError(
-            f"model {name} needs the {package} package: {INSTALL[package]}"
-        ) from None
-
-
 def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
-        if MODELS[name][0] != "segment_anything":
-            import_package(name)
-            if checkpoint is None:
-                raise uad.UADError(f"model {name} needs a checkpoint: pass {name}=PATH in --models")
+        uad.import_family(name)
         if checkpoint is not None:
             uad.check_checkpoint_file(checkpoint)
 
 
-def load_weights(model: torch.nn.Module, path: Path, name: str, key: Optional[str] = None):
-    """Loads a checkpoint into `model` (CPU, weights only); missing weights are an error."""
-    state = uad.read_checkpoint(path)
-    if key is not None and isinstance(state, dict) and key in state:
-        state = state[key]
-    if not isinstance(state, dict):
-        raise uad.UADError(f"{path}: not a state dict")
-    try:
-        missing = model.load_state_dict(state, strict=False).missing_keys
-    except RuntimeError as e:
-        raise uad.UADError(
-            f"{path}: weights do not fit {name} ({str(e).splitlines()[0]})"
-        ) from None
-    # unexpected keys are tolerated as the packages' own loaders do; missing ones would leave
-    # random weights and meaningless scores
-    if missing:
-        raise uad.UADError(f"{path}: not a {name} checkpoint ({len(missing)} weights missing)")
-
-
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
-    """Builds model `name` (a key of MODELS) with its checkpoint, ready to predict."""
-    check_models([(name, checkpoint)])
-    package, arch = MODELS[name]
-    if package == "segment_anything":
-        from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-
-        sam = uad.load_sam(arch, checkpoint, device, quiet)
-        return Segmenter(
-            name, lambda: SamPredictor(sam), lambda **kw: SamAutomaticMaskGenerator(sam, **kw)
-        )
-    module = import_package(name)
-    if package == "sam2":
+    """Loads model `name` (a key of uad.MODELS, through uad.load_model), ready to predict."""
+    model = uad.load_model(name, checkpoint, device, quiet)
+    family = uad.MODELS[name].family
+    if family == "sam2":
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-        from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-        model = build_sam2(arch, None, device="cpu")
-        load_weights(model, Path(checkpoint), name, key="model")
-        model = model.eval().to(device)
         return Segmenter(
             name,
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
     # SAM-HQ and MobileSAM mirror segment_anything's API
-    model = module.sam_model_registry[arch](checkpoint=None)
-    load_weights(model, Path(checkpoint), name)
-    model = model.eval().to(device)
+    module = uad.import_family(name)
     return Segmenter(
         name,
         lambda: module.SamPredictor(model),

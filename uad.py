@@ -17,6 +17,7 @@ Layout: configuration; SAM's preprocessing and features; stage 1; stage 2; `atta
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -963,12 +964,81 @@ def upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
 # Plumbing: models and checkpoints, image files, progress lines
 # ===============================================================================================
 
-# encoder width, depth, heads and global-attention blocks, as in segment_anything.build_sam
+# encoder width, depth, heads and global-attention blocks, as in segment_anything.build_sam; the
+# ViT encoders of SAM-HQ (hq_vit_b, hq_vit_l, hq_vit_h) have the same shapes
 SAM_ARCHS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
 }
+
+
+@dataclass(frozen=True)
+class Family:
+    """What every model of one family shares: where it comes from and how it sees an image."""
+
+    title: str  # as the README's model table names it
+    module: str  # the package's import name, imported only when one of its models is asked for
+    install: str  # the command that provides the module and everything it imports
+    preprocessing: str  # what its predictor does to an (H, W, 3) uint8 RGB image
+    state_key: Optional[str] = None  # official checkpoints nest the state dict under this key
+
+
+_SAM_PIXELS = (
+    "longest side resized to 1024 (bilinear), 0-255 scale normalised by the ImageNet mean and "
+    "std times 255, zero-padded to 1024 x 1024"
+)
+MODEL_FAMILIES = {
+    "sam": Family("SAM", "segment_anything", "pip install segment-anything", _SAM_PIXELS),
+    "sam_hq": Family(
+        "SAM-HQ", "segment_anything_hq", "pip install segment-anything-hq timm", _SAM_PIXELS
+    ),
+    # mobilesam-mirror is the registry's copy of MobileSAM; it provides the `mobile_sam` module
+    "mobile_sam": Family(
+        "MobileSAM", "mobile_sam", "pip install mobilesam-mirror timm", _SAM_PIXELS
+    ),
+    # sam2 compiles a CUDA extension unless SAM2_BUILD_CUDA=0; the image predictor does not use it
+    "sam2": Family(
+        "SAM 2 / SAM 2.1",
+        "sam2",
+        "SAM2_BUILD_CUDA=0 pip install sam2",
+        "resized to 1024 x 1024 (bilinear, aspect ratio not kept), [0, 1] scale normalised by "
+        "the ImageNet mean and std",
+        state_key="model",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model name that uad.load_model accepts (see MODELS)."""
+
+    family: str  # key of MODEL_FAMILIES
+    arch: str  # the package's builder key, or SAM 2's config file
+    overrides: tuple = ()  # SAM 2: hydra overrides to its config (tests shrink it)
+
+    @property
+    def info(self) -> Family:
+        return MODEL_FAMILIES[self.family]
+
+
+SAM2_SIZES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+MODELS = {
+    **{t: ModelSpec("sam", t) for t in SAM_ARCHS},
+    **{f"hq_{t}": ModelSpec("sam_hq", t) for t in (*SAM_ARCHS, "vit_tiny")},
+    "mobile_sam": ModelSpec("mobile_sam", "vit_t"),
+    **{
+        f"sam2{v}_{s}": ModelSpec("sam2", f"configs/sam2{v}/sam2{v}_hiera_{s}.yaml")
+        for v in ("", ".1")
+        for s in SAM2_SIZES
+    },
+}
+
+# Official checkpoints: name -> (URL, SHA-256, or None where the authors publish no checksum).
+# Meta publishes checksums for SAM's three only; SAM 2's release script, SAM-HQ's model card and
+# MobileSAM's repository give none, so a download of theirs prints the SHA-256 it got.
+_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_{}.pth"
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/{}/sam2{}_hiera_{}.pt"
 CHECKPOINT_URLS = {
     "vit_b": (
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -982,6 +1052,16 @@ CHECKPOINT_URLS = {
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
     ),
+    **{f"hq_{t}": (_HQ_URL.format(t), None) for t in (*SAM_ARCHS, "vit_tiny")},
+    "mobile_sam": (
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        None,
+    ),
+    **{f"sam2_{s}": (_SAM2_URL.format("072824", "", size), None) for s, size in SAM2_SIZES.items()},
+    **{
+        f"sam2.1_{s}": (_SAM2_URL.format("092824", ".1", size), None)
+        for s, size in SAM2_SIZES.items()
+    },
 }
 # Seconds of one forward and one forward+backward of blocks 1-7 of ViT-B at 1024 on 2 cores
 # (AMD EPYC, float32; benchmarks/attack_cost.py): what the CPU estimate is priced with.
@@ -1032,8 +1112,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNSEGMENT_CACHE", "~/.cache/unsegment")).expanduser()
 
 
-def download(url: str, dest: Path, sha256: str, quiet: bool = False) -> Path:
-    """Downloads `url` to `dest` atomically, checking its SHA-256; returns `dest`."""
+def download(url: str, dest: Path, sha256: Optional[str], quiet: bool = False) -> Path:
+    """Downloads `url` to `dest` atomically, checking its SHA-256 if one is given; returns `dest`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -1056,35 +1136,158 @@ def download(url: str, dest: Path, sha256: str, quiet: bool = False) -> Path:
                     )
         if not quiet:
             print(file=sys.stderr)
-        if digest.hexdigest() != sha256:
+        if sha256 is not None and digest.hexdigest() != sha256:
             raise UADError(f"{url}: SHA-256 mismatch (got {digest.hexdigest()}, want {sha256})")
+        if sha256 is None and not quiet:
+            print(f"{dest}: no published checksum; SHA-256 {digest.hexdigest()}", file=sys.stderr)
         os.chmod(tmp, default_file_mode(dest))
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UADError(
-            f"{url}: download failed ({reason}); download it by hand to {dest} "
-            "or pass --checkpoint PATH"
+            f"{url}: download failed ({reason}); download it by hand to {dest} or pass its "
+            "path (--checkpoint PATH; NAME=PATH in eval.py's --models)"
         ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def find_checkpoint(model_type: str, quiet: bool = False) -> Path:
-    """The official checkpoint of `model_type` in the cache folder, downloaded if missing."""
-    if model_type not in CHECKPOINT_URLS:
-        raise UADError(f"no official checkpoint for model type {model_type!r}; pass --checkpoint")
-    url, sha256 = CHECKPOINT_URLS[model_type]
+def find_checkpoint(name: str, quiet: bool = False) -> Path:
+    """The official checkpoint of model `name` in the cache folder, downloaded if missing."""
+    if name not in CHECKPOINT_URLS:
+        raise UADError(f"no official checkpoint for model {name!r}; pass its checkpoint's path")
+    url, sha256 = CHECKPOINT_URLS[name]
     path = cache_dir() / url.rsplit("/", 1)[1]
     return path if path.is_file() else download(url, path, sha256, quiet=quiet)
+
+
+def import_family(name: str):
+    """The package module of model `name` (a key of MODELS), imported now; UADError naming the
+    module that is really missing (SAM-HQ and MobileSAM import timm without declaring it)."""
+    family = MODELS[name].info
+    try:
+        return importlib.import_module(family.module)
+    except ImportError as e:
+        missing = (e.name or family.module).split(".")[0]  # the package, not a submodule
+        via = "" if missing == family.module else f" (imported by {family.module})"
+        raise UADError(
+            f"model {name} needs the {missing} package{via}, which is not installed: "
+            f"{family.install}"
+        ) from None
 
 
 def checkpoint_arch(state: dict) -> dict:
     """Encoder width and depth of a SAM state dict, read from its tensor shapes."""
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
     return dict(embed_dim=state["image_encoder.pos_embed"].shape[-1], depth=depth)
+
+
+def check_vit_arch(state: dict, path: Path, name: str, prefix: str = "") -> None:
+    """For the ViT encoders of SAM_ARCHS: UADError naming the model type a checkpoint is of, when
+    it is not `name`'s (a clearer line than the shape mismatch load_weights would find)."""
+    if "image_encoder.pos_embed" not in state:
+        raise UADError(f"{path}: not a {MODELS[name].info.title} checkpoint (no image encoder)")
+    arch, want = checkpoint_arch(state), SAM_ARCHS[MODELS[name].arch]
+    if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
+        match = [
+            t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
+        ]
+        what = f"a {prefix}{match[0]} checkpoint" if match else "of an unknown architecture"
+        raise UADError(
+            f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
+            f"not {name}; pass the matching model type"
+        )
+
+
+def few(keys: Sequence[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_weights(model: torch.nn.Module, state, path, name: str) -> None:
+    """Loads a state dict into `model` strictly; the one place every model's weights go through.
+
+    Unlike the packages' own loaders (which drop unexpected keys), a checkpoint of another model
+    is refused: a tensor the model lacks, a tensor it has that the checkpoint lacks, or a shape
+    that differs is a UADError line naming how many, and the first few or the first tensor with
+    both shapes.
+    """
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UADError(f"{path}: not a state dict of tensors")
+    own = model.state_dict()
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UADError(
+            f"{path}: not a {name} checkpoint: {len(extra)} tensor(s) that {name} does not have "
+            f"({few(extra)})"
+        )
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise UADError(
+            f"{path}: not a {name} checkpoint: {len(missing)} of {name}'s tensor(s) missing "
+            f"({few(missing)})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != own[key].shape:
+            raise UADError(
+                f"{path}: weights do not fit {name}: {key} is {tuple(tensor.shape)} in the "
+                f"checkpoint, {tuple(own[key].shape)} in the model"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(name: str) -> torch.nn.Module:
+    """A random-init model `name` (a key of MODELS) from its package's own builder, on the CPU."""
+    spec = MODELS[name]
+    module = import_family(name)
+    if spec.family == "sam":
+        return build_sam(spec.arch)
+    if spec.family == "sam2":
+        from sam2.build_sam import build_sam2
+
+        return build_sam2(spec.arch, None, device="cpu", hydra_overrides_extra=list(spec.overrides))
+    if spec.arch in SAM_ARCHS:  # SAM-HQ's ViTs: its registry's builder, with SAM_ARCHS's shapes
+        from segment_anything_hq.build_sam import _build_sam
+
+        a = SAM_ARCHS[spec.arch]
+        return _build_sam(
+            a["embed_dim"], a["depth"], a["num_heads"], list(a["global_attn_indexes"])
+        )
+    return module.sam_model_registry[spec.arch](checkpoint=None)  # the TinyViT models
+
+
+def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) -> torch.nn.Module:
+    """Builds model `name` with its package's builder and loads its weights.
+
+    Args:
+      name: a key of MODELS (vit_b, hq_vit_tiny, mobile_sam, sam2.1_t, ...).
+      checkpoint: path to its checkpoint; None takes the official one from the cache folder (see
+        `cache_dir`), downloading it on first use (SHA-256 checked where one is published).
+      device: where the model lives.
+      quiet: no download progress line.
+
+    Returns:
+      The package's model (segment_anything's Sam, SAM2Base, ...) in eval mode, parameters
+      frozen, on `device`. Any problem (unknown name, missing package, unreadable checkpoint, a
+      checkpoint of another model) is a one-line UADError.
+    """
+    if name not in MODELS:
+        raise UADError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    spec = MODELS[name]
+    import_family(name)  # before any download: a missing package is the first thing to say
+    path = Path(checkpoint) if checkpoint is not None else find_checkpoint(name, quiet)
+    state = read_checkpoint(path)
+    key = spec.info.state_key
+    if key is not None and isinstance(state, dict) and isinstance(state.get(key), dict):
+        state = state[key]
+    if not isinstance(state, dict):
+        raise UADError(f"{path}: not a state dict")
+    if spec.arch in SAM_ARCHS:
+        check_vit_arch(state, path, name, prefix="hq_" if spec.family == "sam_hq" else "")
+    model = build_model(name)
+    load_weights(model, state, path, name)
+    return model.eval().requires_grad_(False).to(device)
 
 
 def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bool = False):
@@ -1098,32 +1301,11 @@ def load_sam(model_type: str = "vit_b", checkpoint=None, device="cpu", quiet: bo
       quiet: no download progress line.
 
     Returns:
-      segment_anything.modeling.Sam in eval mode with frozen parameters.
+      segment_anything.modeling.Sam in eval mode with frozen parameters (see `load_model`).
     """
     if model_type not in SAM_ARCHS:
         raise UADError(f"unknown model type {model_type!r}; choose from {', '.join(SAM_ARCHS)}")
-    path = Path(checkpoint) if checkpoint is not None else find_checkpoint(model_type, quiet)
-    state = read_checkpoint(path)
-    if not isinstance(state, dict) or "image_encoder.pos_embed" not in state:
-        raise UADError(f"{path}: not a Segment Anything checkpoint")
-    arch, want = checkpoint_arch(state), SAM_ARCHS[model_type]
-    if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
-        match = [
-            t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
-        ]
-        what = f"a {match[0]} checkpoint" if match else "of an unknown architecture"
-        raise UADError(
-            f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
-            f"not {model_type}; pass the matching --model-type"
-        )
-    sam = build_sam(model_type)
-    try:
-        sam.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UADError(
-            f"{path}: weights do not match {model_type} ({str(e).splitlines()[0]})"
-        ) from None
-    return sam.requires_grad_(False).to(device)
+    return load_model(model_type, checkpoint, device, quiet)
 
 
 def resolve_device(name: str) -> torch.device:

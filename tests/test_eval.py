@@ -540,97 +540,15 @@ def test_probes_degrade_the_adversarial_image_before_scoring(cli, tiny_checkpoin
 
 
 # -----------------------------------------------------------------------------------------------
-# Model adapters, through stand-in packages with the real packages' public API
-
-
-def fake_sam_hq(extra_weight: bool = False):
-    """A module with segment_anything_hq's API whose registry builds a tiny SAM."""
-    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-
-    def build(checkpoint=None):
-        assert checkpoint is None  # eval.py loads the weights itself, on the CPU, weights only
-        sam = build_tiny_sam("vit_b", seed=5)
-        if extra_weight:
-            sam.register_parameter("hf_token", torch.nn.Parameter(torch.zeros(1)))
-        return sam
-
-    module = types.ModuleType("segment_anything_hq")
-    module.sam_model_registry = {"vit_b": build}
-    module.SamPredictor, module.SamAutomaticMaskGenerator = SamPredictor, SamAutomaticMaskGenerator
-    return module
-
-
-def fake_sam2():
-    """Modules with sam2's API: build_sam2(config, ckpt, device), a predictor with float masks."""
-    from segment_anything import SamPredictor
-
-    configs = []
-
-    def build_sam2(config, ckpt_path=None, device="cuda"):
-        configs.append(config)
-        return build_tiny_sam("vit_b", seed=6).to(device)
-
-    class SAM2ImagePredictor(SamPredictor):
-        def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
-            masks, iou, low = super().predict(
-                point_coords, point_labels, box, None, multimask_output
-            )
-            return masks.astype(np.float32), iou, low  # SAM 2 returns 0/1 floats
-
-    names = ["sam2", "sam2.build_sam", "sam2.sam2_image_predictor", "sam2.automatic_mask_generator"]
-    modules = {name: types.ModuleType(name) for name in names}
-    modules["sam2.build_sam"].build_sam2 = build_sam2
-    modules["sam2.sam2_image_predictor"].SAM2ImagePredictor = SAM2ImagePredictor
-    modules["sam2.automatic_mask_generator"].SAM2AutomaticMaskGenerator = None
-    return modules, configs
-
-
-def test_sam_hq_and_sam2_adapters_load_weights_and_score(
-    cli, tiny_checkpoints, tmp_path, monkeypatch
-):
-    monkeypatch.setitem(sys.modules, "segment_anything_hq", fake_sam_hq())
-    sam2_modules, configs = fake_sam2()
-    for name, module in sam2_modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    state = torch.load(tiny_checkpoints["vit_b"], weights_only=True)
-    torch.save({"model": state}, tmp_path / "sam2.pt")  # SAM 2 nests its weights under "model"
-    cat = small_photo((96, 64))
-    clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", noisy(cat, 40))
-    rect, ell = two_objects()
-    ann = write_annotations(tmp_path / "cat.json", [rect, ell])
-    ckpt = tiny_checkpoints["vit_b"]
-    out = tmp_path / "r.json"
-    pair = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out]
-    three = f"vit_b={ckpt},hq_vit_b={ckpt},sam2.1_b+={tmp_path / 'sam2.pt'}"
-    code, _, stderr = cli(*pair, "--models", three, *FAST)
-    assert code == 0, stderr
-    assert configs == ["configs/sam2.1/sam2.1_hiera_b+.yaml"]
-    (row,) = json.loads(out.read_text())["images"]
-    # the stand-ins start from other random weights: equal IoUs prove the checkpoint was loaded
-    for p in row["prompts"]:
-        assert p["iou"]["vit_b"] == p["iou"]["hq_vit_b"] == p["iou"]["sam2.1_b+"]
-        assert p["clean_iou"]["vit_b"] == p["clean_iou"]["sam2.1_b+"]
-
-
-def test_adapter_checkpoint_missing_weights_is_an_error(
-    cli, tiny_checkpoints, tmp_path, monkeypatch
-):
-    monkeypatch.setitem(sys.modules, "segment_anything_hq", fake_sam_hq(extra_weight=True))
-    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
-    ckpt = tiny_checkpoints["vit_b"]
-    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"hq_vit_b={ckpt}", *FAST)
-    assert code == 1
-    assert stderr.strip() == f"error: {ckpt}: not a hq_vit_b checkpoint (1 weights missing)"
-    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", "hq_vit_b", *FAST)
-    assert code == 1 and "needs a checkpoint: pass hq_vit_b=PATH" in stderr
+# Model packages (each family against its real package: test_variants.py)
 
 
 @pytest.mark.parametrize(
     "model, package, install",
     [
-        ("hq_vit_l", "segment_anything_hq", "pip install segment-anything-hq"),
-        ("mobile_sam", "mobile_sam", "MobileSAM.git"),
-        ("sam2_l", "sam2", "facebookresearch/sam2.git"),
+        ("hq_vit_l", "segment_anything_hq", "pip install segment-anything-hq timm"),
+        ("mobile_sam", "mobile_sam", "pip install mobilesam-mirror timm"),
+        ("sam2_l", "sam2", "SAM2_BUILD_CUDA=0 pip install sam2"),
     ],
 )
 def test_missing_package_is_one_line_naming_what_to_install(
@@ -930,7 +848,7 @@ def test_help_lists_every_flag_with_its_default_and_every_model(cli):
     usage = stdout.split("\n\n", 1)[0]
     assert " --models LIST" in usage and "[--models" not in usage  # required, so not bracketed
     epilog = stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[1]
-    for name in ev.MODELS:  # each model name on its own, not inside a longer one
+    for name in uad.MODELS:  # each model name on its own, not inside a longer one
         assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.+])", epilog), name
 
 
