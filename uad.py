@@ -359,6 +359,11 @@ class Surrogate:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def input_size(self) -> int:
+        """The side of the square the encoder is fed (its model's own, 1024 when released)."""
+        return self.model.image_encoder.img_size
+
     def blocks(self, config: UADConfig) -> tuple:
         """The 0-based encoder blocks whose outputs form f: config.layers for a ViT,
         config.stage_layers counted from the third stage for a hierarchical encoder."""
@@ -407,6 +412,10 @@ class HieraSurrogate(Surrogate):
     """
 
     family = "SAM 2 Hiera"
+
+    @property
+    def input_size(self) -> int:
+        return self.model.image_size
 
     @property
     def third_stage(self) -> int:
@@ -792,8 +801,10 @@ def protect(
             f"eps {config.eps:g} is below one grey level (1/255 = {1 / 255:.4f}): "
             "a uint8 image cannot change"
         )
-    sam = surrogates_of(sam if sam is not None else load_sam("vit_b", None, resolve_device("auto")))
-    device = sam[0].device
+    surrogates = surrogates_of(
+        sam if sam is not None else load_sam("vit_b", None, resolve_device("auto"))
+    )
+    device = surrogates[0].device
     if target is not None:
         if isinstance(target, torch.Tensor):
             target = target.to(device, torch.float32)
@@ -803,12 +814,12 @@ def protect(
     if isinstance(image, torch.Tensor):
         if image.ndim != 4 or image.shape[1] not in (1, 3) or not image.is_floating_point():
             raise UADError(f"expected a float (B, 1 or 3, H, W) tensor, got {tuple(image.shape)}")
-        adv, _, s = attack(image.to(device, torch.float32), sam, config, progress, target)
+        adv, _, s = attack(image.to(device, torch.float32), surrogates, config, progress, target)
         result = adv.to(image.device, image.dtype)
     elif isinstance(image, (np.ndarray, Image.Image)):
         picture = to_picture(image)
         x = to_tensor(picture.pixels, device)
-        adv, _, s = attack(x, sam, config, progress, target)
+        adv, _, s = attack(x, surrogates, config, progress, target)
         pixels = to_pixels(quantize(adv, x, config.eps))
         result = picture.to_pil(pixels) if isinstance(image, Image.Image) else pixels
     else:
@@ -1063,9 +1074,18 @@ CHECKPOINT_URLS = {
         for s, size in SAM2_SIZES.items()
     },
 }
+# Blocks per stage of the hierarchical surrogates as their packages build them (a test checks
+# them), to check --stage-layers before any model loads; SAM v1's depths are in SAM_ARCHS.
+HIERA_STAGES = {"t": (1, 2, 7, 2), "s": (1, 2, 11, 2), "b+": (2, 3, 16, 3), "l": (2, 6, 36, 4)}
+SURROGATE_STAGES = {
+    **{f"sam2{v}_{s}": HIERA_STAGES[s] for v in ("", ".1") for s in SAM2_SIZES},
+    "mobile_sam": (2, 2, 6, 2),
+}
 # Seconds of one forward and one forward+backward of blocks 1-7 of ViT-B at 1024 on 2 cores
-# (AMD EPYC, float32; benchmarks/attack_cost.py): what the CPU estimate is priced with.
+# (AMD EPYC, float32; benchmarks/attack_cost.py), and the GFLOPs of that forward as
+# `forward_gflops` counts them: the CPU estimate prices every surrogate's passes at this rate.
 CPU_PASS_SECONDS = (7.34, 12.85)
+CPU_PASS_GFLOPS = 550.17
 
 
 def build_sam(model_type: str = "vit_b", arch: Optional[dict] = None):
@@ -1332,16 +1352,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_estimate(config: UADConfig, model_type: str, threads: int) -> float:
-    """A plain estimate of one image's attack time on a CPU, in seconds (see CPU_PASS_SECONDS).
+def forward_gflops(surrogate: Surrogate, config: UADConfig) -> float:
+    """GFLOPs of one pass computing f through `surrogate` at its input size (matrix products,
+    convolutions and attention, as torch.utils.flop_counter counts them), counted on fake
+    tensors: nothing is computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
-    The encoder always runs at 1024, so the cost does not depend on the image's size; it grows
-    with the square of the encoder's width, and is shared by the threads.
-    """
+    size = surrogate.input_size
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        x = torch.rand(1, 3, size, size, device=surrogate.device)
+        with FlopCounterMode(display=False) as counter:
+            surrogate.features(x, config)
+    return counter.get_total_flops() / 1e9
+
+
+def cpu_estimate(config: UADConfig, gflops: float, threads: int) -> float:
+    """A plain estimate of one image's attack time on a CPU, in seconds: the passes of
+    encoder_passes(config) through surrogates whose feature passes make `gflops` GFLOPs in all
+    (see forward_gflops), priced at CPU_PASS_SECONDS per CPU_PASS_GFLOPS and shared by the
+    threads. The encoders run at their own input size whatever the image's, so neither changes
+    the cost. Encoders of small depthwise convolutions (TinyViT) run below that rate."""
     forwards, backwards = encoder_passes(config)
     forward, both = CPU_PASS_SECONDS
-    width = SAM_ARCHS.get(model_type, SAM_ARCHS["vit_b"])["embed_dim"]
-    scale = (width / 768) ** 2 * 2 / max(1, min(threads, os.cpu_count() or 1))
+    scale = gflops / CPU_PASS_GFLOPS * 2 / max(1, min(threads, os.cpu_count() or 1))
     return ((forwards - backwards) * forward + backwards * both) * scale
 
 
@@ -1773,16 +1807,32 @@ def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
     job.frames = picture.frames
 
 
-def check_model(args, config: UADConfig, device: torch.device) -> None:
-    """What can be known about the surrogate and the backends before anything loads."""
-    depth = SAM_ARCHS[args.model_type]["depth"]
-    if max(config.layers) >= depth:
+def check_surrogates(args, config: UADConfig) -> List[tuple]:
+    """The surrogates to load, [(name, checkpoint or None), ...], from --surrogate or else
+    --model-type and --checkpoint; their packages, checkpoint files and the blocks forming f
+    (--layers, --stage-layers) checked against each one's depth, before any model loads."""
+    if args.surrogate is not None and (args.model_type or args.checkpoint):
         raise UADError(
-            f"--layers {','.join(map(str, config.layers))}: {args.model_type} has blocks "
-            f"0..{depth - 1}"
+            "--surrogate replaces --model-type and --checkpoint: name each checkpoint as "
+            "--surrogate NAME=PATH"
         )
-    if args.checkpoint is not None:
-        check_checkpoint_file(args.checkpoint)
+    specs = args.surrogate or [(args.model_type or "vit_b", args.checkpoint)]
+    for name, checkpoint in specs:
+        import_family(name)
+        if name in SURROGATE_STAGES:
+            stages = SURROGATE_STAGES[name]
+            check_layers(name, config, sum(stages), sum(stages[:2]), cli=True)
+        else:
+            check_layers(name, config, SAM_ARCHS[name]["depth"], cli=True)
+        if checkpoint is not None:
+            check_checkpoint_file(checkpoint)
+    return specs
+
+
+def check_model(args, config: UADConfig, device: torch.device) -> List[tuple]:
+    """What can be known about the surrogates, the attack's inputs and the backends before
+    anything loads; returns the surrogates to load (see check_surrogates)."""
+    specs = check_surrogates(args, config)
     if (config.method == "aa") != (args.target_image is not None):
         raise UADError("--preset aa needs --target-image PATH, and only it takes one")
     if args.target_image is not None:
@@ -1793,9 +1843,10 @@ def check_model(args, config: UADConfig, device: torch.device) -> None:
             raise UADError(f"--impl {config.impl} runs on {wanted.upper()}, the device is {device}")
         if not warp_kernel.backends()[config.impl]:
             raise UADError(f"--impl {config.impl}: the warp_kernel extension is unavailable")
+    return specs
 
 
-def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> str:
+def protect_file(job: Job, surrogates, config: UADConfig, args, progress: Progress) -> str:
     """Protects one file; returns its summary line. Raises UADError on bad input."""
     picture = read_image(job.src, args.max_pixels)
     if job.frames > 1:
@@ -1805,26 +1856,31 @@ def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> 
             f"{job.dst}: {job.fmt} compression weakens the perturbation; "
             "the figures below are of the decoded file"
         )
-    device = sam.pixel_mean.device
+    device = surrogates[0].device
     x = to_tensor(picture.pixels, device)
     target = None
     if args.target_image is not None:
         target = to_tensor(read_image(args.target_image, args.max_pixels).pixels, device)
-    adv, _, stats = attack(x, sam, config, progress, target)
+    adv, _, stats = attack(x, surrogates, config, progress, target)
     protected = dataclasses.replace(picture, pixels=to_pixels(quantize(adv, x, config.eps)))
     saved_picture = write_image(job.dst, protected, args.overwrite, job.new_folder)
     progress.end()
     saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
     with torch.no_grad():
-        f_image = encoder_features(sam, x, config.layers, config.dtype)
-        f_saved = encoder_features(sam, saved, config.layers, config.dtype)
-        distance = feature_distance(f_saved, f_image).clamp_min(0).item()
+        f = lambda v: [s.features(v, config) for s in surrogates]  # noqa: E731
+        distance = feature_distance(f(saved), f(x)).clamp_min(0).item()
     linf = round((saved - x).abs().max().item() * 255)
     ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
     return (
         f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, x):.2f} dB, SSIM {ssim:.4f}, "
-        f"feature distance {distance:.4f}, {stats.seconds:.1f} s ({args.preset} preset)"
+        f"feature distance {distance:.4f}, {stats.seconds:.1f} s ({args.preset} preset, "
+        f"{surrogate_names(surrogates)})"
     )
+
+
+def surrogate_names(surrogates) -> str:
+    """How lines name the surrogates: "surrogate vit_b", "surrogates vit_b + sam2.1_t"."""
+    return f"surrogate{'s' * (len(surrogates) > 1)} " + " + ".join(s.name for s in surrogates)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1841,6 +1897,35 @@ def block_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected comma-separated block indices, e.g. 3,4,5,6"
         ) from None
+
+
+def surrogate_list(text: str) -> List[tuple]:
+    """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, path or None), ...]."""
+    names = [n for n, spec in MODELS.items() if spec.family != "sam_hq"]
+    specs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, equals, path = item.partition("=")
+        if name == "hq_vit_tiny":
+            raise argparse.ArgumentTypeError(
+                f"{name}: Light HQ-SAM's encoder is a TinyViT of MobileSAM's architecture, "
+                "whose surrogate is mobile_sam"
+            )
+        if name.startswith("hq_") and name in MODELS:
+            raise argparse.ArgumentTypeError(
+                f"{name}: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is {name[3:]}"
+            )
+        if name not in names:
+            raise argparse.ArgumentTypeError(
+                f"unknown surrogate {name!r}; choose from {', '.join(names)}"
+            )
+        if name in (n for n, _ in specs):
+            raise argparse.ArgumentTypeError(f"{name} is named twice")
+        if equals and not path:
+            raise argparse.ArgumentTypeError(f"{item}: no checkpoint after '='")
+        specs.append((name, Path(path) if path else None))
+    if not specs:
+        raise argparse.ArgumentTypeError("names no surrogate")
+    return specs
 
 
 def model_type(text: str) -> str:
@@ -1865,10 +1950,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model-type",
-        default="vit_b",
+        default=None,
         type=model_type,
         metavar="{" + ",".join(SAM_ARCHS) + "}",
-        help="surrogate SAM (default vit_b)",
+        help="surrogate SAM v1 (default vit_b)",
     )
     p.add_argument(
         "--checkpoint",
@@ -1877,6 +1962,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
         "(~/.cache/unsegment), downloaded on first use",
+    )
+    p.add_argument(
+        "--surrogate",
+        type=surrogate_list,
+        default=None,
+        metavar="NAME[=PATH],..",
+        help="the surrogate(s), instead of --model-type and --checkpoint; several form an "
+        "ensemble whose feature distances both stages average. NAME: vit_b, vit_l, vit_h (SAM "
+        "v1), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l (SAM 2, "
+        "2.1), mobile_sam. SAM-HQ needs none of its own: it keeps SAM's encoder frozen, so "
+        "vit_b/l/h attack it (hq_vit_tiny's is a TinyViT, as mobile_sam's). PATH: its "
+        "checkpoint; without it, the official file in the cache, downloaded on first use",
     )
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     p.add_argument(
@@ -1902,11 +1999,11 @@ def build_parser() -> argparse.ArgumentParser:
         if unit == 255:
             shown = f"in 1/255 [{default * unit:g}]"
         else:
-            shown = f"[{','.join(map(str, default)) if f.name == 'layers' else default}]"
+            shown = f"[{','.join(map(str, default)) if isinstance(default, tuple) else default}]"
         helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" {shown}")
         if f.type is bool:
             group.add_argument(flag, action="store_true", default=None, help=helptext)
-        elif f.name == "layers":
+        elif isinstance(default, tuple):
             group.add_argument(flag, type=block_list, default=None, metavar="I,J,..", help=helptext)
         else:
             metavar = None if choices else "N" if type(default) is int else "X"
@@ -1948,27 +2045,28 @@ def config_from_args(args) -> UADConfig:
         raise UADError(f"--{name.replace('_', '-')} {rest}") from None
 
 
-def header(args, config: UADConfig, device: torch.device, jobs: List[Job]) -> str:
+def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surrogates) -> str:
     """The line announcing the work, with what to expect on a CPU."""
     preset = PRESET_ALIASES.get(args.preset, args.preset)
     text = (
         f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
-        f"{config.deform_steps} deformation + {config.steps} PGD steps, surrogate "
-        f"{args.model_type} on {device}, seed {config.seed}, {len(jobs)} image(s)"
+        f"{config.deform_steps} deformation + {config.steps} PGD steps, "
+        f"{surrogate_names(surrogates)} on {device}, seed {config.seed}, {len(jobs)} image(s)"
         + (f", the encoder sees {config.robust}" if config.robust else "")
         + (f", towards the features of {args.target_image}" if args.target_image else "")
     )
     if device.type == "cpu":
-        minutes = cpu_estimate(config, args.model_type, torch.get_num_threads()) / 60
+        gflops = sum(forward_gflops(s, config) for s in surrogates)
+        minutes = cpu_estimate(config, gflops, torch.get_num_threads()) / 60
         forwards, backwards = encoder_passes(config)
+        each = f" through each of the {len(surrogates)} surrogates" if len(surrogates) > 1 else ""
         text += (
             f"\nunsegment: on a CPU expect about {minutes:.0f} min per image ({forwards} encoder "
-            f"forwards, {backwards} backwards; a plain estimate for a 2-core AVX-512 machine)"
+            f"forwards, {backwards} backwards{each}; a plain estimate for a 2-core AVX-512 "
+            "machine)"
         )
         if preset == "paper":
-            fast = cpu_estimate(
-                preset_config("no-fidelity"), args.model_type, torch.get_num_threads()
-            )
+            fast = cpu_estimate(preset_config("no-fidelity"), gflops, torch.get_num_threads())
             text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
         else:
             text += "; a CUDA GPU takes seconds"
@@ -1984,7 +2082,7 @@ def main(argv=None) -> int:
     try:
         config = config_from_args(args)
         device = resolve_device(args.device)
-        check_model(args, config, device)
+        specs = check_model(args, config, device)
         jobs = jobs_for(args.input, args.output)
         failures = 0
         if len(jobs) == 1:  # a bad input or output fails before any model is loaded
@@ -1999,16 +2097,19 @@ def main(argv=None) -> int:
                     failures += 1
             if not jobs:
                 raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
-        sam = load_sam(args.model_type, args.checkpoint, device, quiet=args.quiet)
+        surrogates = [
+            Surrogate.of(load_model(name, checkpoint, device, quiet=args.quiet), name)
+            for name, checkpoint in specs
+        ]
     except UADError as e:
         progress.error(str(e))
         return 1
     if not args.quiet:
-        print(header(args, config, device, jobs), file=sys.stderr)
+        print(header(args, config, device, jobs, surrogates), file=sys.stderr)
     for i, job in enumerate(jobs):
         progress.item(i, len(jobs), job.src.name)
         try:
-            summary = protect_file(job, sam, config, args, progress)
+            summary = protect_file(job, surrogates, config, args, progress)
             progress.end()
             print(summary, flush=True)
         except UADError as e:

@@ -35,11 +35,9 @@ def main(argv=None) -> int:
     if uad.uses_fidelity(config):
         torch.manual_seed(0)
         sam = uad.build_sam("vit_b").requires_grad_(False)
-        surrogate = uad.Surrogate(sam, config, uad.Stats())
+        surrogate = uad.Ensemble([uad.Surrogate.of(sam)], config, uad.Stats())
     print(f"preset {args.preset}, seed {args.seed}, {args.threads} thread(s)")
-    print(
-        "| photo | size | target SSIM | flow TV | flow variance | largest jump (px at 1024) |"
-    )
+    print("| photo | size | target SSIM | flow TV | flow variance | largest jump (px at 1024) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path in photos:
         try:
@@ -50,7 +48,7 @@ def main(argv=None) -> int:
         f_image = None
         if sam is not None:
             with torch.no_grad():
-                f_image = uad.encoder_features(sam, image, config.layers)
+                f_image = surrogate(image)
         gen = torch.Generator().manual_seed(config.seed)
         _, ssim, flow = uad.deform(image, f_image, surrogate, config, gen)
         u = flow / (1024 / config.control_points)

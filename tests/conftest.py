@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-init SAM checkpoints (see helpers.py) and a copy of a photo."""
+"""Shared fixtures: tiny random-init SAM checkpoints (see helpers.py), the command line run on
+them, a guard against loading any model, and a copy of a photo."""
 
 import shutil
 
@@ -33,6 +34,30 @@ def tiny_archs(monkeypatch):
 def tiny_sam(tiny_archs, tiny_checkpoints):
     """The tiny vit_b, loaded through uad.load_sam."""
     return uad.load_sam("vit_b", tiny_checkpoints["vit_b"], "cpu")
+
+
+@pytest.fixture
+def cli(tiny_archs, tiny_checkpoints, capsys):
+    """Runs `uad.py ARGS` in-process on the tiny vit_b; returns (exit code, stdout, stderr)."""
+
+    def run(*args, checkpoint="vit_b"):
+        extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
+        code = uad.main([str(a) for a in args] + extra)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(uad, "load_sam", refuse)
+    monkeypatch.setattr(uad, "load_model", refuse)
 
 
 @pytest.fixture

@@ -20,19 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "reference", "--steps", "3", "--deform-steps", "2", "--quiet"]
 
 
-@pytest.fixture
-def cli(tiny_archs, tiny_checkpoints, capsys):
-    """Runs `uad.py ARGS` in-process on the tiny vit_b; returns (exit code, stdout, stderr)."""
-
-    def run(*args, checkpoint="vit_b"):
-        extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
-        code = uad.main([str(a) for a in args] + extra)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
     out = tmp_path / "protected.png"
     code, stdout, stderr = cli(
@@ -457,16 +444,6 @@ def test_layers_beyond_the_encoder_are_an_error(tiny_sam):
 # ------------------------------------------------------------------------------------------
 # Every input either gets an output exactly within eps or one line and nothing written, known
 # before the model loads where it can be
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if anything tries to load a model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(uad, "load_sam", refuse)
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
