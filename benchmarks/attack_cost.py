@@ -9,6 +9,10 @@ deformation step (warp + SSIM + flow regulariser + Adam), and the whole encoder'
 forward+backward. Seconds per image = passes x timed seconds per pass, plus the deformation
 steps' own work; the reference code's cost is its 237 forwards and 196 backwards of the whole
 encoder priced the same way. --full also times complete attacks of each preset.
+
+    python benchmarks/attack_cost.py --surrogates vit_b,sam2.1_t,mobile_sam [--threads 2]
+
+prices each surrogate instead (random-init, from its package's builder; see `surrogate_costs`).
 """
 
 import argparse
@@ -36,6 +40,43 @@ def median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def surrogate_costs(names, image: torch.Tensor, repeats: int) -> None:
+    """Prints, per surrogate: the blocks its f runs, the GFLOPs of that forward (what uad.py's
+    CPU estimate prices), CPU seconds of one feature forward and one forward+backward to the
+    image at the encoder's input size (1024 for every released model), and the encoder seconds
+    per image of each preset (its passes from uad.encoder_passes, through this surrogate; an
+    ensemble costs the sum of its members' rows)."""
+    config = uad.UADConfig()
+    passes = {
+        preset: uad.encoder_passes(uad.preset_config(preset)) for preset in ("paper", "no-fidelity")
+    }
+    print(
+        "| surrogate | family | blocks run | GFLOPs per forward | forward s | forward+backward s "
+        "| `paper` encoder s per image | `no-fidelity` encoder s per image |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        torch.manual_seed(0)
+        surrogate = uad.Surrogate.of(uad.build_model(name).eval().requires_grad_(False), name)
+
+        def features(backward: bool):
+            x = image.clone().requires_grad_(backward)
+            f = surrogate.features(x, config)
+            if backward:
+                sum(v.sum() for v in f).backward()
+
+        with torch.no_grad():
+            t_f = median_seconds(lambda: features(False), repeats)
+        t_fb = median_seconds(lambda: features(True), repeats)
+        per_image = [fwd * t_f + bwd * (t_fb - t_f) for fwd, bwd in passes.values()]
+        print(
+            f"| {name} | {surrogate.family} | {max(surrogate.blocks(config)) + 1} of "
+            f"{surrogate.depth}, no neck | {uad.forward_gflops(surrogate, config):.0f} "
+            f"| {t_f:.2f} | {t_fb:.2f} | {per_image[0]:.0f} | {per_image[1]:.0f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-type", default="vit_b", choices=list(uad.SAM_ARCHS))
@@ -43,6 +84,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=2, help="timed runs per pass (median)")
     p.add_argument("--full", action="store_true", help="also time complete attacks")
+    p.add_argument(
+        "--surrogates", metavar="NAME,..", help="price these surrogates (uad.py --surrogate names)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from PIL import Image
@@ -52,6 +96,9 @@ def main() -> None:
     sam = uad.build_sam(args.model_type).requires_grad_(False)
     photo = Image.open(Path(__file__).resolve().parent.parent / "examples" / "astronaut.png")
     image = uad.to_tensor(np.asarray(photo.convert("RGB").resize((args.size, args.size))))
+    if args.surrogates:
+        print(f"{args.size}x{args.size} photo, {args.threads} threads, torch {torch.__version__}")
+        return surrogate_costs(args.surrogates.split(","), image, args.repeats)
     print(
         f"{args.model_type} random-init, {args.size}x{args.size} photo, {args.threads} threads, "
         f"torch {torch.__version__}, warp_kernel backends {warp_kernel.backends()}",
