@@ -14,16 +14,18 @@ Reference masks and prompts
     protocol of the paper's code. The first --max-masks (10) annotations are the objects (an
     empty mask cannot be prompted and is skipped); the reference mask of a prompt is its
     annotation's mask, and the clean image is scored too, as a baseline.
-  Otherwise (clean-reference mode) the objects are the masks that the first model's automatic
-    mask generator (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for SAM 2) finds on the
-    clean image with --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's
-    defaults: 32, 0.88, 0.95; everything else at the generator's defaults); empty masks are
-    dropped, the rest sorted by area, largest first, and the first --max-masks kept. If no mask
-    passes the thresholds, the generator runs again with both thresholds at 0 (every candidate
-    that survives its NMS) and the image's row says "automatic, unfiltered"; an image with no
-    non-empty candidate at all is reported and skipped. For every model, the reference mask of a
-    prompt is that model's own prediction on the clean image for the same prompt, so a clean
-    image scored against itself gets mIoU 100 and ASR 0.
+  Otherwise (clean-reference mode) the objects are the masks that the first model's automatic mask
+    generator (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for SAM 2; FastSAM's
+    everything mode, which takes none of these flags) finds on the clean image with
+    --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's defaults: 32, 0.88,
+    0.95; everything else at the generator's defaults); its cost grows with the square of
+    --points-per-side (README.md gives it per model); empty masks are dropped, the rest sorted by
+    area, largest first, and the first --max-masks kept. If no mask passes the thresholds, the
+    generator runs again with both thresholds at 0 (every candidate that survives its NMS) and the
+    image's row says "automatic, unfiltered"; an image with no non-empty candidate at all is
+    reported and skipped. For every model, the reference mask of a prompt is that model's own
+    prediction on the clean image for the same prompt, so a clean image scored against itself gets
+    mIoU 100 and ASR 0.
   Prompts, per object: --points (5) distinct pixels drawn uniformly inside its mask, as (x, y)
     point prompts with label 1; --boxes (3) jittered copies of its bbox [x, y, w, h] (the
     annotation's, or the mask's tight box, w = x_max - x_min + 1, as pycocotools computes it):
@@ -35,12 +37,16 @@ Reference masks and prompts
     are identical for the clean and the adversarial image, for every model, and across runs.
 
 Scoring
-  Each prompt alone, predictor.predict(..., multimask_output=False). IoU = 100 |pred & ref| /
-  |pred | ref| at the original resolution, 100 when both masks are empty. Per model and prompt
-  type (point, box, all), pooled over every prompt of every image: mIoU = mean IoU (lower =
-  stronger attack); ASR@50 = % of prompts with IoU < 50 and ASR@10 = % with IoU < 10 (the paper's
-  code counts IoU <= 50: on its data the two differ by at most 0.03 points); count = number of
-  prompts; in annotation mode also the clean image's mIoU. Image quality of each adversarial
+  Each prompt alone, predictor.predict(..., multimask_output=False). IoU = 100
+  |pred & ref| / |pred | ref| at the original resolution, 100 when both masks are empty, 0 for a
+  prompt that gets no mask. FastSAM, as the paper's code runs it: everything mode once per image
+  (the image in BGR, as ultralytics reads it; retina masks, imgsz = max(H, W), conf 0.4, iou 0.9),
+  then a point's mask is the union of every mask that contains it and a box's the one mask of
+  highest IoU with it (the rules of the authors' FastSAMPrompt); a point in no mask gets none. Per
+  model and prompt type (point, box, all), pooled over every prompt of every image: mIoU = mean IoU
+  (lower = stronger attack); ASR@50 = % of prompts with IoU < 50 and ASR@10 = % with IoU < 10 (the
+  paper's code counts IoU <= 50: on its data the two differ by at most 0.03 points); count = number
+  of prompts; in annotation mode also the clean image's mIoU. Image quality of each adversarial
   image as scored (after --resize and --jpeg) against its clean twin: L-inf in 1/255, PSNR in dB
   over all channels (null when the images are identical, and then left out of the mean), SSIM
   (warp_kernel.ssim, mean over RGB).
@@ -68,9 +74,11 @@ Errors
 Models
   vit_b, vit_l, vit_h (segment-anything), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ),
   mobile_sam (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+,
-  sam2.1_l (SAM 2): each loaded by uad.load_model, from NAME=PATH or, without it, the official
-  checkpoint from the cache (downloaded on first use). Every family but segment-anything needs its
-  package: see README.md's model table for the install commands.
+  sam2.1_l (SAM 2), fastsam (FastSAM, through ultralytics; FastSAM-x.pt by default): each loaded
+  by uad.load_model, from NAME=PATH or, without it, the official checkpoint from the cache
+  (downloaded on first use). A checkpoint of another model (extra, missing or differently shaped
+  tensors) is refused, naming them. Every family but segment-anything needs its package: see
+  README.md's model table for the install commands (pip install '.[variants]' installs all).
 
 Cost
   --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) in annotation mode,
@@ -387,8 +395,11 @@ def to_json(obj, annotated: bool):
     return dataclasses.asdict(obj, dict_factory=lambda kv: {k: v for k, v in kv if k not in drop})
 
 
-def mask_iou(pred: np.ndarray, ref: np.ndarray) -> float:
-    """IoU in percent of two (H, W) bool masks; 100 when both are empty (they agree)."""
+def mask_iou(pred: Optional[np.ndarray], ref: Optional[np.ndarray]) -> float:
+    """IoU in percent of two (H, W) bool masks; 100 when both are empty (they agree); 0 when
+    either is None, a prompt the model gave no mask for (as the paper's code scores FastSAM)."""
+    if pred is None or ref is None:
+        return 0.0
     union = np.count_nonzero(pred | ref)
     return 100.0 if union == 0 else 100.0 * np.count_nonzero(pred & ref) / union
 
@@ -557,6 +568,7 @@ class Segmenter:
     name: str
     new_predictor: Callable[[], object]
     new_mask_generator: Callable[..., object]  # (**settings) -> object with generate(image)
+    thresholds: bool = True  # whether the generator filters by --pred-iou-thresh and the like
 
 
 def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
@@ -597,7 +609,14 @@ def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = F
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
-    # SAM-HQ and MobileSAM mirror segment_anything's API
+    if family == "fastsam":
+        return Segmenter(
+            name,
+            lambda: FastSAMPrompter(model, device),
+            lambda **kw: FastSAMPrompter(model, device),
+            thresholds=False,
+        )
+    # segment-anything, SAM-HQ and MobileSAM share segment_anything's API
     module = uad.import_family(name)
     return Segmenter(
         name,
@@ -606,8 +625,82 @@ def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = F
     )
 
 
-def predict_mask(predictor, prompt: Prompt) -> np.ndarray:
-    """The single mask (multimask_output=False) for one prompt: (H, W) bool."""
+# FastSAM as the paper's code runs it: everything mode once per image with these settings (and
+# imgsz = max(H, W)), then each prompt selects from those masks
+FASTSAM_SETTINGS = dict(retina_masks=True, conf=0.4, iou=0.9)
+
+
+def everything_masks(model, image: np.ndarray, device) -> np.ndarray:
+    """FastSAM's everything mode on an (H, W, 3) uint8 RGB image: (N, H, W) bool masks."""
+    from ultralytics.models.fastsam import FastSAMPredictor
+
+    h, w = image.shape[:2]
+    imgsz = -(-max(h, w) // 32) * 32  # rounded up to the stride, as ultralytics would (it warns)
+    settings = dict(FASTSAM_SETTINGS, imgsz=imgsz, device=str(device), save=False, verbose=False)
+    predictor = FastSAMPredictor(overrides=settings)
+    predictor.setup_model(model=model, verbose=False)
+    # ultralytics reads a numpy array as OpenCV's BGR (the paper's code passed RGB)
+    result = predictor(source=np.ascontiguousarray(image[..., ::-1]))[0]
+    if result.masks is None:
+        return np.zeros((0, h, w), dtype=bool)
+    return result.masks.data.cpu().numpy() > 0.5  # (N, H, W) at the image's size (retina masks)
+
+
+def select_fastsam_mask(masks: np.ndarray, point=None, box=None) -> Optional[np.ndarray]:
+    """The prediction for one prompt from FastSAM's everything-mode masks, by the rules of the
+    authors' FastSAMPrompt (fastsam/prompt.py, which the paper's code calls):
+
+    - a point (x, y): the union of every mask that contains the pixel (point_prompt; it walks
+      the masks largest first, which matters only for negative points, and eval.py has none);
+    - a box (x0, y0, x1, y1): the one mask of highest IoU with the box, the box's corners rounded
+      and clipped to the image and its last row and column left out as in slicing (box_prompt;
+      ties go to the first mask in ultralytics' order).
+
+    Args:
+      masks: (N, H, W) bool.
+
+    Returns:
+      (H, W) bool, or None when no mask contains the point or there is no mask at all.
+    """
+    if len(masks) == 0:
+        return None
+    if point is not None:
+        x, y = point
+        inside = masks[:, y, x]
+        return masks[inside].any(axis=0) if inside.any() else None
+    h, w = masks.shape[1:]
+    x0, y0 = max(round(box[0]), 0), max(round(box[1]), 0)
+    x1, y1 = min(round(box[2]), w), min(round(box[3]), h)
+    overlap = masks[:, y0:y1, x0:x1].sum(axis=(1, 2))
+    union = (y1 - y0) * (x1 - x0) + masks.sum(axis=(1, 2)) - overlap
+    iou = np.divide(overlap, union, out=np.zeros(len(masks)), where=union > 0)
+    return masks[int(np.argmax(iou))]
+
+
+class FastSAMPrompter:
+    """FastSAM behind the predictor and mask-generator interface of Segmenter: set_image and
+    generate run everything mode (see FASTSAM_SETTINGS); predict selects with
+    select_fastsam_mask and returns no mask (shape (0, H, W)) where that finds none."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.masks = model, device, None
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.masks = everything_masks(self.model, image, self.device)
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
+        point = None if point_coords is None else tuple(int(v) for v in point_coords[0])
+        mask = select_fastsam_mask(self.masks, point, box)
+        masks = self.masks[:0] if mask is None else mask[None]
+        return masks, None, None
+
+    def generate(self, image: np.ndarray) -> List[dict]:
+        return [{"segmentation": m} for m in everything_masks(self.model, image, self.device)]
+
+
+def predict_mask(predictor, prompt: Prompt) -> Optional[np.ndarray]:
+    """The single mask (multimask_output=False) for one prompt: (H, W) bool, or None where the
+    model gives none (FastSAM)."""
     if prompt.kind == "point":
         masks, _, _ = predictor.predict(
             point_coords=np.asarray([prompt.coords], dtype=np.float32),
@@ -618,6 +711,8 @@ def predict_mask(predictor, prompt: Prompt) -> np.ndarray:
         masks, _, _ = predictor.predict(
             box=np.asarray(prompt.coords, dtype=np.float32), multimask_output=False
         )
+    if len(masks) == 0:  # FastSAM: no mask for this prompt
+        return None
     return np.asarray(masks[0]).astype(bool)  # SAM 2 returns 0/1 floats
 
 
@@ -631,7 +726,8 @@ def find_objects(segmenter: Segmenter, clean: np.ndarray, args) -> Tuple[List[Re
     how = "automatic"
     masks = [r["segmentation"] for r in segmenter.new_mask_generator(**settings).generate(clean)]
     masks = [m for m in masks if m.any()]
-    if not masks and (args.pred_iou_thresh > 0 or args.stability_score_thresh > 0):
+    filtered = args.pred_iou_thresh > 0 or args.stability_score_thresh > 0
+    if not masks and filtered and segmenter.thresholds:
         settings.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
         how = "automatic, unfiltered"
         masks = [

@@ -1017,6 +1017,14 @@ MODEL_FAMILIES = {
         "the ImageNet mean and std",
         state_key="model",
     ),
+    # AGPL-3.0: never vendored; imported only when FastSAM is asked for
+    "fastsam": Family(
+        "FastSAM",
+        "ultralytics",
+        "pip install ultralytics",
+        "BGR, letterboxed: longest side resized to imgsz = max(H, W) rounded up to a multiple of "
+        "32 (bilinear), short side padded with grey 114 to a multiple of 32, [0, 1] scale",
+    ),
 }
 
 
@@ -1043,11 +1051,14 @@ MODELS = {
         for v in ("", ".1")
         for s in SAM2_SIZES
     },
+    # ultralytics' YOLOv8 segmentation model, built from the description its checkpoint carries
+    # (yolov8x-seg with one class for FastSAM-x, the default; FastSAM-s loads as well)
+    "fastsam": ModelSpec("fastsam", "yolov8x-seg.yaml"),
 }
 
 # Official checkpoints: name -> (URL, SHA-256, or None where the authors publish no checksum).
-# Meta publishes checksums for SAM's three only; SAM 2's release script, SAM-HQ's model card and
-# MobileSAM's repository give none, so a download of theirs prints the SHA-256 it got.
+# Meta publishes checksums for SAM's three only; SAM 2's release script, SAM-HQ's model card,
+# MobileSAM's repository and ultralytics' assets give none, so a download of theirs prints the SHA-256 it got.
 _HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_{}.pth"
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/{}/sam2{}_hiera_{}.pt"
 CHECKPOINT_URLS = {
@@ -1073,6 +1084,11 @@ CHECKPOINT_URLS = {
         f"sam2.1_{s}": (_SAM2_URL.format("092824", ".1", size), None)
         for s, size in SAM2_SIZES.items()
     },
+    # ultralytics' own download location for it (ultralytics.utils.downloads, release v8.4.0)
+    "fastsam": (
+        "https://github.com/ultralytics/assets/releases/download/v8.4.0/FastSAM-x.pt",
+        None,
+    ),
 }
 # Blocks per stage of the hierarchical surrogates as their packages build them (a test checks
 # them), to check --stage-layers before any model loads; SAM v1's depths are in SAM_ARCHS.
@@ -1257,8 +1273,12 @@ def load_weights(model: torch.nn.Module, state, path, name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def build_model(name: str) -> torch.nn.Module:
-    """A random-init model `name` (a key of MODELS) from its package's own builder, on the CPU."""
+def build_model(name: str, description=None) -> torch.nn.Module:
+    """A random-init model `name` (a key of MODELS) from its package's own builder, on the CPU.
+
+    `description` is FastSAM's only: the ultralytics model description (a dict, as a checkpoint's
+    model carries it) to build instead of MODELS["fastsam"].arch with one class.
+    """
     spec = MODELS[name]
     module = import_family(name)
     if spec.family == "sam":
@@ -1267,6 +1287,12 @@ def build_model(name: str) -> torch.nn.Module:
         from sam2.build_sam import build_sam2
 
         return build_sam2(spec.arch, None, device="cpu", hydra_overrides_extra=list(spec.overrides))
+    if spec.family == "fastsam":
+        from ultralytics.nn.tasks import SegmentationModel, yaml_model_load
+
+        if description is None:
+            description = {**yaml_model_load(spec.arch), "nc": 1}
+        return SegmentationModel(description, verbose=False)
     if spec.arch in SAM_ARCHS:  # SAM-HQ's ViTs: its registry's builder, with SAM_ARCHS's shapes
         from segment_anything_hq.build_sam import _build_sam
 
@@ -1275,6 +1301,30 @@ def build_model(name: str) -> torch.nn.Module:
             a["embed_dim"], a["depth"], a["num_heads"], list(a["global_attn_indexes"])
         )
     return module.sam_model_registry[spec.arch](checkpoint=None)  # the TinyViT models
+
+
+def read_ultralytics_checkpoint(path: Path) -> tuple:
+    """(model description, state dict) of an ultralytics segmentation checkpoint.
+
+    Its checkpoints are pickled models, which torch's plain weights-only reader refuses; ultralytics'
+    own reader (torch_safe_load with safe_only) reads them weights-only too, against its allow-list
+    of its model classes, so a file can still not run code. UADError for any problem.
+    """
+    from ultralytics.nn.tasks import SegmentationModel, torch_safe_load
+
+    path = check_checkpoint_file(path)
+    if path.suffix != ".pt":  # ultralytics reads .pt files only
+        raise UADError(f"{path}: an ultralytics checkpoint is a .pt file")
+    try:
+        ckpt, _ = torch_safe_load(path, safe_only=True)
+    except Exception as e:  # ultralytics raises TypeError, RuntimeError, ModuleNotFoundError
+        reason = str(e).replace("ERROR ❌️ ", "").strip().splitlines()[0] if str(e) else repr(e)
+        raise UADError(f"{path}: not a readable ultralytics checkpoint ({reason})") from None
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, SegmentationModel):
+        what = type(model).__name__ if model is not None else "no model"
+        raise UADError(f"{path}: not a FastSAM checkpoint ({what}, not a segmentation model)")
+    return model.yaml, model.float().state_dict()
 
 
 def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) -> torch.nn.Module:
@@ -1297,15 +1347,19 @@ def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) ->
     spec = MODELS[name]
     import_family(name)  # before any download: a missing package is the first thing to say
     path = Path(checkpoint) if checkpoint is not None else find_checkpoint(name, quiet)
-    state = read_checkpoint(path)
-    key = spec.info.state_key
-    if key is not None and isinstance(state, dict) and isinstance(state.get(key), dict):
-        state = state[key]
-    if not isinstance(state, dict):
-        raise UADError(f"{path}: not a state dict")
-    if spec.arch in SAM_ARCHS:
-        check_vit_arch(state, path, name, prefix="hq_" if spec.family == "sam_hq" else "")
-    model = build_model(name)
+    if spec.family == "fastsam":
+        description, state = read_ultralytics_checkpoint(path)
+        model = build_model(name, description)
+    else:
+        state = read_checkpoint(path)
+        key = spec.info.state_key
+        if key is not None and isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+        if not isinstance(state, dict):
+            raise UADError(f"{path}: not a state dict")
+        if spec.arch in SAM_ARCHS:
+            check_vit_arch(state, path, name, prefix="hq_" if spec.family == "sam_hq" else "")
+        model = build_model(name)
     load_weights(model, state, path, name)
     return model.eval().requires_grad_(False).to(device)
 
@@ -1723,7 +1777,9 @@ class Progress:
         """Starts item `index` (0-based) of `total`, named `name`."""
         self.prefix = f"[{index + 1}/{total}] {name}" if total > 1 else name
         line = self.prefix
-        if index:
+        if index == 0:  # the pace counts from the first item, not from loading the models
+            self.items_started = time.monotonic()
+        else:
             per_item = (time.monotonic() - self.items_started) / index
             line += f"  {per_item:.1f} s/image, ETA {format_duration(per_item * (total - index))}"
         self.stage = None

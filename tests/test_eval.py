@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -474,6 +475,41 @@ def test_clean_reference_mode_self_scores_100_and_noise_scores_lower(
             line = next(x for x in rows_csv if (x["image"], x["prompts"]) == (r["name"], kind))
             assert float(line["asr50"]) == pytest.approx(m["asr50"])
     assert len(rows_csv) == 3 * 3  # two images and ALL, three prompt types, one model
+
+
+def test_the_pace_on_the_progress_line_leaves_out_model_loading(
+    cli, tiny_checkpoints, tmp_path, monkeypatch
+):
+    class Clock:  # time as uad.Progress sees it, in which loading a model takes 1000 s
+        offset = 0.0
+
+        def monotonic(self):
+            return time.monotonic() + self.offset
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    clock, load = Clock(), ev.load_segmenter
+
+    def slow_load(*args, **kwargs):
+        clock.offset += 1000
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(uad, "time", clock)
+    monkeypatch.setattr(ev, "load_segmenter", slow_load)
+    cat = small_photo((96, 64))
+    for name in ("a", "b"):
+        save(tmp_path / "clean" / f"{name}.png", cat)
+        save(tmp_path / "adv" / f"{name}.png", cat)
+    pair = ["--clean", tmp_path / "clean", "--adv", tmp_path / "adv"]
+    loud = [a for a in FAST if a != "--quiet"]
+    code, _, stderr = cli(
+        *pair, "--models", models(tiny_checkpoints, "vit_b"), *loud, *OPEN_GENERATOR
+    )
+    assert code == 0, stderr
+    pace = re.fullmatch(r"\[2/2\] b\.png  (\d+\.\d) s/image, ETA \d+:\d\d", stderr.splitlines()[1])
+    assert pace and float(pace.group(1)) < 500, stderr  # the first image's scoring, without the
+    # 1000 s of loading (a first use of warp_kernel may compile it: seconds, not hundreds)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1,84 +1,389 @@
-"""Every model family eval.py accepts, through its real package (sam2, segment_anything_hq,
-mobile_sam): random-init models from the package's own builders, saved as checkpoints and loaded
-through uad.load_model, the path official checkpoints take.
+"""Every model family eval.py accepts, through its real package (segment_anything_hq, mobile_sam,
+sam2, ultralytics' FastSAM): random-init models from the package's own builders, saved as
+checkpoints the way the official ones are and loaded through uad.load_model, then scored end to
+end by eval.py in both modes.
 
-A test skips with the reason where its package is absent; CI installs them all (setup.py's
-`variants` extra).
+Sizes are kept small where the builder allows it: SAM-HQ's ViTs take uad.SAM_ARCHS's shapes
+(patched tiny here, as the other tests do), SAM 2's configs take hydra overrides (a four-stage
+Hiera of width 16), FastSAM is ultralytics' yolov8n-seg; MobileSAM's and HQ-tiny's TinyViT have
+fixed shapes, so they are the slow ones (a few seconds per image encoding). A test skips with
+the reason where its package is absent; CI installs them all (setup.py's `variants` extra).
 """
 
+import copy
+import dataclasses
+import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import eval as ev
 import uad
-from helpers import TINY_ARCHS
+from helpers import TINY_ARCHS, small_photo
+from test_eval import noisy, parse_table, save, two_objects, write_annotations
 
 # SAM-HQ's decoder reads the encoder's output after its first global-attention block, so its tiny
 # ViTs need one (SAM's tiny shapes in helpers.py have none)
 TINY_HQ_ARCHS = {t: {**a, "global_attn_indexes": (a["depth"] - 1,)} for t, a in TINY_ARCHS.items()}
+# A Hiera of four stages (1, 1, 2, 1 blocks, widths 16 to 128) for every SAM 2 config; block 3 is
+# the one global-attention block that is not the first of a stage, which Hiera requires
+TINY_HIERA = (
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+)
+# the modules each family imports, for the skip reasons (SAM-HQ and MobileSAM need timm)
+MODULES = {
+    "sam_hq": ("segment_anything_hq", "timm"),
+    "mobile_sam": ("mobile_sam", "timm"),
+    "sam2": ("sam2",),
+    "fastsam": ("ultralytics",),
+}
+# one model of each family scores in both modes; the others are built, saved and loaded
+SCORED = ("hq_vit_b", "hq_vit_tiny", "mobile_sam", "sam2_t", "sam2.1_t", "fastsam")
+# one object, one point and one box: each image costs an encoding and two decodings per model
+FEW = ["--points", "1", "--boxes", "1", "--max-masks", "1", "--quiet"]
 
 
-def save_random(name: str, path, seed: int = 0):
-    """A random-init `name` from its package's builder, saved as a state dict; returns it."""
+def require(name: str) -> None:
+    """Skips the test, saying why, unless model `name`'s package and its imports are installed."""
+    for module in MODULES[uad.MODELS[name].family]:
+        why = f"{module} is not installed ({uad.MODELS[name].info.install})"
+        pytest.importorskip(module, reason=why)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_variants():
+    """uad.SAM_ARCHS at tiny shapes with a global block, and every SAM 2 config with the tiny
+    Hiera trunk, for the whole module (the builders read both)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(uad, "SAM_ARCHS", TINY_HQ_ARCHS)
+        for name, spec in uad.MODELS.items():
+            if spec.family == "sam2":
+                mp.setitem(uad.MODELS, name, dataclasses.replace(spec, overrides=TINY_HIERA))
+        yield
+
+
+def random_fastsam(seed: int):
+    """ultralytics' yolov8n-seg with one class, random weights, and the class logits' bias
+    raised so that everything mode finds masks at conf 0.4 (its own initial bias finds none)."""
+    from ultralytics.nn.tasks import SegmentationModel, yaml_model_load
+
     torch.manual_seed(seed)
-    model = uad.build_model(name)
-    torch.save(model.state_dict(), path)
-    return model
+    model = SegmentationModel({**yaml_model_load("yolov8n-seg.yaml"), "nc": 1}, verbose=False)
+    with torch.no_grad():
+        for branch in model.model[-1].cv3:
+            branch[-1].bias.fill_(2.0)
+    return model.eval()
+
+
+def save_checkpoint(name: str, path, seed: int) -> dict:
+    """Saves a random-init `name` as its official checkpoints are laid out; returns the state
+    dict that loading it must give back."""
+    require(name)
+    if name == "fastsam":  # as ultralytics saves a trained model: the whole model, half precision
+        model = copy.deepcopy(random_fastsam(seed)).half()
+        torch.save({"model": model, "train_args": {"task": "segment"}}, path)
+        return model.float().state_dict()
+    torch.manual_seed(seed)
+    state = uad.build_model(name).state_dict()
+    nested = uad.MODELS[name].info.state_key  # SAM 2 nests its weights under "model"
+    torch.save({nested: state} if nested else state, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """checkpoints(name) -> path of a random-init checkpoint of `name`, saved once per module."""
+    folder = tmp_path_factory.mktemp("variants")
+    paths, states = {}, {}
+
+    def get(name: str):
+        if name not in paths:
+            suffix = ".pt" if uad.MODELS[name].family in ("sam2", "fastsam") else ".pth"
+            paths[name] = folder / f"random_{name}{suffix}"
+            states[name] = save_checkpoint(name, paths[name], seed=len(paths))
+        return paths[name]
+
+    get.states = states
+    return get
 
 
 @pytest.fixture
-def tiny_hq(monkeypatch):
-    """SAM-HQ's ViTs (and SAM's) at tiny shapes for the duration of a test."""
-    pytest.importorskip("segment_anything_hq", reason="segment-anything-hq is not installed")
-    pytest.importorskip("timm", reason="timm (imported by segment_anything_hq) is not installed")
-    monkeypatch.setattr(uad, "SAM_ARCHS", TINY_HQ_ARCHS)
+def cli(capsys):
+    """Runs `eval.py ARGS` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*args):
+        code = ev.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
-def test_load_model_loads_the_saved_weights_frozen_in_eval_mode(tiny_hq, tmp_path):
-    saved = save_random("hq_vit_b", tmp_path / "hq.pth", seed=3)
-    model = uad.load_model("hq_vit_b", tmp_path / "hq.pth")
-    assert type(model).__module__.startswith("segment_anything_hq")
+def models(checkpoints, *names) -> str:
+    return ",".join(f"{n}={checkpoints(n)}" for n in names)
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading: every model name, through its package's builder and uad.load_weights
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, s in uad.MODELS.items() if s.family != "sam" and s.family != "sam2"]
+)
+def test_every_model_loads_the_weights_it_was_saved_with(checkpoints, name):
+    path = checkpoints(name)
+    model = uad.load_model(name, path)
+    module = uad.MODELS[name].info.module
+    assert type(model).__module__.split(".")[0] == module
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    for (key, a), b in zip(saved.state_dict().items(), model.state_dict().values()):
-        assert torch.equal(a, b), key
+    saved = checkpoints.states[name]
+    assert list(model.state_dict()) == list(saved)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
 
 
-def test_a_checkpoint_of_another_family_is_refused_naming_what_is_extra(
-    tiny_hq, tiny_checkpoints, tmp_path
+def test_sam2_models_load_from_their_own_configs(checkpoints):
+    require("sam2_t")
+    from hydra import compose
+
+    for name in ("sam2_t", "sam2.1_t"):  # the two scored below; the others by their configs
+        model = uad.load_model(name, checkpoints(name))
+        assert type(model).__name__ == "SAM2Base" and not model.training
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, checkpoints.states[name][key]), key
+    for name, spec in uad.MODELS.items():
+        if spec.family == "sam2":  # every name is a config the installed package has
+            trunk = compose(config_name=spec.arch).model.image_encoder.trunk
+            assert trunk._target_ == "sam2.modeling.backbones.hieradet.Hiera", name
+
+
+def test_loading_from_the_cache_downloads_the_official_file_name(
+    checkpoints, tmp_path, monkeypatch
 ):
-    save_random("hq_vit_b", tmp_path / "hq.pth")
+    path = checkpoints("sam2.1_t")
+    monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
+    url, _ = uad.CHECKPOINT_URLS["sam2.1_t"]
+    assert url.endswith("/092824/sam2.1_hiera_tiny.pt")
+    monkeypatch.setitem(uad.CHECKPOINT_URLS, "sam2.1_t", (path.as_uri(), None))
+    uad.load_model("sam2.1_t", None, quiet=True)
+    assert (tmp_path / "cache" / path.name).read_bytes() == path.read_bytes()
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints of another model, and the missing-module line
+
+
+def test_a_checkpoint_of_another_family_is_refused_naming_what_is_extra(cli, checkpoints, tmp_path):
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    hq_tiny, sam21 = checkpoints("hq_vit_tiny"), checkpoints("sam2.1_t")
+    require("mobile_sam")
+    for model, path, first in [
+        ("mobile_sam", hq_tiny, "mask_decoder.hf_token.weight"),  # SAM-HQ's extra decoder
+        ("sam2_t", sam21, "no_obj_embed_spatial"),  # SAM 2.1's additions to SAM 2
+    ]:
+        code, stdout, stderr = cli("--clean", cat, "--adv", cat, "--models", f"{model}={path}")
+        assert code == 1 and stdout == "" and stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"error: {path}: not a {model} checkpoint: ")
+        assert f"tensor(s) that {model} does not have ({first}" in stderr, stderr
+    checkpoints("mobile_sam")
+    extra = set(checkpoints.states["hq_vit_tiny"]) - set(checkpoints.states["mobile_sam"])
+    assert len(extra) == 25  # SAM-HQ's decoder: the HQ token, its MLPs and feature fusion
+    assert f"checkpoint: {len(extra)} tensor(s)" in uad_error(
+        lambda: uad.load_model("mobile_sam", hq_tiny)
+    )
+    # the other way round: SAM 2's checkpoint lacks SAM 2.1's tensors
+    message = uad_error(lambda: uad.load_model("sam2.1_t", checkpoints("sam2_t")))
+    assert "of sam2.1_t's tensor(s) missing (" in message
+
+
+def uad_error(call) -> str:
     with pytest.raises(uad.UADError) as e:
-        uad.load_model("vit_b", tmp_path / "hq.pth")
-    message = str(e.value)
-    assert message.startswith(f"{tmp_path / 'hq.pth'}: not a vit_b checkpoint: ")
-    assert "tensor(s) that vit_b does not have (mask_decoder.hf_token.weight" in message
-    assert "\n" not in message
-    # and the other way round: SAM's checkpoint lacks the HQ decoder's tensors
-    with pytest.raises(uad.UADError, match=r"of hq_vit_b's tensor\(s\) missing \(mask_decoder\."):
-        uad.load_model("hq_vit_b", tiny_checkpoints["vit_b"])
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
-def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tiny_hq, tmp_path):
-    state = save_random("hq_vit_b", tmp_path / "hq.pth").state_dict()
-    state["mask_decoder.hf_token.weight"] = torch.zeros(2, 256)
+def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints, tmp_path):
+    state = dict(torch.load(checkpoints("sam2_t"), weights_only=True)["model"])
+    state["obj_ptr_proj.layers.0.weight"] = torch.zeros(256, 128)
+    torch.save({"model": state}, tmp_path / "bad.pt")
+    assert uad_error(lambda: uad.load_model("sam2_t", tmp_path / "bad.pt")) == (
+        f"{tmp_path / 'bad.pt'}: weights do not fit sam2_t: obj_ptr_proj.layers.0.weight is "
+        "(256, 128) in the checkpoint, (256, 256) in the model"
+    )
+
+
+def test_a_shape_mismatch_in_a_sam_checkpoint_names_the_tensor_in_uad_too(tmp_path):
+    torch.manual_seed(0)
+    state = uad.build_sam("vit_b").state_dict()  # tiny (this module's SAM_ARCHS)
+    state["mask_decoder.iou_token.weight"] = torch.zeros(2, 256)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(uad.UADError) as e:
-        uad.load_model("hq_vit_b", tmp_path / "bad.pth")
-    assert str(e.value) == (
-        f"{tmp_path / 'bad.pth'}: weights do not fit hq_vit_b: mask_decoder.hf_token.weight is "
+    assert uad_error(lambda: uad.load_sam("vit_b", tmp_path / "bad.pth")) == (
+        f"{tmp_path / 'bad.pth'}: weights do not fit vit_b: mask_decoder.iou_token.weight is "
         "(2, 256) in the checkpoint, (1, 256) in the model"
     )
 
 
-def test_the_missing_module_named_is_the_one_really_missing(monkeypatch):
-    pytest.importorskip("segment_anything_hq", reason="segment-anything-hq is not installed")
-    for module in [m for m in sys.modules if m == "timm" or m.startswith(("timm.", "segment_"))]:
+@pytest.mark.parametrize("name", ["mobile_sam", "hq_vit_tiny"])
+def test_a_missing_timm_is_named_with_the_install_line(cli, tmp_path, monkeypatch, name):
+    require(name)
+    package = uad.MODELS[name].info.module
+    for module in [m for m in sys.modules if m.split(".")[0] in ("timm", package)]:
         monkeypatch.delitem(sys.modules, module)
-    monkeypatch.setitem(sys.modules, "timm", None)  # timm absent, segment_anything_hq present
-    with pytest.raises(uad.UADError) as e:
-        uad.load_model("hq_vit_b", "unused.pth")
-    assert str(e.value) == (
-        "model hq_vit_b needs the timm package (imported by segment_anything_hq), which is not "
-        "installed: pip install segment-anything-hq timm"
+    monkeypatch.setitem(sys.modules, "timm", None)  # the package is there, timm is not
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"{name}=x.pt")
+    install = uad.MODELS[name].info.install
+    assert code == 1 and stderr == (
+        f"error: model {name} needs the timm package (imported by {package}), which is not "
+        f"installed: {install}\n"
     )
+    assert install.endswith(" timm")
+
+
+# -----------------------------------------------------------------------------------------------
+# FastSAM: everything mode as ultralytics reads images, the authors' prompt rules
+
+
+@pytest.fixture(scope="module")
+def fastsam(checkpoints):
+    return uad.load_model("fastsam", checkpoints("fastsam"))
+
+
+def test_fastsam_is_fed_the_colour_order_ultralytics_reads_files_in(fastsam, tmp_path):
+    from ultralytics.models.fastsam import FastSAMPredictor
+
+    pixels = small_photo((96, 64))
+    path = save(tmp_path / "cat.png", pixels)
+    masks = ev.everything_masks(fastsam, pixels, "cpu")
+    assert len(masks) > 0 and masks.shape[1:] == pixels.shape[:2]
+    settings = dict(ev.FASTSAM_SETTINGS, imgsz=96, device="cpu", save=False, verbose=False)
+    predictor = FastSAMPredictor(overrides=settings)
+    predictor.setup_model(model=fastsam, verbose=False)
+    from_file = predictor(source=str(path))[0].masks.data.numpy() > 0.5  # ultralytics reads it
+    assert np.array_equal(masks, from_file)
+    swapped = ev.everything_masks(fastsam, np.ascontiguousarray(pixels[..., ::-1]), "cpu")
+    assert not np.array_equal(masks, swapped)  # the order matters to this model, so it is tested
+
+
+def test_fastsam_prompts_select_masks_as_fastsam_prompt_does(fastsam):
+    from ultralytics.models.fastsam import FastSAMPredictor
+
+    pixels = small_photo((96, 64))
+    masks = ev.everything_masks(fastsam, pixels, "cpu")
+    settings = dict(ev.FASTSAM_SETTINGS, imgsz=96, device="cpu", save=False, verbose=False)
+    predictor = FastSAMPredictor(overrides=settings)
+    predictor.setup_model(model=fastsam, verbose=False)
+    (everything,) = predictor(source=np.ascontiguousarray(pixels[..., ::-1]))
+    covered = np.argwhere(masks.any(0))
+    assert len(covered) > 0
+    for y, x in covered[:: max(1, len(covered) // 5)][:5]:
+        # ultralytics' FastSAMPredictor.prompt returns every mask containing the point
+        (hits,) = predictor.prompt(everything, points=[[int(x), int(y)]])
+        union = (hits.masks.data.numpy() > 0.5).any(0)
+        assert np.array_equal(ev.select_fastsam_mask(masks, point=(int(x), int(y))), union)
+        assert union[y, x]
+    for box in ([10, 5, 60, 40], [0, 0, 95, 63], [50, 30, 52, 33]):
+        # its box rule is FastSAMPrompt's: the one mask of highest IoU with the box
+        (best,) = predictor.prompt(everything, bboxes=[box])
+        chosen = best.masks.data.numpy() > 0.5
+        assert chosen.shape[0] == 1
+        assert np.array_equal(ev.select_fastsam_mask(masks, box=box), chosen[0])
+    empty = np.zeros((0, 64, 96), bool)
+    assert ev.select_fastsam_mask(empty, point=(3, 3)) is None
+    assert ev.select_fastsam_mask(empty, box=(0, 0, 9, 9)) is None
+    uncovered = np.argwhere(~masks.any(0))
+    if len(uncovered):
+        y, x = uncovered[0]
+        assert ev.select_fastsam_mask(masks, point=(int(x), int(y))) is None
+
+
+def test_a_prompt_fastsam_gives_no_mask_scores_0():
+    ref = np.ones((4, 4), bool)
+    assert ev.mask_iou(None, ref) == 0 and ev.mask_iou(ref, None) == 0
+    assert ev.mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 100
+
+
+# -----------------------------------------------------------------------------------------------
+# End to end, every family, both modes
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A small photo, a noisy copy, and an SA-1B-style JSON of two objects on it."""
+    folder = tmp_path_factory.mktemp("pair")
+    cat = small_photo((96, 64))
+    clean, adv = save(folder / "cat.png", cat), save(folder / "adv.png", noisy(cat, 40))
+    return clean, adv, write_annotations(folder / "cat.json", list(two_objects()))
+
+
+def test_every_family_scores_in_annotation_mode(cli, checkpoints, pair, tmp_path):
+    available = [n for n in SCORED if all(map(installed, MODULES[uad.MODELS[n].family]))]
+    if len(available) < len(SCORED):
+        missing = sorted(set(SCORED) - set(available))
+        pytest.skip(f"packages of {', '.join(missing)} are not installed")
+    clean, adv, ann = pair
+    out = tmp_path / "r.json"
+    flags = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out, *FEW]
+    code, stdout, stderr = cli(*flags, "--models", models(checkpoints, *SCORED))
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    assert result["mode"] == "annotations"
+    (row,) = result["images"]
+    assert row["objects"] == 1 and [p["kind"] for p in row["prompts"]] == ["point", "box"]
+    for name in SCORED:
+        assert row["metrics"][name]["all"]["count"] == 2, name
+        assert row["metrics"][name]["all"]["clean_miou"] is not None, name
+        for p in row["prompts"]:
+            assert 0 <= p["iou"][name] <= 100 and 0 <= p["clean_iou"][name] <= 100
+        assert row["seconds"][name] > 0
+    assert {model for model, _ in parse_table(stdout)} == set(SCORED)
+
+
+def installed(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("hq_vit_b", None), ("mobile_sam", None), ("sam2_t", "sam2.1_t"), ("fastsam", None)],
+)
+def test_every_family_finds_its_own_objects_in_clean_reference_mode(
+    cli, checkpoints, pair, tmp_path, first, second
+):
+    names = [n for n in (first, second) if n]
+    for name in names:
+        require(name)
+    clean = pair[0]
+    out = tmp_path / "r.json"
+    generator = [
+        "--points-per-side",
+        "2",
+        "--pred-iou-thresh",
+        "0",
+        "--stability-score-thresh",
+        "0",
+    ]
+    code, stdout, stderr = cli(
+        "--clean", clean, "--adv", clean, "--out", out, *FEW, *generator,
+        "--models", models(checkpoints, *names),
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert f"objects from {first}'s automatic masks" in stdout
+    (row,) = json.loads(out.read_text())["images"]
+    assert row["reference"] == "automatic" and row["objects"] == 1
+    assert "mask_generator" in row["seconds"]
+    for name in names:  # the clean image scored against itself, by each model's own masks
+        metrics = row["metrics"][name]["all"]
+        assert metrics["count"] == len(row["prompts"]) > 0
+        assert metrics["miou"] == 100 and metrics["asr50"] == 0, (name, metrics)
