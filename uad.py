@@ -1093,6 +1093,7 @@ CHECKPOINT_URLS = {
 # Blocks per stage of the hierarchical surrogates as their packages build them (a test checks
 # them), to check --stage-layers before any model loads; SAM v1's depths are in SAM_ARCHS.
 HIERA_STAGES = {"t": (1, 2, 7, 2), "s": (1, 2, 11, 2), "b+": (2, 3, 16, 3), "l": (2, 6, 36, 4)}
+SURROGATE_FAMILIES = ("sam", "sam2", "mobile_sam")  # the MODEL_FAMILIES a Surrogate class fits
 SURROGATE_STAGES = {
     **{f"sam2{v}_{s}": HIERA_STAGES[s] for v in ("", ".1") for s in SAM2_SIZES},
     "mobile_sam": (2, 2, 6, 2),
@@ -1957,7 +1958,7 @@ def block_list(text: str) -> tuple:
 
 def surrogate_list(text: str) -> List[tuple]:
     """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, path or None), ...]."""
-    names = [n for n, spec in MODELS.items() if spec.family != "sam_hq"]
+    names = [n for n, spec in MODELS.items() if spec.family in SURROGATE_FAMILIES]
     specs = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, equals, path = item.partition("=")
@@ -1969,6 +1970,11 @@ def surrogate_list(text: str) -> List[tuple]:
         if name.startswith("hq_") and name in MODELS:
             raise argparse.ArgumentTypeError(
                 f"{name}: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is {name[3:]}"
+            )
+        if name == "fastsam":
+            raise argparse.ArgumentTypeError(
+                "fastsam: FastSAM is a YOLOv8 segmentation network with no SAM image encoder to "
+                "attack; it is an evaluation target (eval.py --models fastsam)"
             )
         if name not in names:
             raise argparse.ArgumentTypeError(

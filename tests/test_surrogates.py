@@ -363,6 +363,7 @@ def surrogate_errors(tmp_path, checkpoint):
             [good, o, "--surrogate", "hq_vit_l"],
             "hq_vit_l: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is vit_l",
         ),
+        "fastsam": ([good, o, "--surrogate", "fastsam"], "fastsam: FastSAM is a YOLOv8"),
         "twice": ([good, o, "--surrogate", "vit_b,vit_b"], "vit_b is named twice"),
         "empty path": ([good, o, "--surrogate", "vit_b="], "vit_b=: no checkpoint after '='"),
         "missing file": (
@@ -391,6 +392,7 @@ def surrogate_errors(tmp_path, checkpoint):
 SURROGATE_ERRORS = [
     "unknown",
     "hq",
+    "fastsam",
     "twice",
     "empty path",
     "missing file",
