@@ -1990,6 +1990,15 @@ def surrogate_list(text: str) -> List[tuple]:
     return specs
 
 
+def surrogate_names_help() -> str:
+    """The --surrogate names by family: "vit_b, vit_l, vit_h (SAM); mobile_sam (MobileSAM); ..."."""
+    families = {}
+    for name, spec in MODELS.items():
+        if spec.family in SURROGATE_FAMILIES:
+            families.setdefault(spec.info.title, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({title})" for title, names in families.items())
+
+
 def model_type(text: str) -> str:
     if text not in SAM_ARCHS:
         raise argparse.ArgumentTypeError(
@@ -2031,11 +2040,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME[=PATH],..",
         help="the surrogate(s), instead of --model-type and --checkpoint; several form an "
-        "ensemble whose feature distances both stages average. NAME: vit_b, vit_l, vit_h (SAM "
-        "v1), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l (SAM 2, "
-        "2.1), mobile_sam. SAM-HQ needs none of its own: it keeps SAM's encoder frozen, so "
-        "vit_b/l/h attack it (hq_vit_tiny's is a TinyViT, as mobile_sam's). PATH: its "
-        "checkpoint; without it, the official file in the cache, downloaded on first use",
+        f"ensemble whose feature distances both stages average. NAME: {surrogate_names_help()}. "
+        "SAM-HQ needs none of its own: it keeps SAM's encoder frozen, so vit_b/l/h attack it "
+        "(hq_vit_tiny's is a TinyViT, as mobile_sam's). PATH: its checkpoint; without it, the "
+        "official file in the cache, downloaded on first use",
     )
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     p.add_argument(

@@ -10,6 +10,7 @@ encoder pass costs milliseconds; uad respects a model's own input size.
 
 import dataclasses
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -425,3 +426,14 @@ def test_forward_gflops_prices_vit_b_at_the_constant_and_grows_with_the_blocks(s
     assert 0 < counts[0] < counts[1] < counts[2] < counts[3]
     one, both = (uad.cpu_estimate(uad.UADConfig(), g, 2) for g in (100.0, 200.0))
     assert both == pytest.approx(2 * one)
+
+
+def test_help_names_every_surrogate_and_says_sam_hq_needs_none(cli):
+    code, out, _ = cli("--help", checkpoint=None)
+    flat = " ".join(out.split())
+    names = [n for n, s in uad.MODELS.items() if s.family in uad.SURROGATE_FAMILIES]
+    assert code == 0 and len(names) == 12
+    words = set(re.split(r"[\s,;()]+", flat))
+    assert all(name in words for name in names), flat
+    assert "SAM-HQ needs none of its own" in flat
+    assert "--stage-layers I,J,.. hierarchical surrogates" in flat and "[0,1,2,3]" in flat
