@@ -22,8 +22,9 @@ authors' computation and the `paper` preset can be compared on the same images:
 Their sampler's bugs are not copied: here the flow's x and y are not swapped, and the warp
 samples exactly where the spline says (warp_kernel.flow_warp; zero displacement is the
 identity). Everything runs at the image's own resolution, the control points living at SAM's
-1024 scale as theirs do, and the perturbation is released exactly within eps at the original
-resolution (uad.quantize), not truncated at 1024 and resized. README.md, "Reproducing the
+1024 scale as theirs do (the splines are evaluated on that scale's grid), and the perturbation
+is released exactly within eps at the original resolution (uad.quantize), not truncated at 1024
+and resized. README.md, "Reproducing the
 paper's table", lists what still differs from their code.
 
     import uad
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -79,7 +82,8 @@ def fit_spline(centres: torch.Tensor, values: torch.Tensor):
     """The spline s(q) = sum_i w_i |q - c_i| + v^T (q, 1) with s(c_i) = values_i.
 
     With the side conditions sum_i w_i = 0 and sum_i w_i c_i = 0 the system has one solution
-    for distinct centres. It is solved in float64 on the CPU (a (n + 3)-square system).
+    for distinct centres. It is solved in float64 on the CPU (a (n + 3)-square system); if two
+    centres coincide (points clamped into the same corner), by least squares.
 
     Args:
       centres: (N, n, 2) the interpolation centres.
@@ -96,22 +100,61 @@ def fit_spline(centres: torch.Tensor, values: torch.Tensor):
         [torch.cat([a, b], 2), torch.cat([b.transpose(1, 2), b.new_zeros(batch, 3, 3)], 2)], 1
     )
     rhs = torch.cat([f, f.new_zeros(batch, 3, k)], 1)
-    x = torch.linalg.solve(lhs, rhs).to(values.device, values.dtype)  # (N, n + 3, k)
+    x, info = torch.linalg.solve_ex(lhs, rhs)  # (N, n + 3, k)
+    if info.any():
+        x = torch.linalg.pinv(lhs) @ rhs
+    x = x.to(values.device, values.dtype)
     return x[:, :n], x[:, n:]
+
+
+def distances(query: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(m, n) distances between points (m, 2) and (n, 2)."""
+    # exact differences, not |q|^2 - 2 q.c + |c|^2, which cancels badly at 1024-pixel scales
+    return torch.cdist(query, centres, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+class RadialTerm(torch.autograd.Function):
+    """|q - c| @ w for query points q (m, 2), centres c (n, 2) and weights w (n, k): (m, k).
+
+    The (m, n) distances are not kept for the backward pass but recomputed there a block of
+    rows at a time, and only the centres' and the weights' gradients are formed: at an image's
+    million pixels this is several times faster than autograd through cdist, in a fraction of
+    the memory. The query points get no gradient.
+    """
+
+    ROWS = 1 << 16  # query points per block
+
+    @staticmethod
+    def forward(ctx, query, centres, w):
+        ctx.save_for_backward(query, centres, w)
+        return torch.cat([distances(q, centres) @ w for q in query.split(RadialTerm.ROWS)])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        query, centres, w = ctx.saved_tensors
+        grad_centres, grad_w = torch.zeros_like(centres), torch.zeros_like(w)
+        for q, g in zip(query.split(RadialTerm.ROWS), grad.split(RadialTerm.ROWS)):
+            r = distances(q, centres)  # (rows, n)
+            grad_w += r.T @ g
+            # d|q - c| / dc = (c - q) / |q - c|, taken as 0 where q = c
+            s = torch.where(r > 0, (g @ w.T) / r, torch.zeros_like(r))  # (rows, n)
+            grad_centres += centres * s.sum(0)[:, None] - s.T @ q
+        return None, grad_centres, grad_w
 
 
 def eval_spline(query: torch.Tensor, centres: torch.Tensor, w, v) -> torch.Tensor:
     """The spline of `fit_spline` at query points (N, m, 2): (N, m, k)."""
-    # exact differences, not |q|^2 - 2 q.c + |c|^2, which cancels badly at 1024-pixel scales
-    r = torch.cdist(query, centres, compute_mode="donot_use_mm_for_euclid_dist")  # (N, m, n)
-    return r @ w + query @ v[:, :2] + v[:, 2:]
+    radial = torch.stack([RadialTerm.apply(*args) for args in zip(query, centres, w)])
+    return radial + query @ v[:, :2] + v[:, 2:]
 
 
-def pixel_centres(h: int, w: int, scale: float, device) -> torch.Tensor:
-    """(H * W, 2) positions (x, y) of an H x W image's pixel centres at `scale` times its size
-    (the centres of the resized image's pixels are at integers, as in their 1024 grid)."""
-    ys = (torch.arange(h, device=device) + 0.5) * scale - 0.5
-    xs = (torch.arange(w, device=device) + 0.5) * scale - 0.5
+def pixel_centres(h: int, w: int, scale_x: float, scale_y: float, device) -> torch.Tensor:
+    """(H * W, 2) positions (x, y) of an H x W image's pixel centres on a grid scale_x (scale_y)
+    times as wide (high): with align_corners=False resizing, pixel i of the image lies at
+    (i + 0.5) * scale - 0.5 of the resized one, whose pixels sit at integers as their grid's do."""
+    ys = (torch.arange(h, device=device) + 0.5) * scale_y - 0.5
+    xs = (torch.arange(w, device=device) + 0.5) * scale_x - 0.5
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y], -1).view(-1, 2)
 
@@ -120,7 +163,10 @@ def spline_flow(source: torch.Tensor, dest: torch.Tensor, h: int, w: int, scale:
     """The flow of the warp that moves each source point's content to its destination point.
 
     The output pixel at a destination point samples the image at its source point; between
-    them the displacement is the order-1 spline through the destination points.
+    them the displacement is the order-1 spline through the destination points. It is
+    evaluated at each pixel's position at the control points' scale; for an image larger than
+    that (scale < 1), on the pixels of the image resized to that scale, as theirs is, and then
+    resized bilinearly to (H, W), which costs 1 / scale^2 times less.
 
     Args:
       source, dest: (N, n, 2) points (x, y), in pixels of the image scaled by `scale` (1024 /
@@ -133,9 +179,13 @@ def spline_flow(source: torch.Tensor, dest: torch.Tensor, h: int, w: int, scale:
     """
     n = len(source)
     weights = fit_spline(dest, source - dest)
-    query = pixel_centres(h, w, scale, dest.device).expand(n, -1, -1)  # (N, H * W, 2)
-    flow = eval_spline(query, dest, *weights) / scale  # (N, H * W, 2) image pixels
-    return flow.transpose(1, 2).reshape(n, 2, h, w)
+    gh, gw = (h, w) if scale >= 1 else (max(1, round(h * scale)), max(1, round(w * scale)))
+    query = pixel_centres(gh, gw, w * scale / gw, h * scale / gh, dest.device)
+    flow = eval_spline(query.expand(n, -1, -1), dest, *weights) / scale  # (N, gh * gw, 2)
+    flow = flow.transpose(1, 2).reshape(n, 2, gh, gw)  # image pixels
+    if (gh, gw) != (h, w):
+        flow = F.interpolate(flow, (h, w), mode="bilinear", align_corners=False)
+    return flow
 
 
 # -----------------------------------------------------------------------------------------------

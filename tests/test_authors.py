@@ -61,6 +61,52 @@ def test_a_translation_of_every_point_is_a_translation_of_the_image():
     assert torch.allclose(flow, expected, atol=1e-3)
 
 
+def test_the_radial_term_has_the_gradient_of_its_formula():
+    gen = torch.Generator().manual_seed(5)
+    query = torch.rand(300, 2, generator=gen, dtype=torch.float64) * 50
+    centres = torch.rand(6, 2, generator=gen, dtype=torch.float64) * 50
+    centres[2] = query[7]  # a query point on a centre, where |q - c| has its kink
+    w = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    centres.requires_grad_(True)
+    w.requires_grad_(True)
+    radial = authors.RadialTerm.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(authors.RadialTerm, "ROWS", 64)  # several blocks of rows
+        out = radial(query, centres, w)
+        autograd = torch.cdist(query, centres) @ w  # cdist takes the gradient at r = 0 as 0 too
+        assert torch.allclose(out, autograd)
+        ours = torch.autograd.grad(out.pow(2).sum(), (centres, w))
+        theirs = torch.autograd.grad(autograd.pow(2).sum(), (centres, w))
+        assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+        # away from the kink, against finite differences too
+        away = torch.rand(40, 2, generator=gen, dtype=torch.float64) * 50
+        assert torch.autograd.gradcheck(radial, (away, centres, w))
+
+
+def test_coinciding_destinations_still_give_a_spline():
+    dest = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [500.0, 20.0], [30.0, 700.0], [900.0, 900.0]]])
+    source = dest + torch.tensor([3.0, -2.0])
+    flow = authors.spline_flow(source, dest, 16, 16, 64.0)
+    assert torch.isfinite(flow).all()
+    assert torch.allclose(flow, torch.tensor([3.0, -2.0]).view(1, 2, 1, 1) / 64.0, atol=1e-4)
+
+
+def test_a_large_image_takes_the_flow_of_the_1024_grid_resized_to_its_pixels():
+    # an affine displacement: the spline and bilinear resizing both reproduce it exactly, so
+    # the flow must be the affine map at each pixel's position at the 1024 scale
+    gen = torch.Generator().manual_seed(3)
+    h, w = 24, 2100  # longest side over 1024: the spline is evaluated on a 1024 x 12 grid
+    scale = 1024 / w
+    dest = torch.rand(1, 36, 2, generator=gen) * torch.tensor([1023.0, 12.0])
+    a = torch.tensor([[0.05, -0.02], [0.03, 0.04]])
+    t = torch.tensor([6.0, -3.0])
+    flow = authors.spline_flow(dest + dest @ a.T + t, dest, h, w, scale)
+    at = authors.pixel_centres(h, w, scale, scale, "cpu")  # (H * W, 2) at the 1024 scale
+    expected = ((at @ a.T + t) / scale).T.reshape(2, h, w)
+    # inside: bilinear resizing only repeats the edge values in the last half grid cell
+    assert torch.allclose(flow[0, :, 2:-2, 3:-3], expected[:, 2:-2, 3:-3], atol=2e-3)
+
+
 def test_merge_takes_per_channel_max_where_the_filter_is_one_and_min_where_zero():
     # (B, K, C, H, W) = (1, 2 warps, 2 channels, 1, 2 pixels)
     warped = torch.tensor([[[[[0.2, 0.9]], [[0.5, 0.5]]], [[[0.6, 0.1]], [[0.3, 0.7]]]]])
