@@ -620,7 +620,7 @@ def format_table(run: Run, table: Table) -> str:
 
 def format_cost(table: Table) -> str:
     protect = ", ".join(
-        f"{a} {s:.2f} ({table.passes[a][0]} encoder forwards, {table.passes[a][1]} backwards)"
+        f"{a} {s:.2f} (encoder passes: {table.passes[a][0]} forward, {table.passes[a][1]} backward)"
         for a, s in table.protect_seconds.items()
     )
     score = ", ".join(
