@@ -305,13 +305,12 @@ def attack(image: torch.Tensor, sam, config=None, progress=None) -> uad.AttackRe
     config: a uad.UADConfig (None: authors_config()); progress as for uad.attack.
     """
     config = config or authors_config()
-    depth = len(sam.image_encoder.blocks)
-    if max(config.layers) >= depth:
-        raise uad.UADError(
-            f"layers {tuple(config.layers)}: the surrogate has blocks 0..{depth - 1}"
-        )
+    vit = uad.Surrogate.of(sam)
+    if not isinstance(vit, uad.ViTSurrogate):
+        raise uad.UADError("the authors' attack takes a SAM (ViT) surrogate, as their code does")
+    vit.check(config)
     stats, start = uad.Stats(), time.monotonic()
-    surrogate = uad.Surrogate(sam, config, stats)
+    surrogate = uad.Ensemble([vit], config, stats)
     gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
     with torch.no_grad():
         f_image = surrogate(image)
