@@ -82,10 +82,11 @@ Models
 
 Cost
   --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) in annotation mode,
-  with random-init weights of each --models architecture (vit_b, vit_l, vit_h; no checkpoint
-  needed: the arithmetic does not depend on the weights), and prints seconds per image per
-  model. Clean-reference mode adds one automatic-mask-generator run of the first model per
-  image.
+  with random-init weights of each --models model (no checkpoint needed: the arithmetic does not
+  depend on the weights), and prints seconds per image per model; then it times one run of the
+  model's automatic mask generator at --points-per-side with both thresholds at 0 (every
+  candidate kept), what clean-reference mode adds per image for the first model (twice when
+  nothing passes the thresholds).
 """
 
 import argparse
@@ -593,12 +594,16 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     for name, checkpoint in specs:
         uad.import_family(name)
         if checkpoint is not None:
-            uad.check_checkpoint_file(checkpoint)
+            uad.check_model_checkpoint(name, checkpoint)
 
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
     """Loads model `name` (a key of uad.MODELS, through uad.load_model), ready to predict."""
-    model = uad.load_model(name, checkpoint, device, quiet)
+    return segmenter_of(name, uad.load_model(name, checkpoint, device, quiet), device)
+
+
+def segmenter_of(name: str, model, device) -> Segmenter:
+    """The predictors and mask generators of model `name`'s package around a loaded `model`."""
     family = uad.MODELS[name].family
     if family == "sam2":
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -899,14 +904,10 @@ def write_text(path: Path, text: str) -> None:
 
 def run_benchmark(args, specs, device) -> int:
     """Times one synthetic image per model with random-init weights (see --bench)."""
-    from segment_anything import SamPredictor
-
     width, height = args.bench
     if width * height > args.max_pixels:
         raise uad.UADError(f"--bench {width}x{height}: over --max-pixels {args.max_pixels}")
-    for name, _ in specs:
-        if name not in uad.SAM_ARCHS:
-            raise uad.UADError(f"--bench times {', '.join(uad.SAM_ARCHS)} only, not {name}")
+    check_models([(name, None) for name, _ in specs])  # checkpoints are not read
     rng = np.random.default_rng(args.seed)
     clean = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     adv = np.clip(clean + rng.integers(-8, 9, clean.shape), 0, 255).astype(np.uint8)
@@ -917,6 +918,7 @@ def run_benchmark(args, specs, device) -> int:
         mask[: max(1, int(f * height)), : max(1, int(f * width))] = True
         objects.append(RefObject(mask, mask_bbox(mask)))
     prompts = sample_prompts(objects, "bench", args.seed, args.points, args.boxes)
+    side = args.points_per_side
     print(
         f"benchmark: random-init weights, {width}x{height} image, {len(prompts)} prompts, "
         f"annotation mode (2 encoder passes, {2 * len(prompts)} mask decodes), "
@@ -924,8 +926,9 @@ def run_benchmark(args, specs, device) -> int:
     )
     for name, _ in specs:
         torch.manual_seed(0)
-        sam = uad.build_sam(name).requires_grad_(False).to(device)
-        predictors = (SamPredictor(sam), SamPredictor(sam))
+        model = uad.build_model(name).eval().requires_grad_(False).to(device)
+        segmenter = segmenter_of(name, model, device)
+        predictors = (segmenter.new_predictor(), segmenter.new_predictor())
         started = time.perf_counter()
         for p, image in zip(predictors, (clean, adv)):
             p.set_image(image)
@@ -937,7 +940,19 @@ def run_benchmark(args, specs, device) -> int:
             f"{name}: {encode + decode:.2f} s per image "
             f"(encoder {encode:.2f} s for 2 passes, mask decoding and IoU {decode:.2f} s)"
         )
-        del sam, predictors  # one model in memory at a time
+        # what clean-reference mode adds: one run with every candidate kept, as its unfiltered
+        # second run does (random weights pass no threshold)
+        generator = segmenter.new_mask_generator(
+            points_per_side=side, pred_iou_thresh=0.0, stability_score_thresh=0.0
+        )
+        started = time.perf_counter()
+        found = len(generator.generate(clean))
+        grid = "everything mode" if not segmenter.thresholds else f"{side}x{side} points"
+        print(
+            f"{name} automatic mask generator: {time.perf_counter() - started:.2f} s per run "
+            f"({grid}, thresholds 0, {found} masks)"
+        )
+        del model, segmenter, predictors, generator  # one model in memory at a time
     return 0
 
 
@@ -1012,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--jpeg", type=number(int, 1, 100), metavar="Q", help="probe: JPEG at quality Q, 1..100")
     probe = "probe: downscale by S in (0, 1] and back"
     add("--resize", type=number(float, 0.0, 1.0, above=True), metavar="S", help=probe)
-    bench = "time each model on a WxH image (%dx%d) and exit" % BENCH_SIZE
+    bench = "time each model (random weights) on a WxH image (%dx%d) and exit" % BENCH_SIZE
     add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
     add("--quiet", action="store_true", help="no progress or warning lines")
     return parser

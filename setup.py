@@ -19,6 +19,19 @@ setup(
     packages=["warp_kernel"],
     package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     install_requires=["torch", "torchvision", "segment-anything", "numpy", "pillow", "ninja"],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # the model families eval.py scores beyond segment-anything (see README.md's model table):
+        # SAM 2 / 2.1, SAM-HQ and MobileSAM (both import timm without declaring it), FastSAM
+        # (ultralytics, AGPL-3.0, imported only when asked for). sam2 compiles from source: set
+        # SAM2_BUILD_CUDA=0 to skip its optional CUDA extension.
+        "variants": [
+            "sam2>=1.1.0",
+            "segment-anything-hq>=0.3",
+            "mobilesam-mirror>=1.0.0",
+            "timm",
+            "ultralytics>=8.4.190",
+        ],
+    },
     entry_points={"console_scripts": ["unsegment=uad:main", "unsegment-eval=eval:main"]},
 )

@@ -1052,7 +1052,8 @@ MODELS = {
         for s in SAM2_SIZES
     },
     # ultralytics' YOLOv8 segmentation model, built from the description its checkpoint carries
-    # (yolov8x-seg with one class for FastSAM-x, the default; FastSAM-s loads as well)
+    # (yolov8x-seg with one class for FastSAM-x, the default; arch is what a random-init build
+    # without a checkpoint takes)
     "fastsam": ModelSpec("fastsam", "yolov8x-seg.yaml"),
 }
 
@@ -1127,20 +1128,31 @@ def check_checkpoint_file(path) -> Path:
     return path
 
 
+def unreadable_reason(path: Path, error: Exception, objects: str) -> str:
+    """Why a checkpoint reader failed on `path` with `error`, from the file's first bytes and, for
+    a zip archive, the globals its pickle names; `objects` says what such globals are."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":  # a bare pickle: an old format, or arbitrary Python objects
+        return "not weights-only: it holds Python objects that are not tensors"
+    if not head.startswith(b"PK"):
+        return "not a PyTorch file"
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return "truncated or corrupt"
+    if names:
+        return f"not weights-only: {objects} ({few(names)})"
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def read_checkpoint(path) -> object:
     """torch.load(path) on the CPU, weights only; any problem is one UADError line."""
     path = check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK"):
-            reason = "truncated or corrupt"
-        elif head[:1] == b"\x80":  # a bare pickle: an old format, or arbitrary Python objects
-            reason = "not weights-only: it holds Python objects that are not tensors"
-        else:
-            reason = "not a PyTorch file"
+    except Exception as e:
+        reason = unreadable_reason(path, e, "it holds Python objects that are not tensors")
         raise UADError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
@@ -1205,7 +1217,7 @@ def import_family(name: str):
     module that is really missing (SAM-HQ and MobileSAM import timm without declaring it)."""
     family = MODELS[name].info
     try:
-        return importlib.import_module(family.module)
+        module = importlib.import_module(family.module)
     except ImportError as e:
         missing = (e.name or family.module).split(".")[0]  # the package, not a submodule
         via = "" if missing == family.module else f" (imported by {family.module})"
@@ -1213,6 +1225,21 @@ def import_family(name: str):
             f"model {name} needs the {missing} package{via}, which is not installed: "
             f"{family.install}"
         ) from None
+    if family.module == "ultralytics":
+        unpatch_ultralytics()
+    return module
+
+
+def unpatch_ultralytics() -> None:
+    """Undoes what importing ultralytics does to other packages: it replaces PIL's Image.open
+    with one that pip-installs pi-heif when PIL cannot identify a file, and torch.save with its
+    own. Its code keeps calling the originals, which it saved."""
+    from ultralytics.utils import patches
+
+    if Image.open is patches.image_open:
+        Image.open = patches._image_open
+    if torch.save is patches.torch_save:
+        torch.save = patches._torch_save
 
 
 def checkpoint_arch(state: dict) -> dict:
@@ -1304,6 +1331,14 @@ def build_model(name: str, description=None) -> torch.nn.Module:
     return module.sam_model_registry[spec.arch](checkpoint=None)  # the TinyViT models
 
 
+def check_model_checkpoint(name: str, path) -> Path:
+    """`path` as a Path if it can be model `name`'s checkpoint file; UADError if not."""
+    path = check_checkpoint_file(path)
+    if MODELS[name].family == "fastsam" and path.suffix != ".pt":  # ultralytics reads no other
+        raise UADError(f"{path}: a FastSAM checkpoint is an ultralytics .pt file")
+    return path
+
+
 def read_ultralytics_checkpoint(path: Path) -> tuple:
     """(model description, state dict) of an ultralytics segmentation checkpoint.
 
@@ -1312,15 +1347,18 @@ def read_ultralytics_checkpoint(path: Path) -> tuple:
     of its model classes, so a file can still not run code. UADError for any problem.
     """
     from ultralytics.nn.tasks import SegmentationModel, torch_safe_load
+    from ultralytics.utils import LOGGER
 
-    path = check_checkpoint_file(path)
-    if path.suffix != ".pt":  # ultralytics reads .pt files only
-        raise UADError(f"{path}: an ultralytics checkpoint is a .pt file")
+    path = check_model_checkpoint("fastsam", path)
+    level = LOGGER.level
     try:
+        LOGGER.setLevel("ERROR")  # its warnings about odd files would break the one-line error
         ckpt, _ = torch_safe_load(path, safe_only=True)
-    except Exception as e:  # ultralytics raises TypeError, RuntimeError, ModuleNotFoundError
-        reason = str(e).replace("ERROR ❌️ ", "").strip().splitlines()[0] if str(e) else repr(e)
+    except Exception as e:  # ultralytics raises TypeError, RuntimeError, AttributeError, ...
+        reason = unreadable_reason(path, e, "objects outside ultralytics' model classes")
         raise UADError(f"{path}: not a readable ultralytics checkpoint ({reason})") from None
+    finally:
+        LOGGER.setLevel(level)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, SegmentationModel):
         what = type(model).__name__ if model is not None else "no model"

@@ -12,6 +12,7 @@ the reason where its package is absent; CI installs them all (setup.py's `varian
 
 import copy
 import dataclasses
+import importlib
 import json
 import sys
 
@@ -54,6 +55,7 @@ def require(name: str) -> None:
     for module in MODULES[uad.MODELS[name].family]:
         why = f"{module} is not installed ({uad.MODELS[name].info.install})"
         pytest.importorskip(module, reason=why)
+    uad.import_family(name)  # as eval.py imports it: for ultralytics, with its patches undone
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,7 +108,8 @@ def checkpoints(tmp_path_factory):
         if name not in paths:
             suffix = ".pt" if uad.MODELS[name].family in ("sam2", "fastsam") else ".pth"
             paths[name] = folder / f"random_{name}{suffix}"
-            states[name] = save_checkpoint(name, paths[name], seed=len(paths))
+            # a seed of its own, whatever the order the tests ask for checkpoints in
+            states[name] = save_checkpoint(name, paths[name], seed=list(uad.MODELS).index(name))
         return paths[name]
 
     get.states = states
@@ -260,6 +263,7 @@ def test_fastsam_is_fed_the_colour_order_ultralytics_reads_files_in(fastsam, tmp
     from ultralytics.models.fastsam import FastSAMPredictor
 
     pixels = small_photo((96, 64))
+    pixels[:, :32, 0] = 255  # a red band: in the other order, a blue one
     path = save(tmp_path / "cat.png", pixels)
     masks = ev.everything_masks(fastsam, pixels, "cpu")
     assert len(masks) > 0 and masks.shape[1:] == pixels.shape[:2]
@@ -302,6 +306,21 @@ def test_fastsam_prompts_select_masks_as_fastsam_prompt_does(fastsam):
     if len(uncovered):
         y, x = uncovered[0]
         assert ev.select_fastsam_mask(masks, point=(int(x), int(y))) is None
+
+
+def test_importing_fastsam_leaves_pil_and_torch_as_they_were(tmp_path):
+    require("fastsam")
+    from PIL import Image
+
+    import ultralytics.utils.patches
+
+    importlib.reload(ultralytics.utils.patches)  # patches Image.open and torch.save again
+    assert Image.open.__module__ != "PIL.Image"
+    uad.import_family("fastsam")
+    assert Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(Image.UnidentifiedImageError):  # not an attempt to pip-install pi-heif
+        Image.open(tmp_path / "bad.png")
 
 
 def test_a_prompt_fastsam_gives_no_mask_scores_0():
@@ -387,3 +406,38 @@ def test_every_family_finds_its_own_objects_in_clean_reference_mode(
         metrics = row["metrics"][name]["all"]
         assert metrics["count"] == len(row["prompts"]) > 0
         assert metrics["miou"] == 100 and metrics["asr50"] == 0, (name, metrics)
+
+
+def test_bench_times_models_of_other_families_with_their_generators(cli):
+    require("sam2_t")
+    require("fastsam")
+    few = ["--max-masks", "1", "--points", "1", "--boxes", "1", "--points-per-side", "2"]
+    code, stdout, stderr = cli("--bench", "64x48", "--models", "sam2_t,fastsam", *few)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    for name, grid in [("sam2_t", "2x2 points"), ("fastsam", "everything mode")]:
+        assert any(line.startswith(f"{name}: ") and "s per image" in line for line in lines)
+        (generator,) = [line for line in lines if line.startswith(f"{name} automatic")]
+        assert f"s per run ({grid}, thresholds 0, " in generator, generator
+
+
+def test_fastsam_checkpoint_problems_are_one_line(cli, tmp_path, monkeypatch):
+    require("fastsam")
+    cat = save(tmp_path / "cat.png", small_photo((96, 64)))
+    (tmp_path / "x.pth").write_bytes(b"")
+    load = ev.load_segmenter
+    monkeypatch.setattr(ev, "load_segmenter", lambda *a: pytest.fail("a model was loaded"))
+    code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"fastsam={tmp_path / 'x.pth'}")
+    assert code == 1 and stderr == (
+        f"error: {tmp_path / 'x.pth'}: a FastSAM checkpoint is an ultralytics .pt file\n"
+    )
+    monkeypatch.setattr(ev, "load_segmenter", load)
+    (tmp_path / "text.pt").write_text("these are not weights\n")
+    torch.save({"model.0.conv.weight": torch.zeros(1)}, tmp_path / "state.pt")
+    for path, message in [
+        (tmp_path / "text.pt", "not a readable ultralytics checkpoint ("),
+        (tmp_path / "state.pt", "not a FastSAM checkpoint (no model, not a segmentation model)"),
+    ]:
+        code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"fastsam={path}")
+        assert code == 1 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"error: {path}: {message}"), stderr
