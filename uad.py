@@ -60,6 +60,17 @@ def knob(
     return field(default=default, metadata=meta)
 
 
+# How a SAM v1 ViT block's attention is computed; every choice gives the same features (within
+# float32 rounding) from the same weights. "sam": segment_anything's own Attention, which builds
+# the (tokens x tokens) attention matrix per head and adds the decomposed relative positions to
+# it. "sdpa": torch's fused scaled_dot_product_attention (flash kernels on CPU and CUDA, no
+# tokens x tokens tensor), the relative positions carried as extra query and key channels.
+# "sdpa-mask": the same call with the relative positions as an additive attention mask, which
+# is materialised (on CUDA the memory-efficient kernel differentiates it; on a CPU torch falls
+# back to its unfused attention when the mask needs a gradient).
+ATTENTIONS = ("sam", "sdpa", "sdpa-mask")
+
+
 @dataclass
 class UADConfig:
     method: str = knob(
@@ -106,6 +117,11 @@ class UADConfig:
         0, "seed of every random draw (flow init, random start, encoder noise)", at_least=0
     )
     dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
+    attention: str = knob(
+        "sam",
+        "encoder attention: sam (segment_anything's), sdpa (fused kernels), sdpa-mask",
+        choices=ATTENTIONS,
+    )
     impl: str = knob("auto", "warp_kernel backend", choices=warp_kernel.IMPLS)
 
     def __post_init__(self):
@@ -181,11 +197,14 @@ def sam_input(x: torch.Tensor, sam) -> torch.Tensor:
     return F.pad(x, (0, size - nw, 0, size - nh))
 
 
-def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32"):
+def encoder_features(
+    sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32", attention: str = "sam"
+):
     """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1].
 
     Runs patch_embed, pos_embed and blocks[0 : max(layers) + 1] only: the later blocks and the
-    neck do not influence the features and are never run. Returns a list of (B, 64, 64, width).
+    neck do not influence the features and are never run. attention: see `run_block`. Returns a
+    list of (B, 64, 64, width).
     """
     enc = sam.image_encoder
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
@@ -194,10 +213,83 @@ def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "
             h = h + enc.pos_embed
         feats = []
         for i, block in enumerate(enc.blocks[: max(layers) + 1]):
-            h = block(h)
+            h = run_block(block, h, attention)
             if i in layers:
                 feats.append(h.float())
     return feats
+
+
+def run_block(block, h: torch.Tensor, attention: str = "sam") -> torch.Tensor:
+    """One ViT block of a SAM v1 image encoder (segment_anything's Block) on tokens
+    h (B, H, W, width), with its attention computed as `attention` says (see ATTENTIONS)."""
+    if attention == "sam":
+        return block(h)
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    # Block.forward, with the attention call replaced
+    x = block.norm1(h)
+    if block.window_size > 0:
+        hw = x.shape[1:3]
+        x, padded_hw = window_partition(x, block.window_size)  # (B * windows, w, w, width)
+    x = fused_attention(block.attn, x, rel_pos_as=attention.partition("-")[2] or "channels")
+    if block.window_size > 0:
+        x = window_unpartition(x, block.window_size, padded_hw, hw)
+    h = h + x
+    return h + block.mlp(block.norm2(h))
+
+
+def fused_attention(attn, x: torch.Tensor, rel_pos_as: str = "channels") -> torch.Tensor:
+    """segment_anything's Attention(x) through F.scaled_dot_product_attention, same weights.
+
+    SAM adds to the logit of query q and key (i, j) (row i, column j of the key grid) the
+    decomposed relative position term rel_h[q, i] + rel_w[q, j], with rel_h = q . R_h and
+    rel_w = q . R_w from the block's tables. "channels" makes that term part of the dot product
+    itself: q' = [q * scale, rel_h(q), rel_w(q)] and k' = [k, onehot(i), onehot(j)], so that
+    q' . k' is SAM's logit exactly and the fused kernels run unchanged (the values are padded
+    with zeros to the same width, and the output cropped back). "mask" passes the term as an
+    additive attention mask instead.
+
+    Args:
+      attn: a segment_anything Attention (qkv, proj, num_heads, scale, rel_pos_h/w).
+      x: (B, H, W, width) tokens: one window per batch row for windowed blocks.
+      rel_pos_as: "channels" or "mask".
+
+    Returns:
+      (B, H, W, width), what attn(x) returns.
+    """
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    b, h, w, _ = x.shape
+    n = h * w
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+    q, k, v = qkv.unbind(0)
+    d = q.shape[-1]
+    if not attn.use_rel_pos:
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    else:
+        grid = q.reshape(b, heads, h, w, d)
+        # (B, heads, N, H) and (B, heads, N, W): the term of each query for each key row / column
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, get_rel_pos(h, h, attn.rel_pos_h))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(w, w, attn.rel_pos_w))
+        rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
+        if rel_pos_as == "mask":
+            mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        else:
+            # key (i, j) is row-major index i * W + j; widths padded to a multiple of 8, which
+            # the CUDA kernels need
+            pad = -(d + h + w) % 8
+            rows = torch.eye(h, dtype=q.dtype, device=q.device).repeat_interleave(w, 0)  # (N, H)
+            cols = torch.eye(w, dtype=q.dtype, device=q.device).repeat(h, 1)  # (N, W)
+            onehot = F.pad(torch.cat([rows, cols], 1), (0, pad)).expand(b, heads, n, -1)
+            q = torch.cat([q * attn.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
+            q = F.pad(q, (0, pad))  # (B, heads, N, d + H + W + pad)
+            k = torch.cat([k, onehot], -1)
+            v = F.pad(v, (0, h + w + pad))
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :d]
+    out = out.transpose(1, 2).reshape(b, h, w, -1)  # (B, N, heads, d) -> (B, H, W, width)
+    return attn.proj(out)
 
 
 def feature_distance(fa: List[torch.Tensor], fb: List[torch.Tensor]) -> torch.Tensor:
@@ -233,7 +325,8 @@ class Surrogate:
     def __call__(self, x: torch.Tensor, backward_passes: int = 0) -> List[torch.Tensor]:
         self.stats.forwards += 1
         self.stats.backwards += backward_passes
-        return encoder_features(self.sam, x, self.config.layers, self.config.dtype)
+        c = self.config
+        return encoder_features(self.sam, x, c.layers, c.dtype, c.attention)
 
 
 def encoder_passes(config: UADConfig) -> tuple:
@@ -1386,8 +1479,8 @@ def protect_file(job: Job, sam, config: UADConfig, args, progress: Progress) -> 
     progress.end()
     saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
     with torch.no_grad():
-        f_image = encoder_features(sam, x, config.layers, config.dtype)
-        f_saved = encoder_features(sam, saved, config.layers, config.dtype)
+        f_image = encoder_features(sam, x, config.layers, config.dtype, config.attention)
+        f_saved = encoder_features(sam, saved, config.layers, config.dtype, config.attention)
         distance = feature_distance(f_saved, f_image).clamp_min(0).item()
     linf = round((saved - x).abs().max().item() * 255)
     ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
