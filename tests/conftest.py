@@ -36,6 +36,19 @@ def tiny_sam(tiny_archs, tiny_checkpoints):
 
 
 @pytest.fixture
+def cli(tiny_archs, tiny_checkpoints, capsys):
+    """Runs `uad.py ARGS` in-process on the tiny vit_b; returns (exit code, stdout, stderr)."""
+
+    def run(*args, checkpoint="vit_b"):
+        extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
+        code = uad.main([str(a) for a in args] + extra)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def example_image(tmp_path):
     """A copy of a real example photo (coffee, 600 x 400) that a test may modify freely."""
     dst = tmp_path / "coffee.png"

@@ -2,9 +2,12 @@
 batches compute what the plain float32 path computes."""
 
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Block
 
@@ -133,3 +136,91 @@ def test_attention_is_a_cli_flag_with_its_choices(tiny_archs, capsys):
     err = capsys.readouterr().err
     assert "--attention" in err and "sdpa" in err and len(err.strip().splitlines()) == 1
     assert uad.config_from_args(uad.build_parser().parse_args(["a", "b", "--attention", "sdpa"]))
+
+
+def test_joined_target_and_proxy_passes_give_the_same_bits(sam_with_global_blocks):
+    """The paper preset's deformation step as one encoder call on [target; proxy]: the CPU's
+    kernels compute each image of a batch as they compute it alone (on one thread, the same
+    operations in the same order), so the attack's results are equal bit for bit."""
+    photo = uad.to_tensor(small_photo())
+    images = torch.cat([photo, photo.flip(-1)])
+    results = {}
+    for join in ("no", "yes"):
+        config = uad.preset_config(
+            "paper", deform_steps=2, proxy_steps=2, steps=1, encoder_noise=2 / 255, join_passes=join,
+            layers=(0, 1, 2)
+        )  # fmt: skip
+        results[join] = uad.attack(images, sam_with_global_blocks, config)
+        assert (results[join].stats.forwards, results[join].stats.backwards) == (
+            uad.encoder_passes(config)
+        )
+    assert torch.equal(results["yes"].target, results["no"].target)
+    assert torch.equal(results["yes"].adv, results["no"].adv)
+    assert not torch.equal(results["no"].target, images)
+
+
+def test_passes_are_joined_on_cuda_by_default_and_when_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uad.joins_passes(uad.UADConfig(), cuda) and not uad.joins_passes(uad.UADConfig(), cpu)
+    assert uad.joins_passes(uad.UADConfig(join_passes="yes"), cpu)
+    assert not uad.joins_passes(uad.UADConfig(join_passes="no"), cuda)
+
+
+def test_split_batch_splits_every_feature_map():
+    feats = [torch.arange(10.0).view(5, 2), torch.arange(15.0).view(5, 3)]
+    first, rest = uad.split_batch(feats, 2)
+    assert [f.shape for f in first] == [(2, 2), (2, 3)] and [f.shape for f in rest] == [
+        (3, 2),
+        (3, 3),
+    ]
+    assert torch.equal(torch.cat([first[1], rest[1]]), feats[1])
+
+
+def write_folder(folder, sizes: dict):
+    """Photos of the given (w, h) sizes, each shifted differently so that no two are alike."""
+    folder.mkdir()
+    for i, (name, size) in enumerate(sizes.items()):
+        Image.fromarray(np.roll(small_photo(size), 7 * i, axis=1)).save(folder / name)
+
+
+def test_batch_gives_the_files_one_at_a_time_gives_in_the_same_order(
+    cli, tmp_path, monkeypatch, sam_with_global_blocks
+):
+    """--batch 3 attacks a.png, c.png and d.png together and b.png (another size) alone; every
+    random draw (flow init, random start, encoder noise, --robust) comes from the image's own
+    generator, so each file is byte for byte what --batch 1 writes, and the lines keep the
+    folder's order. (The surrogate is the 256-pixel one, for speed.)"""
+    monkeypatch.setattr(uad, "load_sam", lambda *args, **kwargs: sam_with_global_blocks)
+    sizes = {"a.png": (48, 32), "b.png": (40, 40), "c.png": (48, 32), "d.png": (48, 32)}
+    write_folder(tmp_path / "in", sizes)
+    attack = [
+        "--deform-steps",
+        2,
+        "--proxy-steps",
+        2,
+        "--steps",
+        2,
+        "--random-start",
+        "--layers",
+        "0,1,2",
+    ]
+    attack += ["--encoder-noise", 2, "--robust", "jpeg:50-90,resize:0.5-1,none", "--quiet"]
+    files = {}
+    for n in (1, 3):
+        code, out, err = cli(tmp_path / "in", tmp_path / f"out{n}", "--batch", n, *attack)
+        assert code == 0, err
+        lines = out.strip().splitlines()
+        assert [Path(line.split(":")[0]).name for line in lines[:-1]] == list(sizes)
+        assert lines[-1] == "4 protected, 0 failed"
+        assert ("for a batch of 3" in out) == (n == 3)
+        files[n] = {name: (tmp_path / f"out{n}" / name).read_bytes() for name in sizes}
+    assert files[3] == files[1]
+    clean = np.asarray(Image.open(tmp_path / "in" / "a.png"), np.int16)
+    diff = np.abs(np.asarray(Image.open(tmp_path / "out3" / "a.png"), np.int16) - clean)
+    assert 0 < diff.max() <= 8
+
+
+def test_batch_must_be_a_positive_count(cli, tmp_path):
+    for bad in ("0", "two"):
+        code, _, err = cli(tmp_path, tmp_path / "out", "--batch", bad)
+        assert code == 2 and "--batch" in err and len(err.strip().splitlines()) == 1

@@ -20,19 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "reference", "--steps", "3", "--deform-steps", "2", "--quiet"]
 
 
-@pytest.fixture
-def cli(tiny_archs, tiny_checkpoints, capsys):
-    """Runs `uad.py ARGS` in-process on the tiny vit_b; returns (exit code, stdout, stderr)."""
-
-    def run(*args, checkpoint="vit_b"):
-        extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
-        code = uad.main([str(a) for a in args] + extra)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
     out = tmp_path / "protected.png"
     code, stdout, stderr = cli(
