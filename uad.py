@@ -16,6 +16,7 @@ Layout: configuration; SAM's preprocessing and features; stage 1; stage 2; `atta
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import math
@@ -128,6 +129,7 @@ class UADConfig:
         "encoder attention: sam (segment_anything's), sdpa (fused kernels), sdpa-mask",
         choices=ATTENTIONS,
     )
+    compile: bool = knob(False, "run the encoder through torch.compile (compiles on first use)")
     impl: str = knob("auto", "warp_kernel backend", choices=warp_kernel.IMPLS)
 
     def __post_init__(self):
@@ -332,7 +334,18 @@ class Surrogate:
         self.stats.forwards += 1
         self.stats.backwards += backward_passes
         c = self.config
-        return encoder_features(self.sam, x, c.layers, c.dtype, c.attention)
+        features = compiled_encoder_features() if c.compile else encoder_features
+        return features(self.sam, x, c.layers, c.dtype, c.attention)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for config.compile
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_encoder_features():
+    """encoder_features through torch.compile, made once per process: a new input shape, dtype
+    or attention compiles again, and fullgraph makes a graph break an error, not a slowdown."""
+    return torch.compile(encoder_features, fullgraph=True, backend=COMPILE_BACKEND)
 
 
 def encoder_passes(config: UADConfig) -> tuple:

@@ -224,3 +224,27 @@ def test_batch_must_be_a_positive_count(cli, tmp_path):
     for bad in ("0", "two"):
         code, _, err = cli(tmp_path, tmp_path / "out", "--batch", bad)
         assert code == 2 and "--batch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compiled_encoder_gives_the_eager_attack(sam_with_global_blocks, monkeypatch):
+    """config.compile runs the features through torch.compile as one graph (aot_eager here:
+    the same kernels as eager, without the minutes of code generation)."""
+    monkeypatch.setattr(uad, "COMPILE_BACKEND", "aot_eager")
+    uad.compiled_encoder_features.cache_clear()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    image = uad.to_tensor(small_photo())
+    results = {}
+    for compile in (False, True):
+        config = uad.preset_config(
+            "no-fidelity",
+            deform_steps=1,
+            steps=2,
+            attention="sdpa",
+            layers=(0, 1, 2),
+            compile=compile,
+        )
+        results[compile] = uad.attack(image, sam_with_global_blocks, config).adv
+    uad.compiled_encoder_features.cache_clear()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(results[True], results[False])
