@@ -10,7 +10,8 @@ feature forward (blocks 0..6), one feature forward+backward, the non-encoder wor
 deformation step (warp + SSIM + flow regulariser + Adam), and the whole encoder's forward and
 forward+backward. Seconds per image = passes x timed seconds per pass, plus the deformation
 steps' own work; the reference code's cost is its 237 forwards and 196 backwards of the whole
-encoder priced the same way. --full also times complete attacks of each preset.
+encoder priced the same way. --full also times complete attacks of each preset (for every
+--attention x --dtype combination).
 
 --attention and --dtype take comma-separated lists: the feature passes of every combination
 are timed in turn (one pass of each per round, --repeats rounds, medians), so that a drifting
@@ -193,7 +194,7 @@ def main() -> None:
                     f"| unsegment `{preset}`{label}, joined passes | {fwd} | {bwd} | | "
                     f"{price(variant, preset, join=True):.0f} |"
                 )
-            if args.full and variant == variants[0]:
+            if args.full:
                 full = uad.preset_config(preset, attention=variant[0], dtype=variant[1])
                 start = time.perf_counter()
                 uad.attack(image, sam, full)

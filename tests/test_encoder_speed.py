@@ -1,6 +1,7 @@
 """The encoder at the pace of the hardware: fused attention, bfloat16, batched passes and folder
 batches compute what the plain float32 path computes."""
 
+import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -248,3 +249,17 @@ def test_compiled_encoder_gives_the_eager_attack(sam_with_global_blocks, monkeyp
     uad.compiled_encoder_features.cache_clear()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert torch.equal(results[True], results[False])
+
+
+def test_gpu_script_says_in_one_line_that_there_is_no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu.sh")], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert (
+        done.stderr.strip()
+        == "benchmarks/gpu.sh: no CUDA GPU is visible here; nothing was measured"
+    )
