@@ -121,7 +121,9 @@ class UADConfig:
     )
     # execution
     seed: int = knob(
-        0, "seed of every random draw (flow init, random start, encoder noise)", at_least=0
+        0,
+        "seed of every random draw (flow init, random start, encoder noise, robust), per image",
+        at_least=0,
     )
     dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
     attention: str = knob(
@@ -1524,8 +1526,8 @@ def check_model(args, config: UADConfig, device: torch.device) -> None:
 
 
 def batches_of(jobs: List[Job], size: int) -> List[List[Job]]:
-    """The jobs in batches of at most `size` images of one shape (channels, height, width),
-    in the order of their first job."""
+    """The jobs in batches of at most `size` images of one shape (Job.shape), in the order of
+    their first job."""
     groups = {}
     for job in jobs:
         groups.setdefault(job.shape, []).append(job)

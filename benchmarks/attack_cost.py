@@ -277,7 +277,8 @@ def authors_cost(args, device) -> float:
     cmd += ["--threads", str(args.threads), "--device", str(device)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        print(f"authors' code: could not be timed: {result.stderr.strip().splitlines()[-1:]}")
+        why = (result.stdout.strip() or result.stderr.strip() or "no output").splitlines()[-1]
+        print(f"authors' code: not timed: {why}")
         return None
     print(result.stdout.strip())
     return float(result.stdout.strip().splitlines()[-1].split()[-2])
