@@ -16,6 +16,7 @@ Layout: configuration; SAM's preprocessing and features; stage 1; stage 2; `atta
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib
 import io
@@ -59,6 +60,17 @@ def knob(
         help=help, unit=unit, choices=choices, at_least=at_least, above=above, at_most=at_most
     )
     return field(default=default, metadata=meta)
+
+
+# How a SAM v1 ViT block's attention is computed; every choice gives the same features (within
+# float32 rounding) from the same weights. "sam": segment_anything's own Attention, which builds
+# the (tokens x tokens) attention matrix per head and adds the decomposed relative positions to
+# it. "sdpa": torch's fused scaled_dot_product_attention (flash kernels on CPU and CUDA, no
+# tokens x tokens tensor), the relative positions carried as extra query and key channels.
+# "sdpa-mask": the same call with the relative positions as an additive attention mask, which
+# is materialised (on CUDA the memory-efficient kernel differentiates it; on a CPU torch falls
+# back to its unfused attention when the mask needs a gradient).
+ATTENTIONS = ("sam", "sdpa", "sdpa-mask")
 
 
 @dataclass
@@ -106,14 +118,28 @@ class UADConfig:
     lambda_var: float = knob(20.0, "lambda_2: variance of the flow (near-uniformity)", at_least=0)
     lambda_f: float = knob(1.0, "weight of the fidelity term L_F; 0 turns it off", at_least=0)
     proxy_steps: int = knob(4, "T_f: proxy PGD steps per deformation step; 0: none", at_least=0)
+    join_passes: str = knob(
+        "auto",
+        "run the target's and the proxy's encoder passes of a deformation step as one batch: "
+        "auto (on CUDA), yes, no",
+        choices=("auto", "yes", "no"),
+    )
     padding: str = knob(
         "border", "warp sampling outside the image", choices=tuple(warp_kernel.PADDINGS)
     )
     # execution
     seed: int = knob(
-        0, "seed of every random draw (flow init, random start, encoder noise)", at_least=0
+        0,
+        "seed of every random draw (flow init, random start, encoder noise, robust), per image",
+        at_least=0,
     )
     dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
+    attention: str = knob(
+        "sam",
+        "encoder attention: sam (segment_anything's), sdpa (fused kernels), sdpa-mask",
+        choices=ATTENTIONS,
+    )
+    compile: bool = knob(False, "run the encoder through torch.compile (compiles on first use)")
     impl: str = knob("auto", "warp_kernel backend", choices=warp_kernel.IMPLS)
 
     def __post_init__(self):
@@ -218,11 +244,14 @@ def sam2_input(x: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32"):
+def encoder_features(
+    sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32", attention: str = "sam"
+):
     """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1].
 
     Runs patch_embed, pos_embed and blocks[0 : max(layers) + 1] only: the later blocks and the
-    neck do not influence the features and are never run. Returns a list of (B, 64, 64, width).
+    neck do not influence the features and are never run. attention: see `run_block`. Returns a
+    list of (B, 64, 64, width).
     """
     enc = sam.image_encoder
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
@@ -231,10 +260,83 @@ def encoder_features(sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "
             h = h + enc.pos_embed
         feats = []
         for i, block in enumerate(enc.blocks[: max(layers) + 1]):
-            h = block(h)
+            h = run_block(block, h, attention)
             if i in layers:
                 feats.append(h.float())
     return feats
+
+
+def run_block(block, h: torch.Tensor, attention: str = "sam") -> torch.Tensor:
+    """One ViT block of a SAM v1 image encoder (segment_anything's Block) on tokens
+    h (B, H, W, width), with its attention computed as `attention` says (see ATTENTIONS)."""
+    if attention == "sam":
+        return block(h)
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    # Block.forward, with the attention call replaced
+    x = block.norm1(h)
+    if block.window_size > 0:
+        hw = x.shape[1:3]
+        x, padded_hw = window_partition(x, block.window_size)  # (B * windows, w, w, width)
+    x = fused_attention(block.attn, x, rel_pos_as=attention.partition("-")[2] or "channels")
+    if block.window_size > 0:
+        x = window_unpartition(x, block.window_size, padded_hw, hw)
+    h = h + x
+    return h + block.mlp(block.norm2(h))
+
+
+def fused_attention(attn, x: torch.Tensor, rel_pos_as: str = "channels") -> torch.Tensor:
+    """segment_anything's Attention(x) through F.scaled_dot_product_attention, same weights.
+
+    SAM adds to the logit of query q and key (i, j) (row i, column j of the key grid) the
+    decomposed relative position term rel_h[q, i] + rel_w[q, j], with rel_h = q . R_h and
+    rel_w = q . R_w from the block's tables. "channels" makes that term part of the dot product
+    itself: q' = [q * scale, rel_h(q), rel_w(q)] and k' = [k, onehot(i), onehot(j)], so that
+    q' . k' is SAM's logit exactly and the fused kernels run unchanged (the values are padded
+    with zeros to the same width, and the output cropped back). "mask" passes the term as an
+    additive attention mask instead.
+
+    Args:
+      attn: a segment_anything Attention (qkv, proj, num_heads, scale, rel_pos_h/w).
+      x: (B, H, W, width) tokens: one window per batch row for windowed blocks.
+      rel_pos_as: "channels" or "mask".
+
+    Returns:
+      (B, H, W, width), what attn(x) returns.
+    """
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    b, h, w, _ = x.shape
+    n = h * w
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+    q, k, v = qkv.unbind(0)
+    d = q.shape[-1]
+    if not attn.use_rel_pos:
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    else:
+        grid = q.reshape(b, heads, h, w, d)
+        # (B, heads, N, H) and (B, heads, N, W): the term of each query for each key row / column
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, get_rel_pos(h, h, attn.rel_pos_h))
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, get_rel_pos(w, w, attn.rel_pos_w))
+        rel_h, rel_w = rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)
+        if rel_pos_as == "mask":
+            mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        else:
+            # key (i, j) is row-major index i * W + j; widths padded to a multiple of 8, which
+            # the CUDA kernels need
+            pad = -(d + h + w) % 8
+            rows = torch.eye(h, dtype=q.dtype, device=q.device).repeat_interleave(w, 0)  # (N, H)
+            cols = torch.eye(w, dtype=q.dtype, device=q.device).repeat(h, 1)  # (N, W)
+            onehot = F.pad(torch.cat([rows, cols], 1), (0, pad)).expand(b, heads, n, -1)
+            q = torch.cat([q * attn.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], -1)
+            q = F.pad(q, (0, pad))  # (B, heads, N, d + H + W + pad)
+            k = torch.cat([k, onehot], -1)
+            v = F.pad(v, (0, h + w + pad))
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :d]
+    out = out.transpose(1, 2).reshape(b, h, w, -1)  # (B, N, heads, d) -> (B, H, W, width)
+    return attn.proj(out)
 
 
 def hiera_features(model, x: torch.Tensor, blocks: Sequence[int], dtype: str = "float32"):
@@ -392,7 +494,8 @@ class ViTSurrogate(Surrogate):
         return len(self.model.image_encoder.blocks)
 
     def features(self, x, config):
-        return encoder_features(self.model, x, self.blocks(config), config.dtype)
+        features = compiled_encoder_features() if config.compile else encoder_features
+        return features(self.model, x, self.blocks(config), config.dtype, config.attention)
 
 
 class HieraSurrogate(Surrogate):
@@ -490,6 +593,16 @@ class Ensemble:
         return [s.features(x, self.config) for s in self.surrogates]
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for config.compile
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_encoder_features():
+    """encoder_features through torch.compile, made once per process: a new input shape, dtype
+    or attention compiles again, and fullgraph makes a graph break an error, not a slowdown."""
+    return torch.compile(encoder_features, fullgraph=True, backend=COMPILE_BACKEND)
+
+
 def encoder_passes(config: UADConfig) -> tuple:
     """(forwards, backwards) that `attack` makes per batch with `config` through the encoder of
     each surrogate (an ensemble of n makes them through each of its n encoders)."""
@@ -557,6 +670,19 @@ def uses_fidelity(config: UADConfig) -> bool:
     return config.lambda_f > 0 and config.proxy_steps > 0
 
 
+def joins_passes(config: UADConfig, device: torch.device) -> bool:
+    """Whether a deformation step runs the target's and the proxy's encoder passes as one batch
+    (config.join_passes; "auto": on CUDA, where a larger batch fills the GPU)."""
+    return config.join_passes == "yes" or (config.join_passes == "auto" and device.type == "cuda")
+
+
+def split_batch(feats: List[torch.Tensor], *sizes: int) -> tuple:
+    """Splits features of a concatenated batch, each (B1 + B2 + ..., ...), into one feature list
+    per part (the last part takes the rest)."""
+    sizes = (*sizes, len(feats[0]) - sum(sizes))
+    return tuple(list(part) for part in zip(*(f.split(sizes) for f in feats)))
+
+
 def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, config, gen, momentum):
     """Adds L_F to stage 1's loss, backpropagates both, and takes the proxy's T_f PGD steps.
 
@@ -582,8 +708,15 @@ def backward_with_fidelity(loss, target, proxy, image, f_image, surrogate, confi
       (proxy after its T_f steps, L_F (B,) detached). Gradients are left in the flow's .grad.
     """
     proxy = proxy.detach().requires_grad_(True)
-    f_target = surrogate(target, backward_passes=1)
-    f_proxy = surrogate(encoder_view(proxy, config, gen), backward_passes=1)
+    view = encoder_view(proxy, config, gen)
+    if joins_passes(config, target.device):
+        # one call on the 2B images; the same features, in one pass over the weights
+        both = surrogate(torch.cat([target, view]), backward_passes=2)
+        f_target, f_proxy = (list(p) for p in zip(*(split_batch(f, len(target)) for f in both)))
+        surrogate.stats.forwards += 1  # two images' forwards in one call
+    else:
+        f_target = surrogate(target, backward_passes=1)
+        f_proxy = surrogate(view, backward_passes=1)
     fidelity = feature_distance(each_feature(torch.Tensor.detach, f_proxy), f_target)  # -> flow
     f_target = each_feature(torch.Tensor.detach, f_target)
     proxy_loss = simulation_loss(f_proxy, f_target, f_image)  # -> the proxy only
@@ -614,7 +747,7 @@ def deform(image, f_image, surrogate: Ensemble, config: UADConfig, gen, progress
     block = 1024 / config.control_points  # pixels at the 1024 scale per control-grid block
     to_image_pixels = max(h, w) / 1024
     p = config.control_points
-    ctrl = config.init_std * block * torch.randn(b, config.num_flows, 2, p, p, generator=gen)
+    ctrl = config.init_std * block * draws(gen, (b, config.num_flows, 2, p, p), torch.randn)
     ctrl = ctrl.to(image.device).requires_grad_(True)  # (B, K, 2, P, P), 1024-scale pixels
     cells = mosaic_cells(h, w, config, image.device)  # (1, K, 1, H, W)
     optimizer = torch.optim.Adam([ctrl], lr=config.deform_lr)
@@ -668,14 +801,31 @@ def pgd_step(x, grad, image, config: UADConfig, momentum: Optional[torch.Tensor]
     return project(x - config.alpha * grad.sign(), image, config.eps)
 
 
-def encoder_view(x: torch.Tensor, config: UADConfig, gen: torch.Generator) -> torch.Tensor:
+def per_image(gen, n: int) -> list:
+    """The generator of each of n images: `gen` itself when it is a list of them (one per image,
+    as `attack` makes), else the one shared generator, drawn image after image."""
+    return list(gen) if isinstance(gen, (list, tuple)) else [gen] * n
+
+
+def draws(gen, shape, sample) -> torch.Tensor:
+    """(B, ...) random CPU draws: image b's from its own generator (see per_image), each
+    sample((1, ...), generator=g) as torch.randn takes them."""
+    return torch.cat([sample((1, *shape[1:]), generator=g) for g in per_image(gen, shape[0])])
+
+
+def uniform(eps: float):
+    """A `draws` sample of uniform noise in [-eps, eps]."""
+    return lambda size, generator: torch.empty(size).uniform_(-eps, eps, generator=generator)
+
+
+def encoder_view(x: torch.Tensor, config: UADConfig, gen) -> torch.Tensor:
     """What the encoder sees of x during the attack: a publishing transformation drawn for each
     image (`robust`), then Gaussian noise of std encoder_noise. The perturbation itself, and so
     the saved image, is neither. The reference code calls the noise option "DI"."""
     if config.robust:
         x = publish(x, parse_robust(config.robust), gen)
     if config.encoder_noise > 0:
-        x = x + config.encoder_noise * torch.randn(x.shape, generator=gen).to(x.device)
+        x = x + config.encoder_noise * draws(gen, x.shape, torch.randn).to(x.device)
     return x
 
 
@@ -693,7 +843,7 @@ def simulate(image, f_target, f_image, surrogate: Ensemble, config: UADConfig, g
     """Stage 2: L-infinity PGD from image towards the target's features. Returns (B, C, H, W)."""
     x = image.clone()
     if config.random_start:
-        noise = torch.empty(image.shape).uniform_(-config.eps, config.eps, generator=gen)
+        noise = draws(gen, image.shape, uniform(config.eps))
         x = project(image + noise.to(image.device), image, config.eps)
     momentum = torch.zeros_like(image)
     if progress:
@@ -725,7 +875,9 @@ def attack(
     config.method "aa" needs target_image, (1 or B, C, H', W') in [0, 1]: stage 2 then pulls
     towards its features instead of a deformed target's; "noise" draws uniform noise only.
     progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
-    loss) when a stage starts, then after each of its steps.
+    loss) when a stage starts, then after each of its steps. Every image draws its random
+    numbers from its own generator seeded with config.seed, so that what the attack does to an
+    image does not depend on the other images of the batch.
     """
     surrogates = surrogates_of(sam)
     for s in surrogates:
@@ -734,7 +886,9 @@ def attack(
         raise UADError("the aa baseline, and only it, takes a target image")
     stats, start = Stats(), time.monotonic()
     surrogate = Ensemble(surrogates, config, stats)
-    gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
+    # one generator per image, each seeded with config.seed: an image draws the same numbers
+    # whatever batch it is in; CPU draws, the same on every device
+    gen = [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
     with torch.no_grad():
         f_image = surrogate(image)
     if config.method == "uad":
@@ -750,7 +904,7 @@ def attack(
         adv = simulate(image, f_target, None, surrogate, config, gen, progress)
     else:
         target = image
-        noise = torch.empty(image.shape).uniform_(-config.eps, config.eps, generator=gen)
+        noise = draws(gen, image.shape, uniform(config.eps))
         adv = project(image + noise.to(image.device), image, config.eps)
     with torch.no_grad():
         # 1 - cosine can round to just below 0 for near-identical features
@@ -872,12 +1026,13 @@ def parse_robust(spec: str) -> list:
     return items
 
 
-def publish(x: torch.Tensor, kinds: list, gen: torch.Generator) -> torch.Tensor:
-    """Each image of x (B, C, H, W) in [0, 1] through one transformation drawn from `kinds`."""
+def publish(x: torch.Tensor, kinds: list, gen) -> torch.Tensor:
+    """Each image of x (B, C, H, W) in [0, 1] through one transformation drawn from `kinds`
+    (gen: a generator, or one per image; see per_image)."""
     out = []
-    for image in x.split(1):
-        kind, low, high = kinds[int(torch.randint(len(kinds), (), generator=gen))]
-        value = low + (high - low) * float(torch.rand((), generator=gen))
+    for image, g in zip(x.split(1), per_image(gen, len(x))):
+        kind, low, high = kinds[int(torch.randint(len(kinds), (), generator=g))]
+        value = low + (high - low) * float(torch.rand((), generator=g))
         if kind == "jpeg":
             image = jpeg(image, round(value))
         elif kind == "resize":
@@ -1812,9 +1967,10 @@ class Progress:
         self.stage, self.started, self.shown = None, 0.0, -1
         self.items_started = time.monotonic()
 
-    def item(self, index: int, total: int, name: str) -> None:
-        """Starts item `index` (0-based) of `total`, named `name`."""
-        self.prefix = f"[{index + 1}/{total}] {name}" if total > 1 else name
+    def item(self, index: int, total: int, name: str, count: int = 1) -> None:
+        """Starts item `index` (0-based) of `total`, named `name`; or `count` items at once."""
+        items = f"{index + 1}" if count == 1 else f"{index + 1}-{index + count}"
+        self.prefix = f"[{items}/{total}] {name}" if total > 1 else name
         line = self.prefix
         if index == 0:  # the pace counts from the first item, not from loading the models
             self.items_started = time.monotonic()
@@ -1875,6 +2031,7 @@ class Job:
     new_folder: bool = False  # dst's folder is the output folder, created on the first write
     fmt: str = ""  # PIL format of dst, from check_job
     frames: int = 1  # frames or pages of src, from check_job
+    shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
 
 
 def jobs_for(src: Path, dst: Path) -> List[Job]:
@@ -1900,6 +2057,7 @@ def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
     picture = read_image(job.src, max_pixels)
     job.fmt = check_destination(job.dst, overwrite, picture.mode, job.new_folder)
     job.frames = picture.frames
+    job.shape = (*picture.pixels.shape[:2], picture.pixels.ndim)
 
 
 def check_surrogates(args, config: UADConfig) -> List[tuple]:
@@ -1941,36 +2099,74 @@ def check_model(args, config: UADConfig, device: torch.device) -> List[tuple]:
     return specs
 
 
-def protect_file(job: Job, surrogates, config: UADConfig, args, progress: Progress) -> str:
-    """Protects one file; returns its summary line. Raises UADError on bad input."""
-    picture = read_image(job.src, args.max_pixels)
-    if job.frames > 1:
-        progress.warn(f"{job.src}: only the first of its {job.frames} frames is protected")
-    if job.fmt in LOSSY_FORMATS:
-        progress.warn(
-            f"{job.dst}: {job.fmt} compression weakens the perturbation; "
-            "the figures below are of the decoded file"
-        )
+def batches_of(jobs: List[Job], size: int) -> List[List[Job]]:
+    """The jobs in batches of at most `size` images of one shape (Job.shape), in the order of
+    their first job."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job.shape, []).append(job)
+    batches = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    order = {id(job): i for i, job in enumerate(jobs)}
+    return sorted(batches, key=lambda batch: order[id(batch[0])])
+
+
+def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress: Progress) -> list:
+    """Protects files of one shape as one batch: one attack on all of them, each image drawing
+    from its own generator, so that every file is what protecting it alone gives. Returns each
+    job's summary line, or the UADError that stopped it."""
+    results, pictures = [None] * len(jobs), {}
+    for i, job in enumerate(jobs):
+        try:
+            picture = read_image(job.src, args.max_pixels)
+            if (*picture.pixels.shape[:2], picture.pixels.ndim) != job.shape:
+                raise UADError(f"{job.src}: changed since it was checked")
+            pictures[i] = picture
+        except UADError as e:
+            results[i] = e
+    for i in pictures:
+        job = jobs[i]
+        if job.frames > 1:
+            progress.warn(f"{job.src}: only the first of its {job.frames} frames is protected")
+        if job.fmt in LOSSY_FORMATS:
+            progress.warn(
+                f"{job.dst}: {job.fmt} compression weakens the perturbation; "
+                "the figures below are of the decoded file"
+            )
+    if not pictures:
+        return results
     device = surrogates[0].device
-    x = to_tensor(picture.pixels, device)
+    x = torch.cat([to_tensor(p.pixels, device) for p in pictures.values()])
     target = None
     if args.target_image is not None:
         target = to_tensor(read_image(args.target_image, args.max_pixels).pixels, device)
     adv, _, stats = attack(x, surrogates, config, progress, target)
-    protected = dataclasses.replace(picture, pixels=to_pixels(quantize(adv, x, config.eps)))
-    saved_picture = write_image(job.dst, protected, args.overwrite, job.new_folder)
     progress.end()
-    saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
-    with torch.no_grad():
-        f = lambda v: [s.features(v, config) for s in surrogates]  # noqa: E731
-        distance = feature_distance(f(saved), f(x)).clamp_min(0).item()
-    linf = round((saved - x).abs().max().item() * 255)
-    ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), x.expand(-1, 3, -1, -1)).item()
-    return (
-        f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, x):.2f} dB, SSIM {ssim:.4f}, "
-        f"feature distance {distance:.4f}, {stats.seconds:.1f} s ({args.preset} preset, "
-        f"{surrogate_names(surrogates)})"
-    )
+    seconds = f"{stats.seconds:.1f} s" + (f" for a batch of {len(x)}" if len(x) > 1 else "")
+    for b, (i, picture) in enumerate(pictures.items()):
+        job, image = jobs[i], x[b : b + 1]
+        protected = quantize(adv[b : b + 1], image, config.eps)
+        try:
+            saved_picture = write_image(
+                job.dst,
+                dataclasses.replace(picture, pixels=to_pixels(protected)),
+                args.overwrite,
+                job.new_folder,
+            )
+        except UADError as e:
+            results[i] = e
+            continue
+        saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
+        with torch.no_grad():
+            f = lambda v: [s.features(v, config) for s in surrogates]  # noqa: E731
+            distance = feature_distance(f(saved), f(image)).clamp_min(0).item()
+        linf = round((saved - image).abs().max().item() * 255)
+        ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), image.expand(-1, 3, -1, -1)).item()
+        results[i] = (
+            f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
+            f"feature distance {distance:.4f}, {seconds} ({args.preset} preset, "
+            f"{surrogate_names(surrogates)})"
+        )
+    return results
 
 
 def surrogate_names(surrogates) -> str:
@@ -2037,6 +2233,16 @@ def surrogate_names_help() -> str:
     return "; ".join(f"{', '.join(names)} ({title})" for title, names in families.items())
 
 
+def positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
 def model_type(text: str) -> str:
     if text not in SAM_ARCHS:
         raise argparse.ArgumentTypeError(
@@ -2099,6 +2305,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--batch",
+        type=positive_count,
+        default=1,
+        metavar="N",
+        help="folder mode: attack up to N images of one size at once, each exactly as if alone "
+        "(faster on a GPU) [1]",
+    )
     group = p.add_argument_group("attack settings (defaults are the paper preset's)")
     for f in dataclasses.fields(UADConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -2160,6 +2374,7 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surro
         f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
         f"{config.deform_steps} deformation + {config.steps} PGD steps, "
         f"{surrogate_names(surrogates)} on {device}, seed {config.seed}, {len(jobs)} image(s)"
+        + (f" in batches of up to {args.batch}" if args.batch > 1 and len(jobs) > 1 else "")
         + (f", the encoder sees {config.robust}" if config.robust else "")
         + (f", towards the features of {args.target_image}" if args.target_image else "")
     )
@@ -2214,19 +2429,31 @@ def main(argv=None) -> int:
         return 1
     if not args.quiet:
         print(header(args, config, device, jobs, surrogates), file=sys.stderr)
-    for i, job in enumerate(jobs):
-        progress.item(i, len(jobs), job.src.name)
+    order = {id(job): i for i, job in enumerate(jobs)}
+    unchecked, done, shown, lines = failures, 0, 0, {}  # lines are printed in the jobs' order
+    for batch in batches_of(jobs, args.batch):
+        progress.item(done, len(jobs), ", ".join(job.src.name for job in batch), len(batch))
         try:
-            summary = protect_file(job, surrogates, config, args, progress)
-            progress.end()
-            print(summary, flush=True)
+            results = protect_files(batch, surrogates, config, args, progress)
         except UADError as e:
-            failures += 1
-            progress.error(str(e))
+            results = [e] * len(batch)
         except (torch.OutOfMemoryError, MemoryError):
-            failures += 1
-            progress.error(f"{job.src}: out of memory on {device}; try a smaller image")
-    total = len(jobs) + failures
+            hint = "a smaller --batch" if len(batch) > 1 else "a smaller image"
+            results = [
+                UADError(f"{job.src}: out of memory on {device}; try {hint}") for job in batch
+            ]
+        progress.end()
+        done += len(batch)
+        lines.update((order[id(job)], result) for job, result in zip(batch, results))
+        while shown in lines:
+            result = lines.pop(shown)
+            if isinstance(result, UADError):
+                failures += 1
+                progress.error(str(result))
+            else:
+                print(result, flush=True)
+            shown += 1
+    total = len(jobs) + unchecked
     if total > 1:
         print(f"{total - failures} protected, {failures} failed")
     return 1 if failures else 0

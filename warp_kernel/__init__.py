@@ -27,9 +27,9 @@ Under torch.no_grad(), or with no input requiring grad, the forward computes the
 """
 
 import os
+from typing import Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -156,10 +156,10 @@ def flow_warp(img, flow, padding="border", impl="auto"):
     code = _padding_code(padding)
     if img.dtype in HALF_DTYPES:
         return flow_warp(img.float(), flow.float(), padding, impl).to(img.dtype)
-    ext = _resolve(impl, img.device)
-    if ext is None:
+    ext = _extension(impl, img.device.type)
+    if not ext:
         return reference.flow_warp(img, flow, padding)
-    return _FlowWarp.apply(img.contiguous(), flow.contiguous(), code, ext)
+    return torch.ops.warp_kernel.flow_warp(img.contiguous(), flow.contiguous(), code, ext)
 
 
 def ssim(x, y, data_range=1.0, impl="auto"):
@@ -182,11 +182,13 @@ def ssim(x, y, data_range=1.0, impl="auto"):
     _check_ssim_inputs(x, "x", y, "y", data_range)
     if x.dtype in HALF_DTYPES:
         return ssim(x.float(), y.float(), data_range, impl).to(x.dtype)
-    ext = _resolve(impl, x.device)
-    if ext is None:
+    ext = _extension(impl, x.device.type)
+    if not ext:
         return reference.ssim(x, y, float(data_range))
     wants = _wants_grad(x, y)
-    return _SSIM.apply(x.contiguous(), y.contiguous(), float(data_range), wants, ext)
+    return torch.ops.warp_kernel.ssim(
+        x.contiguous(), y.contiguous(), float(data_range), *wants, ext
+    )[0]
 
 
 def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
@@ -214,13 +216,14 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
     if img.dtype in HALF_DTYPES:
         s, warped = warp_ssim(img.float(), flow.float(), ref.float(), padding, data_range, impl)
         return s.to(img.dtype), warped.to(img.dtype)
-    ext = _resolve(impl, img.device)
-    if ext is None:
+    ext = _extension(impl, img.device.type)
+    if not ext:
         return reference.warp_ssim(img, flow, ref, padding, float(data_range))
     wants = _wants_grad(img, flow, ref)
-    return _WarpSSIM.apply(
-        img.contiguous(), flow.contiguous(), ref.contiguous(), code, float(data_range), wants, ext
-    )
+    ssim_, warped = torch.ops.warp_kernel.warp_ssim(
+        img.contiguous(), flow.contiguous(), ref.contiguous(), code, float(data_range), *wants, ext
+    )[:2]
+    return ssim_, warped
 
 
 def _wants_grad(*tensors):
@@ -229,22 +232,79 @@ def _wants_grad(*tensors):
     return tuple(enabled and t.requires_grad for t in tensors)
 
 
-class _FlowWarp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, flow, padding, ext):
-        ctx.save_for_backward(img, flow)
-        ctx.padding, ctx.ext = padding, ext
-        return ext.flow_warp_forward(img, flow, padding)
+# The extension calls are torch.library custom ops, so that torch.compile sees each as one
+# opaque node with known output shapes (register_fake) and a gradient (register_autograd)
+# instead of breaking the graph at an autograd.Function holding a module. An op takes the name
+# of the extension module that runs it (registered by `_extension`), and returns an empty
+# tensor for an output that the extension leaves undefined (a gradient nobody asked for).
+_EXTENSIONS = {}  # name -> loaded extension module
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        img, flow = ctx.saved_tensors
-        need_img, need_flow = ctx.needs_input_grad[:2]
-        grad_img, grad_flow = ctx.ext.flow_warp_backward(
-            grad_out.contiguous(), img, flow, ctx.padding, need_img, need_flow
-        )
-        return grad_img, grad_flow, None, None
+
+@torch.compiler.assume_constant_result
+def _extension(impl, device_type):
+    """The name of the extension `_resolve` picks for `impl` on `device_type`, "" for the
+    pure-PyTorch backend. A constant to torch.compile, which therefore never traces the build."""
+    ext = _resolve(impl, torch.device(device_type))
+    if ext is None:
+        return ""
+    _EXTENSIONS[ext.__name__] = ext
+    return ext.__name__
+
+
+def _defined(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+def _like_if(wanted, like):
+    return torch.empty_like(like) if wanted else like.new_empty(0)
+
+
+@torch.library.custom_op("warp_kernel::flow_warp", mutates_args=())
+def _flow_warp_op(img: torch.Tensor, flow: torch.Tensor, padding: int, ext: str) -> torch.Tensor:
+    return _EXTENSIONS[ext].flow_warp_forward(img, flow, padding)
+
+
+@_flow_warp_op.register_fake
+def _(img, flow, padding, ext):
+    return torch.empty_like(img)
+
+
+@torch.library.custom_op("warp_kernel::flow_warp_backward", mutates_args=())
+def _flow_warp_backward_op(
+    grad_out: torch.Tensor,
+    img: torch.Tensor,
+    flow: torch.Tensor,
+    padding: int,
+    need_img: bool,
+    need_flow: bool,
+    ext: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_img, grad_flow = _EXTENSIONS[ext].flow_warp_backward(
+        grad_out, img, flow, padding, need_img, need_flow
+    )
+    return _defined(grad_img, img), _defined(grad_flow, flow)
+
+
+@_flow_warp_backward_op.register_fake
+def _(grad_out, img, flow, padding, need_img, need_flow, ext):
+    return _like_if(need_img, img), _like_if(need_flow, flow)
+
+
+def _save_flow_warp(ctx, inputs, output):
+    img, flow, ctx.padding, ctx.ext = inputs
+    ctx.save_for_backward(img, flow)
+
+
+def _flow_warp_grad(ctx, grad_out):
+    img, flow = ctx.saved_tensors
+    need_img, need_flow = ctx.needs_input_grad[:2]
+    grad_img, grad_flow = _flow_warp_backward_op(
+        grad_out.contiguous(), img, flow, ctx.padding, need_img, need_flow, ctx.ext
+    )
+    return grad_img if need_img else None, grad_flow if need_flow else None, None, None
+
+
+_flow_warp_op.register_autograd(_flow_warp_grad, setup_context=_save_flow_warp)
 
 
 # The SSIM is one number per image, so the gradient of any loss through it is grad_ssim[b]
@@ -259,55 +319,90 @@ def _scaled(unit, grad_ssim):
     return unit * grad_ssim.view(-1, 1, 1, 1)  # (B, 1, 1, 1) scale
 
 
-class _SSIM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, data_range, wants, ext):
-        ssim_, unit_x, unit_y = ext.ssim_forward(x, y, data_range, *wants)
-        ctx.save_for_backward(unit_x, unit_y)
-        return ssim_
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_ssim):
-        unit_x, unit_y = ctx.saved_tensors
-        grad_x = _scaled(unit_x, grad_ssim) if ctx.needs_input_grad[0] else None
-        grad_y = _scaled(unit_y, grad_ssim) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_y, None, None, None
+@torch.library.custom_op("warp_kernel::ssim", mutates_args=())
+def _ssim_op(
+    x: torch.Tensor, y: torch.Tensor, data_range: float, want_x: bool, want_y: bool, ext: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ssim (B,), and the unit gradients of x and y (empty unless wanted)."""
+    ssim_, unit_x, unit_y = _EXTENSIONS[ext].ssim_forward(x, y, data_range, want_x, want_y)
+    return ssim_, _defined(unit_x, x), _defined(unit_y, y)
 
 
-class _WarpSSIM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, flow, ref, padding, data_range, wants, ext):
-        ssim_, warped, unit_warped, unit_flow, unit_ref = ext.warp_ssim_forward(
-            img, flow, ref, padding, data_range, *wants
-        )
-        ctx.save_for_backward(img, flow, unit_warped, unit_flow, unit_ref)
-        ctx.padding, ctx.ext = padding, ext
-        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
-        return ssim_, warped
+@_ssim_op.register_fake
+def _(x, y, data_range, want_x, want_y, ext):
+    return x.new_empty(x.shape[0]), _like_if(want_x, x), _like_if(want_y, y)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_ssim, grad_warped):
-        img, flow, unit_warped, unit_flow, unit_ref = ctx.saved_tensors
-        need_img, need_flow, need_ref = ctx.needs_input_grad[:3]
-        if grad_warped is not None:
-            grad_warped = grad_warped.contiguous()
-        grad_img = grad_flow = grad_ref = None
-        if need_flow:
-            if grad_ssim is not None:
-                grad_flow = _scaled(unit_flow, grad_ssim)
-            if grad_warped is not None:  # the warped image was used too: one more warp backward
-                _, g = ctx.ext.flow_warp_backward(grad_warped, img, flow, ctx.padding, False, True)
-                grad_flow = g if grad_flow is None else g.add_(grad_flow)
-        if need_img:
-            # Total gradient of the warped image, scattered back through the warp.
-            g = grad_warped
-            if grad_ssim is not None:
-                scaled = _scaled(unit_warped, grad_ssim)
-                g = scaled if g is None else g + scaled
-            if g is not None:
-                grad_img, _ = ctx.ext.flow_warp_backward(g, img, flow, ctx.padding, True, False)
-        if need_ref and grad_ssim is not None:
-            grad_ref = _scaled(unit_ref, grad_ssim)
-        return grad_img, grad_flow, grad_ref, None, None, None, None
+
+def _save_ssim(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _ssim_grad(ctx, grad_ssim, _grad_unit_x, _grad_unit_y):
+    unit_x, unit_y = ctx.saved_tensors
+    grad_x = _scaled(unit_x, grad_ssim) if ctx.needs_input_grad[0] else None
+    grad_y = _scaled(unit_y, grad_ssim) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_y, None, None, None, None
+
+
+_ssim_op.register_autograd(_ssim_grad, setup_context=_save_ssim)
+
+
+@torch.library.custom_op("warp_kernel::warp_ssim", mutates_args=())
+def _warp_ssim_op(
+    img: torch.Tensor,
+    flow: torch.Tensor,
+    ref: torch.Tensor,
+    padding: int,
+    data_range: float,
+    want_img: bool,
+    want_flow: bool,
+    want_ref: bool,
+    ext: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ssim (B,), warped, and the unit gradients of warped, flow and ref (empty unless
+    wanted)."""
+    ssim_, warped, unit_warped, unit_flow, unit_ref = _EXTENSIONS[ext].warp_ssim_forward(
+        img, flow, ref, padding, data_range, want_img, want_flow, want_ref
+    )
+    units = _defined(unit_warped, img), _defined(unit_flow, flow), _defined(unit_ref, ref)
+    return (ssim_, warped, *units)
+
+
+@_warp_ssim_op.register_fake
+def _(img, flow, ref, padding, data_range, want_img, want_flow, want_ref, ext):
+    units = _like_if(want_img, img), _like_if(want_flow, flow), _like_if(want_ref, ref)
+    return (img.new_empty(img.shape[0]), torch.empty_like(img), *units)
+
+
+def _save_warp_ssim(ctx, inputs, output):
+    img, flow, _, ctx.padding, _, _, _, _, ctx.ext = inputs
+    ctx.save_for_backward(img, flow, *output[2:])
+    ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
+
+
+def _warp_ssim_grad(ctx, grad_ssim, grad_warped, *_grad_units):
+    img, flow, unit_warped, unit_flow, unit_ref = ctx.saved_tensors
+    need_img, need_flow, need_ref = ctx.needs_input_grad[:3]
+    if grad_warped is not None:
+        grad_warped = grad_warped.contiguous()
+    grad_img = grad_flow = grad_ref = None
+    if need_flow:
+        if grad_ssim is not None:
+            grad_flow = _scaled(unit_flow, grad_ssim)
+        if grad_warped is not None:  # the warped image was used too: one more warp backward
+            _, g = _flow_warp_backward_op(grad_warped, img, flow, ctx.padding, False, True, ctx.ext)
+            grad_flow = g if grad_flow is None else g + grad_flow
+    if need_img:
+        # Total gradient of the warped image, scattered back through the warp.
+        g = grad_warped
+        if grad_ssim is not None:
+            scaled = _scaled(unit_warped, grad_ssim)
+            g = scaled if g is None else g + scaled
+        if g is not None:
+            grad_img, _ = _flow_warp_backward_op(g, img, flow, ctx.padding, True, False, ctx.ext)
+    if need_ref and grad_ssim is not None:
+        grad_ref = _scaled(unit_ref, grad_ssim)
+    return grad_img, grad_flow, grad_ref, None, None, None, None, None, None
+
+
+_warp_ssim_op.register_autograd(_warp_ssim_grad, setup_context=_save_warp_ssim)
