@@ -1214,7 +1214,8 @@ MODELS = {
 
 # Official checkpoints: name -> (URL, SHA-256, or None where the authors publish no checksum).
 # Meta publishes checksums for SAM's three only; SAM 2's release script, SAM-HQ's model card,
-# MobileSAM's repository and ultralytics' assets give none, so a download of theirs prints the SHA-256 it got.
+# MobileSAM's repository and ultralytics' assets give none, so a download of theirs prints the
+# SHA-256 it got.
 _HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_{}.pth"
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/{}/sam2{}_hiera_{}.pt"
 CHECKPOINT_URLS = {
@@ -1317,7 +1318,7 @@ def cache_dir() -> Path:
 
 
 def download(url: str, dest: Path, sha256: Optional[str], quiet: bool = False) -> Path:
-    """Downloads `url` to `dest` atomically, checking its SHA-256 if one is given; returns `dest`."""
+    """Downloads `url` to `dest` atomically, checking its SHA-256 unless None; returns `dest`."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -1497,9 +1498,10 @@ def check_model_checkpoint(name: str, path) -> Path:
 def read_ultralytics_checkpoint(path: Path) -> tuple:
     """(model description, state dict) of an ultralytics segmentation checkpoint.
 
-    Its checkpoints are pickled models, which torch's plain weights-only reader refuses; ultralytics'
-    own reader (torch_safe_load with safe_only) reads them weights-only too, against its allow-list
-    of its model classes, so a file can still not run code. UADError for any problem.
+    Its checkpoints are pickled models, which torch's plain weights-only reader refuses;
+    ultralytics' own reader (torch_safe_load with safe_only) reads them weights-only too, against
+    its allow-list of its model classes, so a file still cannot run code. UADError for any
+    problem.
     """
     from ultralytics.nn.tasks import SegmentationModel, torch_safe_load
     from ultralytics.utils import LOGGER
