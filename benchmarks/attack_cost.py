@@ -321,7 +321,7 @@ def authors_cost(args, device) -> float:
     """Times the authors' code from a checkout (in a subprocess, its own segment_anything first
     on the path) and prices one image at its defaults; prints what it timed."""
     cmd = [sys.executable, str(AUTHORS_SCRIPT), str(args.authors_checkout.resolve())]
-    cmd += ["--threads", str(args.threads), "--device", str(device)]
+    cmd += ["--threads", str(args.threads), "--device", str(device), "--repeats", str(args.repeats)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         why = (result.stdout.strip() or result.stderr.strip() or "no output").splitlines()[-1]

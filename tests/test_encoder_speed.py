@@ -2,6 +2,7 @@
 batches compute what the plain float32 path computes."""
 
 import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -262,4 +263,17 @@ def test_gpu_script_says_in_one_line_that_there_is_no_gpu():
     assert (
         done.stderr.strip()
         == "benchmarks/gpu.sh: no CUDA GPU is visible here; nothing was measured"
+    )
+
+
+def test_authors_timing_needs_a_checkout_of_their_code(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "authors_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert (
+        done.stdout.strip()
+        == f"{tmp_path}: not a checkout of the authors' code (no attack/attacker.py)"
     )
