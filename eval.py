@@ -19,7 +19,7 @@ Reference masks and prompts
     everything mode, which takes none of these flags) finds on the clean image with
     --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's defaults: 32, 0.88,
     0.95; everything else at the generator's defaults); its cost grows with the square of
-    --points-per-side (README.md gives it per model); empty masks are dropped, the rest sorted by
+    --points-per-side (--bench times it per model); empty masks are dropped, the rest sorted by
     area, largest first, and the first --max-masks kept. If no mask passes the thresholds, the
     generator runs again with both thresholds at 0 (every candidate that survives its NMS) and the
     image's row says "automatic, unfiltered"; an image with no non-empty candidate at all is

@@ -1256,9 +1256,10 @@ SURROGATE_STAGES = {
     "mobile_sam": (2, 2, 6, 2),
 }
 # Seconds of one forward and one forward+backward of blocks 1-7 of ViT-B at 1024 on 2 cores
-# (AMD EPYC, float32; benchmarks/attack_cost.py), and the GFLOPs of that forward as
-# `forward_gflops` counts them: the CPU estimate prices every surrogate's passes at this rate.
-CPU_PASS_SECONDS = (7.34, 12.85)
+# per encoder dtype (AMD EPYC with AVX512-BF16, SAM's attention; benchmarks/attack_cost.py), and
+# the GFLOPs of that forward as `forward_gflops` counts them: the CPU estimate prices every
+# surrogate's passes at this rate.
+CPU_PASS_SECONDS = {"float32": (6.99, 17.31), "bfloat16": (3.63, 7.42)}
 CPU_PASS_GFLOPS = 550.17
 
 
@@ -1624,7 +1625,7 @@ def cpu_estimate(config: UADConfig, gflops: float, threads: int) -> float:
     threads. The encoders run at their own input size whatever the image's, so neither changes
     the cost. Encoders of small depthwise convolutions (TinyViT) run below that rate."""
     forwards, backwards = encoder_passes(config)
-    forward, both = CPU_PASS_SECONDS
+    forward, both = CPU_PASS_SECONDS[config.dtype]
     scale = gflops / CPU_PASS_GFLOPS * 2 / max(1, min(threads, os.cpu_count() or 1))
     return ((forwards - backwards) * forward + backwards * both) * scale
 
@@ -2391,11 +2392,30 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surro
             "machine)"
         )
         if preset == "paper":
-            fast = cpu_estimate(preset_config("no-fidelity"), gflops, torch.get_num_threads())
+            fast = cpu_estimate(
+                preset_config("no-fidelity", dtype=config.dtype), gflops, torch.get_num_threads()
+            )
             text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
         else:
             text += "; a CUDA GPU takes seconds"
+        if config.dtype == "float32" and native_bfloat16():
+            bf16 = dataclasses.replace(config, dtype="bfloat16")
+            text += (
+                f"; this CPU multiplies bfloat16 natively: --dtype bfloat16 takes about "
+                f"{cpu_estimate(bf16, gflops, torch.get_num_threads()) / 60:.0f} min"
+            )
     return text
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where --dtype
+    bfloat16 runs the encoder about twice as fast (see README, "Encoder speed")."""
+    try:  # Linux names the instruction sets in the CPU's flags; elsewhere assume not
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main(argv=None) -> int:

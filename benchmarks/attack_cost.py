@@ -109,9 +109,12 @@ def surrogate_costs(names, image: torch.Tensor, repeats: int) -> None:
             if backward:
                 sum(v.sum() for v in f).backward()
 
-        with torch.no_grad():
-            t_f = median_seconds(lambda: features(False), repeats)
-        t_fb = median_seconds(lambda: features(True), repeats)
+        def forward():
+            with torch.no_grad():
+                features(False)
+
+        t = alternate({"f": forward, "fb": lambda: features(True)}, repeats, image.device)
+        t_f, t_fb = t["f"], t["fb"]
         per_image = [fwd * t_f + bwd * (t_fb - t_f) for fwd, bwd in passes.values()]
         print(
             f"| {name} | {surrogate.family} | {max(surrogate.blocks(config)) + 1} of "
