@@ -252,7 +252,7 @@ def deform(image: torch.Tensor, sam, config: uad.UADConfig, gen, progress=None) 
       image: (B, C, H, W) in [0, 1].
       sam: the surrogate: its input size sets the control points' scale, and the L1 loss is
         measured on its preprocessing (uad.sam_input).
-      gen: the CPU generator of the destination points' noise.
+      gen: the CPU generator(s) of the destination points' noise (see uad.per_image).
 
     Returns:
       Target, detached.
@@ -265,7 +265,7 @@ def deform(image: torch.Tensor, sam, config: uad.UADConfig, gen, progress=None) 
     centres = [int((i + 0.5) * block) for i in range(p)]
     grid_y, grid_x = torch.meshgrid(torch.tensor(centres), torch.tensor(centres), indexing="ij")
     source = torch.stack([grid_x, grid_y], -1).view(1, 1, p * p, 2).float().repeat(b, k, 1, 1)
-    noise = config.init_std * block * torch.randn(source.shape, generator=gen)
+    noise = config.init_std * block * uad.draws(gen, source.shape, torch.randn)
     dest = (source + noise).clamp(0, size - 1)
     source, dest = (t.to(image.device).requires_grad_(True) for t in (source, dest))
     with torch.no_grad():
@@ -311,7 +311,9 @@ def attack(image: torch.Tensor, sam, config=None, progress=None) -> uad.AttackRe
     vit.check(config)
     stats, start = uad.Stats(), time.monotonic()
     surrogate = uad.Ensemble([vit], config, stats)
-    gen = torch.Generator().manual_seed(config.seed)  # CPU draws: the same on every device
+    # one generator per image, as uad.attack makes them: an image draws the same numbers
+    # whatever batch it is in
+    gen = [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
     with torch.no_grad():
         f_image = surrogate(image)
     target, target_ssim, _, _ = deform(image, sam, config, gen, progress)

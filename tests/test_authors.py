@@ -176,6 +176,17 @@ def test_the_attack_is_within_eps_on_the_saved_file_and_seeded(tiny_sam, tmp_pat
     assert files[0] == files[1] and files[0] != files[2]
 
 
+def test_each_image_of_a_batch_gets_what_it_gets_alone(tiny_sam):
+    a = uad.to_tensor(small_photo())
+    b = a.flip(-1)  # another image of the same size
+    config = authors.authors_config(steps=2, deform_steps=2, layers=(0,))
+    batch = authors.attack(torch.cat([a, b]), tiny_sam, config)
+    for i, x in enumerate((a, b)):
+        alone = authors.attack(x, tiny_sam, config)
+        assert torch.allclose(batch.target[i : i + 1], alone.target, atol=1e-5)
+        assert torch.allclose(batch.adv[i : i + 1], alone.adv, atol=1e-5)
+
+
 def test_layers_beyond_the_surrogate_are_an_error(tiny_sam):
     with pytest.raises(uad.UADError, match="layers"):
         authors.attack(uad.to_tensor(small_photo()), tiny_sam, authors.authors_config(layers=(9,)))
