@@ -75,7 +75,7 @@ Models
   vit_b, vit_l, vit_h (segment-anything), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ),
   mobile_sam (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+,
   sam2.1_l (SAM 2), fastsam (FastSAM, through ultralytics; FastSAM-x.pt by default): each loaded
-  by uad.load_model, from NAME=PATH or, without it, the official checkpoint from the cache
+  by unsegment.models.load_model, from NAME=PATH or, without it, the official checkpoint from the cache
   (downloaded on first use). A checkpoint of another model (extra, missing or differently shaped
   tensors) is refused, naming them. Every family but segment-anything needs its package: see
   README.md's model table for the install commands (pip install '.[variants]' installs all).
@@ -107,6 +107,10 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.cli
+import unsegment.images
+import unsegment.models
+import unsegment.progress
 import warp_kernel
 
 PROMPT_KINDS = ("point", "box")
@@ -479,10 +483,12 @@ def check_sizes(pair: Pair, clean: np.ndarray, adv: np.ndarray) -> None:
 
 def check_pair(pair: Pair, max_pixels: Optional[int]) -> None:
     """Both images decode, within max_pixels, and have the same size; UADError if not."""
-    check_sizes(pair, *(uad.read_image(p, max_pixels).pixels for p in (pair.clean, pair.adv)))
+    check_sizes(
+        pair, *(unsegment.images.read_image(p, max_pixels).pixels for p in (pair.clean, pair.adv))
+    )
 
 
-def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = uad.MAX_PIXELS):
+def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS):
     """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem).
 
     Returns the good pairs and one error line per clean image that cannot be scored.
@@ -518,9 +524,11 @@ def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = uad.MAX_PIXE
     return pairs, errors
 
 
-def read_rgb(path: Path, max_pixels: Optional[int], progress: uad.Progress) -> np.ndarray:
+def read_rgb(
+    path: Path, max_pixels: Optional[int], progress: unsegment.progress.Progress
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file; greyscale is replicated, alpha dropped."""
-    picture = uad.read_image(path, max_pixels)
+    picture = unsegment.images.read_image(path, max_pixels)
     if picture.frames > 1:
         progress.warn(f"{path}: only the first of its {picture.frames} frames is scored")
     pixels = picture.pixels
@@ -577,8 +585,10 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, equals, path = item.partition("=")
-        if name not in uad.MODELS:
-            raise uad.UADError(f"unknown model {name!r}; choose from {', '.join(uad.MODELS)}")
+        if name not in unsegment.models.MODELS:
+            raise uad.UADError(
+                f"unknown model {name!r}; choose from {', '.join(unsegment.models.MODELS)}"
+            )
         if name in (n for n, _ in specs):
             raise uad.UADError(f"model {name!r} is listed twice in --models")
         if equals and not path:
@@ -592,19 +602,19 @@ def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
 def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
-        uad.import_family(name)
+        unsegment.models.import_family(name)
         if checkpoint is not None:
-            uad.check_model_checkpoint(name, checkpoint)
+            unsegment.models.check_model_checkpoint(name, checkpoint)
 
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
-    """Loads model `name` (a key of uad.MODELS, through uad.load_model), ready to predict."""
-    return segmenter_of(name, uad.load_model(name, checkpoint, device, quiet), device)
+    """Loads model `name` (a key of unsegment.models.MODELS, through unsegment.models.load_model), ready to predict."""
+    return segmenter_of(name, unsegment.models.load_model(name, checkpoint, device, quiet), device)
 
 
 def segmenter_of(name: str, model, device) -> Segmenter:
     """The predictors and mask generators of model `name`'s package around a loaded `model`."""
-    family = uad.MODELS[name].family
+    family = unsegment.models.MODELS[name].family
     if family == "sam2":
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
         from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -622,7 +632,7 @@ def segmenter_of(name: str, model, device) -> Segmenter:
             thresholds=False,
         )
     # segment-anything, SAM-HQ and MobileSAM share segment_anything's API
-    module = uad.import_family(name)
+    module = unsegment.models.import_family(name)
     return Segmenter(
         name,
         lambda: module.SamPredictor(model),
@@ -781,7 +791,9 @@ def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, Li
     return {**out, "all": list(values)}
 
 
-def score_pair(pair: Pair, segmenters, predictors, args, progress: uad.Progress) -> ImageResult:
+def score_pair(
+    pair: Pair, segmenters, predictors, args, progress: unsegment.progress.Progress
+) -> ImageResult:
     """Scores one image pair with every model (annotation mode when pair.annotations is set)."""
     clean = read_rgb(pair.clean, args.max_pixels, progress)
     adv = read_rgb(pair.adv, args.max_pixels, progress)
@@ -893,9 +905,9 @@ def format_csv(results: Results) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Writes `path` whole or not at all (uad.write_atomically)."""
+    """Writes `path` whole or not at all (unsegment.images.write_atomically)."""
     # surrogateescape: a file name that is not UTF-8 is written back as the bytes it was
-    uad.write_atomically(path, text.encode("utf-8", errors="surrogateescape"))
+    unsegment.images.write_atomically(path, text.encode("utf-8", errors="surrogateescape"))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -926,7 +938,7 @@ def run_benchmark(args, specs, device) -> int:
     )
     for name, _ in specs:
         torch.manual_seed(0)
-        model = uad.build_model(name).eval().requires_grad_(False).to(device)
+        model = unsegment.models.build_model(name).eval().requires_grad_(False).to(device)
         segmenter = segmenter_of(name, model, device)
         predictors = (segmenter.new_predictor(), segmenter.new_predictor())
         started = time.perf_counter()
@@ -992,7 +1004,7 @@ def image_size(text: str) -> Tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = uad.Parser(  # every usage error is one line
+    parser = unsegment.cli.Parser(  # every usage error is one line
         prog="eval.py",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -1015,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "--max-pixels",
             at_least_1,
-            uad.MAX_PIXELS,
+            unsegment.images.MAX_PIXELS,
             "refuse larger images, against decompression bombs",
         ),
     ]:
@@ -1047,7 +1059,7 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
     UADError for a problem that stops the run."""
     outputs = [p for p in (args.out, args.csv) if p is not None]
     for path in outputs:
-        uad.check_writable(path)
+        unsegment.images.check_writable(path)
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise uad.UADError(f"{args.out}: --out and --csv name the same file")
     if args.annotations is not None and not args.annotations.exists():
@@ -1077,11 +1089,11 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
 
 def run(args) -> int:
     specs = parse_models(args.models)
-    device = uad.resolve_device(args.device)
+    device = unsegment.models.resolve_device(args.device)
     if args.bench is not None:
         return run_benchmark(args, specs, device)
     pairs, failures = check_inputs(args)
-    progress = uad.Progress(args.quiet)
+    progress = unsegment.progress.Progress(args.quiet)
     for message in failures:
         progress.error(message)
     folders = args.clean.is_dir()

@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     py_modules=["uad", "eval"],
-    packages=["warp_kernel"],
+    packages=["unsegment", "warp_kernel"],
     package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     install_requires=["torch", "torchvision", "segment-anything", "numpy", "pillow", "ninja"],
     extras_require={
@@ -33,5 +33,5 @@ setup(
             "ultralytics>=8.4.190",
         ],
     },
-    entry_points={"console_scripts": ["unsegment=uad:main", "unsegment-eval=eval:main"]},
+    entry_points={"console_scripts": ["unsegment=unsegment.cli:run", "unsegment-eval=eval:main"]},
 )

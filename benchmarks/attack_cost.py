@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import uad  # noqa: E402
-import warp_kernel  # noqa: E402
+import uad
+import unsegment.cost
+import unsegment.models
+import warp_kernel
 
 REFERENCE_PASSES = (237, 196)  # full-encoder forwards, backwards per image in the authors' code
 AUTHORS_SCRIPT = Path(__file__).resolve().parent / "authors_step.py"
@@ -101,7 +102,9 @@ def surrogate_costs(names, image: torch.Tensor, repeats: int) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         torch.manual_seed(0)
-        surrogate = uad.Surrogate.of(uad.build_model(name).eval().requires_grad_(False), name)
+        surrogate = uad.Surrogate.of(
+            unsegment.models.build_model(name).eval().requires_grad_(False), name
+        )
 
         def features(backward: bool):
             x = image.clone().requires_grad_(backward)
@@ -118,7 +121,7 @@ def surrogate_costs(names, image: torch.Tensor, repeats: int) -> None:
         per_image = [fwd * t_f + bwd * (t_fb - t_f) for fwd, bwd in passes.values()]
         print(
             f"| {name} | {surrogate.family} | {max(surrogate.blocks(config)) + 1} of "
-            f"{surrogate.depth}, no neck | {uad.forward_gflops(surrogate, config):.0f} "
+            f"{surrogate.depth}, no neck | {unsegment.cost.forward_gflops(surrogate, config):.0f} "
             f"| {t_f:.2f} | {t_fb:.2f} | {per_image[0]:.0f} | {per_image[1]:.0f} |",
             flush=True,
         )
@@ -126,7 +129,7 @@ def surrogate_costs(names, image: torch.Tensor, repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-type", default="vit_b", choices=list(uad.SAM_ARCHS))
+    p.add_argument("--model-type", default="vit_b", choices=list(unsegment.models.SAM_ARCHS))
     p.add_argument("--size", type=int, default=1024, help="side of the (square) test photo")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=2, help="timed runs per pass (median)")
@@ -151,7 +154,7 @@ def main() -> None:
 
     passes = {preset: uad.encoder_passes(uad.preset_config(preset)) for preset in uad.PRESETS}
     torch.manual_seed(0)
-    sam = uad.build_sam(args.model_type).requires_grad_(False).to(device)
+    sam = unsegment.models.build_sam(args.model_type).requires_grad_(False).to(device)
     photo = Image.open(Path(__file__).resolve().parent.parent / "examples" / "astronaut.png")
     image = uad.to_tensor(np.asarray(photo.convert("RGB").resize((args.size, args.size))), device)
     if args.surrogates:

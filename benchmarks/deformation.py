@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import uad  # noqa: E402
+import uad
+import unsegment.images
+import unsegment.models
 
 
 def main(argv=None) -> int:
@@ -34,14 +35,14 @@ def main(argv=None) -> int:
     surrogate, sam = None, None
     if uad.uses_fidelity(config):
         torch.manual_seed(0)
-        sam = uad.build_sam("vit_b").requires_grad_(False)
+        sam = unsegment.models.build_sam("vit_b").requires_grad_(False)
         surrogate = uad.Ensemble([uad.Surrogate.of(sam)], config, uad.Stats())
     print(f"preset {args.preset}, seed {args.seed}, {args.threads} thread(s)")
     print("| photo | size | target SSIM | flow TV | flow variance | largest jump (px at 1024) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path in photos:
         try:
-            image = uad.to_tensor(uad.read_image(path).pixels)
+            image = uad.to_tensor(unsegment.images.read_image(path).pixels)
         except uad.UADError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

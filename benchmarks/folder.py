@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import uad  # noqa: E402
+import unsegment.cli
+import unsegment.models
 
 
 def main(argv=None) -> int:
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         for i in range(args.images):
             Image.fromarray(np.roll(photo, 17 * i, axis=1)).save(tmp / "in" / f"{i:03d}.png")
         torch.manual_seed(0)
-        torch.save(uad.build_sam("vit_b").state_dict(), tmp / "sam.pth")
-        device = uad.resolve_device(args.device)
+        torch.save(unsegment.models.build_sam("vit_b").state_dict(), tmp / "sam.pth")
+        device = unsegment.models.resolve_device(args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(
             f"uad.py on {args.images} images of {args.size}x{args.size}, {device} ({name}), "
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                 argv += ["--checkpoint", str(tmp / "sam.pth"), "--device", args.device, "--quiet"]
                 start = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()):
-                    code = uad.main(argv + args.extra)
+                    code = unsegment.cli.main(argv + args.extra)
                 seconds[batch] = time.perf_counter() - start
                 if code != 0:
                     print(f"{preset} --batch {batch}: uad.py exited {code}")

@@ -6,7 +6,7 @@ On each photo (default: the four example photos, each at its own size), runs the
 `no-fidelity` preset (its 40 deformation steps need no encoder) with --steps PGD steps on a
 random-init ViT-B at 1024 (the same weights for both), once with the encoder in float32 and
 once under bfloat16 autocast, alternating photo by photo. For each it saves the protected
-image as PNG (uad.write_image, re-read from disk) and prints:
+image as PNG (unsegment.images.write_image, re-read from disk) and prints:
   - the L-infinity distance of the saved file from the photo, which must be within eps;
   - stage 2's objective d(f(x), f(target)) - d(f(x), f(image)) at every step, as each dtype
     computes it, and their ratio step by step (the trend);
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import uad  # noqa: E402
+import uad
+import unsegment.images
+import unsegment.models
 
 DTYPES = ("float32", "bfloat16")
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     photos = args.photos or sorted((ROOT / "examples").glob("*.[jp][pn]g"))
     torch.manual_seed(0)
-    sam = uad.build_sam("vit_b").requires_grad_(False).to(device)
+    sam = unsegment.models.build_sam("vit_b").requires_grad_(False).to(device)
     configs = {
         dtype: uad.preset_config(
             "no-fidelity", steps=args.steps, dtype=dtype, attention=args.attention
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     ratios, worst = [], {dtype: 0 for dtype in DTYPES}
     with tempfile.TemporaryDirectory() as folder:
         for path in photos:
-            picture = uad.read_image(path)
+            picture = unsegment.images.read_image(path)
             image = uad.to_tensor(picture.pixels, device)
             f_photo = float32_features(image)
             distance, curves = {}, {}
@@ -85,7 +86,9 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 pixels = uad.to_pixels(uad.quantize(adv, image, eps))
                 saved_path = Path(folder) / f"{path.stem}-{dtype}.png"
-                saved_picture = uad.write_image(saved_path, uad.Picture(pixels), overwrite=True)
+                saved_picture = unsegment.images.write_image(
+                    saved_path, uad.Picture(pixels), overwrite=True
+                )
                 saved = uad.to_tensor(saved_picture.pixels, device)
                 linf = round((saved - image).abs().max().item() * 255)
                 worst[dtype] = max(worst[dtype], linf)

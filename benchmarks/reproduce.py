@@ -23,7 +23,7 @@ paper's are sa_1 to sa_1000 of sa_000000.tar). Stages, each resumable:
    model; RUN_DIR/table.json and table.csv with the settings, package versions, device, seed.
 
 Resuming: each protected image and each (model, image, attack) score is recorded in its own
-file under RUN_DIR/records/, written whole or not at all (uad.write_atomically), with the
+file under RUN_DIR/records/, written whole or not at all (unsegment.images.write_atomically), with the
 settings it was made with; a rerun skips what is recorded with the same settings and redoes the
 rest (a protected image deleted or changed, or a new attack, model or image). A bad image (it
 does not decode, its annotation file is missing or corrupt) is one line and is left out.
@@ -55,11 +55,13 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import eval as ev  # noqa: E402
-import uad  # noqa: E402
-from benchmarks import authors  # noqa: E402
+import eval as ev
+import uad
+import unsegment.cli
+import unsegment.images
+import unsegment.models
+import unsegment.progress
+from unsegment import authors
 
 ATTACKS = (*uad.PRESETS, *uad.PRESET_ALIASES, "authors")
 CLEAN = "clean"  # the clean images, scored like an attack
@@ -151,7 +153,7 @@ def check_items(items: List[Item], max_pixels: int):
     good, failures = [], []
     for item in items:
         try:
-            uad.read_image(item.image, max_pixels)
+            unsegment.images.read_image(item.image, max_pixels)
             ev.check_annotation_file(item.annotations)
             item.sha256 = file_sha256(item.image)
             item.annotations_sha256 = file_sha256(item.annotations)
@@ -199,7 +201,7 @@ def attack_config(name: str, args) -> uad.UADConfig:
     flags.preset = "paper" if name == "authors" else name
     if name == "authors":
         vars(flags).update(authors.OVERRIDES)
-    return uad.config_from_args(flags)
+    return unsegment.cli.config_from_args(flags)
 
 
 def run_attack(name: str, x, sam, config, progress, target=None) -> uad.AttackResult:
@@ -250,7 +252,9 @@ def write_record(path: Path, record: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise uad.UADError(f"{path.parent}: cannot create the folder ({e.strerror})") from None
-    uad.write_atomically(path, json.dumps(record, indent=1, allow_nan=False).encode("utf-8"))
+    unsegment.images.write_atomically(
+        path, json.dumps(record, indent=1, allow_nan=False).encode("utf-8")
+    )
 
 
 def file_stamp(path: Path) -> dict:
@@ -342,19 +346,23 @@ class Run:
 # Stage 1: protect
 
 
-def protect_one(run: Run, attack: str, item: Item, sam, progress: uad.Progress) -> str:
+def protect_one(
+    run: Run, attack: str, item: Item, sam, progress: unsegment.progress.Progress
+) -> str:
     """Protects one image with one attack into its PNG and records it; returns a summary."""
     config, device = run.configs[attack], run.device
-    picture = uad.read_image(item.image, run.args.max_pixels)
+    picture = unsegment.images.read_image(item.image, run.args.max_pixels)
     x = uad.to_tensor(picture.pixels, device)
     target = None
     if config.method == "aa":
-        other = uad.read_image(run.targets[item.name].image, run.args.max_pixels)
+        other = unsegment.images.read_image(run.targets[item.name].image, run.args.max_pixels)
         target = uad.to_tensor(other.pixels, device).expand(-1, 3, -1, -1)
     result = run_attack(attack, x, sam, config, progress, target)
     pixels = uad.to_pixels(uad.quantize(result.adv, x, config.eps))
     path = run.protected_path(attack, item)
-    saved = uad.write_image(path, dataclasses.replace(picture, pixels=pixels), True, True)
+    saved = unsegment.images.write_image(
+        path, dataclasses.replace(picture, pixels=pixels), True, True
+    )
     # the promise, on the file as saved and re-read
     linf = int(np.abs(saved.pixels.astype(np.int16) - picture.pixels.astype(np.int16)).max())
     budget = math.floor(config.eps * 255 + 1e-6)
@@ -393,8 +401,12 @@ def protect_stage(run: Run, failures: List[str]) -> None:
     if not todo:
         return
     args = run.args
-    sam = uad.load_sam(args.surrogate, args.surrogate_checkpoint, run.device, quiet=args.quiet)
-    progress = uad.Progress(quiet=args.quiet)  # its pace and ETA start after the loading
+    sam = unsegment.models.load_sam(
+        args.surrogate, args.surrogate_checkpoint, run.device, quiet=args.quiet
+    )
+    progress = unsegment.progress.Progress(
+        quiet=args.quiet
+    )  # its pace and ETA start after the loading
     for index, (attack, item) in enumerate(todo):
         progress.item(index, len(todo), f"protect {attack} {item.image.name}")
         try:
@@ -441,7 +453,7 @@ def score_stage(run: Run, failures: List[str]) -> None:
         f"{total - len(work)} image(s) x model(s) done earlier, {len(work)} to do",
     )
     index, bad = 0, set()
-    progress = uad.Progress(quiet=run.args.quiet)
+    progress = unsegment.progress.Progress(quiet=run.args.quiet)
     for model, checkpoint in run.models:
         mine = [w for w in work if w[0] == model]
         if not mine:
@@ -759,7 +771,7 @@ def say(run: Run, line: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = uad.Parser(
+    p = unsegment.cli.Parser(
         prog="reproduce.py",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -791,8 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--surrogate",
         default="vit_b",
-        type=uad.model_type,
-        metavar="{" + ",".join(uad.SAM_ARCHS) + "}",
+        type=unsegment.cli.model_type,
+        metavar="{" + ",".join(unsegment.models.SAM_ARCHS) + "}",
         help="the attacks' SAM (%(default)s)",
     )
     add("--surrogate-checkpoint", type=Path, metavar="PATH", help="its weights (official file)")
@@ -812,7 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--proxy-steps", count, "the paper preset's proxy PGD steps per deformation step (4)"),
     ]:
         add(flag, type=kind, metavar="X" if kind is float else "N", help=what)
-    add("--layers", type=uad.block_list, metavar="I,J,..", help="feature blocks (3,4,5,6)")
+    add(
+        "--layers", type=unsegment.cli.block_list, metavar="I,J,..", help="feature blocks (3,4,5,6)"
+    )
     add("--dtype", choices=("float32", "bfloat16"), help="encoder autocast (float32)")
     add(
         "--points",
@@ -832,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--max-pixels",
         type=positive,
-        default=uad.MAX_PIXELS,
+        default=unsegment.images.MAX_PIXELS,
         metavar="N",
         help="refuse larger images, against decompression bombs (%(default)s)",
     )
@@ -859,18 +873,18 @@ def prepare(args, items: List[Item], targets_needed: bool):
     """Everything checkable before a model loads: returns (device, the usable items, one line
     per unusable one); UADError for anything that stops the run. Annotation files are read
     when scored (a corrupt one leaves its image out then)."""
-    device = uad.resolve_device(args.device)
+    device = unsegment.models.resolve_device(args.device)
     args.attacks = parse_attacks(args.attacks) if isinstance(args.attacks, str) else args.attacks
     for name in args.attacks:
         attack_config(name, args)  # every flag's value, named as uad.py names it
-    depth = uad.SAM_ARCHS[args.surrogate]["depth"]
+    depth = unsegment.models.SAM_ARCHS[args.surrogate]["depth"]
     if args.layers is not None and max(args.layers) >= depth:
         raise uad.UADError(f"--layers: {args.surrogate} has blocks 0..{depth - 1}")
     if args.surrogate_checkpoint is not None:
-        uad.check_checkpoint_file(args.surrogate_checkpoint)
+        unsegment.models.check_checkpoint_file(args.surrogate_checkpoint)
     models = ev.parse_models(args.models)
     ev.check_models(models)
-    uad.check_writable(args.out / "table.json", new_folder=True)
+    unsegment.images.check_writable(args.out / "table.json", new_folder=True)
     items, failures = check_items(items, args.max_pixels)
     if not items:
         raise uad.UADError(f"none of the {len(failures)} image(s) can be used")
@@ -978,8 +992,10 @@ def run_cost(args) -> int:
     """Times the whole pipeline on one synthetic image; prints seconds per image per stage."""
     models = ev.parse_models(args.models)
     for name, _ in models:
-        if name not in uad.SAM_ARCHS:
-            raise uad.UADError(f"--cost builds {', '.join(uad.SAM_ARCHS)} only, not {name}")
+        if name not in unsegment.models.SAM_ARCHS:
+            raise uad.UADError(
+                f"--cost builds {', '.join(unsegment.models.SAM_ARCHS)} only, not {name}"
+            )
     with tempfile.TemporaryDirectory(prefix="reproduce-cost-") as tmp:
         tmp = Path(tmp)
         (tmp / "sa1b").mkdir()
@@ -988,7 +1004,7 @@ def run_cost(args) -> int:
         for name in {args.surrogate, *(m for m, _ in models)}:
             torch.manual_seed(0)
             paths[name] = tmp / f"{name}.pth"
-            torch.save(uad.build_sam(name).state_dict(), paths[name])
+            torch.save(unsegment.models.build_sam(name).state_dict(), paths[name])
         args.sa1b, args.out = tmp / "sa1b", tmp / "run"
         args.surrogate_checkpoint = paths[args.surrogate]
         args.models = ",".join(f"{m}={paths[m]}" for m, _ in models)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import eval as ev  # noqa: E402
-import uad  # noqa: E402
-import warp_kernel  # noqa: E402
+import eval as ev
+import uad
+import unsegment.images
+import unsegment.models
+import warp_kernel
 
 TINY = dict(embed_dim=64, depth=8, num_heads=2, global_attn_indexes=())  # a fast stand-in
 PUBLISHING = ["none", "jpeg 95", "jpeg 85", "jpeg 75", "jpeg 50", "resize 0.5"]
@@ -67,7 +68,7 @@ def match_pil(pictures) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("photos", nargs="*", type=Path, help="default: the example photos")
-    p.add_argument("--model-type", default="vit_b", choices=list(uad.SAM_ARCHS))
+    p.add_argument("--model-type", default="vit_b", choices=list(unsegment.models.SAM_ARCHS))
     p.add_argument("--checkpoint", type=Path, help="real weights; default: random-init")
     p.add_argument("--tiny", action="store_true", help="a small random-init encoder (CPU)")
     p.add_argument("--robust", default="jpeg:50-95,resize:0.5-1")
@@ -81,13 +82,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        device = uad.resolve_device(args.device)
+        device = unsegment.models.resolve_device(args.device)
         if args.checkpoint is not None:
-            sam, weights = uad.load_sam(args.model_type, args.checkpoint, device), "trained"
+            sam, weights = (
+                unsegment.models.load_sam(args.model_type, args.checkpoint, device),
+                "trained",
+            )
         else:
             torch.manual_seed(0)
             arch = TINY if args.tiny else None
-            sam = uad.build_sam(args.model_type, arch).requires_grad_(False).to(device)
+            sam = unsegment.models.build_sam(args.model_type, arch).requires_grad_(False).to(device)
             weights = "random-init tiny" if args.tiny else f"random-init {args.model_type}"
         overrides = {k: v for k, v in (("steps", args.steps), ("deform_steps", args.deform_steps))}
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
             for robust in ("", args.robust)
         }
         photos = args.photos or sorted((ROOT / "examples").glob("*.[jp][pn]g"))
-        pictures = [(path.name, uad.read_image(path).pixels) for path in photos]
+        pictures = [(path.name, unsegment.images.read_image(path).pixels) for path in photos]
     except uad.UADError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
                 ssim = warp_kernel.ssim(out, clean).item()
                 print(
                     f"| {photo} | {how} | {name} | {d_clean:.4f} | {d_target:.4f} "
-                    f"| {uad.psnr(out, clean):.2f} | {ssim:.4f} |",
+                    f"| {unsegment.images.psnr(out, clean):.2f} | {ssim:.4f} |",
                     flush=True,
                 )
     print(

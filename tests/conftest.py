@@ -8,7 +8,8 @@ import torch
 
 torch.set_num_threads(1)  # two cores: oversubscription makes the suite many times slower
 
-import uad  # noqa: E402
+import unsegment.cli  # noqa: E402
+import unsegment.models  # noqa: E402
 from helpers import EXAMPLES, TINY_ARCHS, build_tiny_sam  # noqa: E402
 
 
@@ -25,15 +26,15 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture
 def tiny_archs(monkeypatch):
-    """Points uad.SAM_ARCHS at the tiny shapes for the duration of a test."""
-    monkeypatch.setattr(uad, "SAM_ARCHS", TINY_ARCHS)
+    """Points unsegment.models.SAM_ARCHS at the tiny shapes for the duration of a test."""
+    monkeypatch.setattr(unsegment.models, "SAM_ARCHS", TINY_ARCHS)
     return TINY_ARCHS
 
 
 @pytest.fixture
 def tiny_sam(tiny_archs, tiny_checkpoints):
-    """The tiny vit_b, loaded through uad.load_sam."""
-    return uad.load_sam("vit_b", tiny_checkpoints["vit_b"], "cpu")
+    """The tiny vit_b, loaded through unsegment.models.load_sam."""
+    return unsegment.models.load_sam("vit_b", tiny_checkpoints["vit_b"], "cpu")
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def cli(tiny_archs, tiny_checkpoints, capsys):
 
     def run(*args, checkpoint="vit_b"):
         extra = ["--checkpoint", str(tiny_checkpoints[checkpoint])] if checkpoint else []
-        code = uad.main([str(a) for a in args] + extra)
+        code = unsegment.cli.main([str(a) for a in args] + extra)
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -56,8 +57,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(uad, "load_sam", refuse)
-    monkeypatch.setattr(uad, "load_model", refuse)
+    monkeypatch.setattr(unsegment.models, "load_sam", refuse)
+    monkeypatch.setattr(unsegment.models, "load_model", refuse)
 
 
 @pytest.fixture

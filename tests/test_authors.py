@@ -1,7 +1,6 @@
 """benchmarks/authors.py: the authors' target (spline warps, merge, control loss) and the attack."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +8,12 @@ import pytest
 import torch
 
 import uad
+from unsegment import authors
+import unsegment.images
 import warp_kernel
 from helpers import small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks import authors  # noqa: E402
 
 
 def test_the_spline_warp_is_the_identity_at_zero_displacement():
@@ -169,8 +168,10 @@ def test_the_attack_is_within_eps_on_the_saved_file_and_seeded(tiny_sam, tmp_pat
         result = authors.attack(x, tiny_sam, config)
         assert (result.stats.forwards, result.stats.backwards) == authors.encoder_passes(config)
         path = tmp_path / f"{len(files)}.png"
-        uad.write_image(path, uad.Picture(uad.to_pixels(uad.quantize(result.adv, x, config.eps))))
-        saved = uad.read_image(path).pixels.astype(int)
+        unsegment.images.write_image(
+            path, uad.Picture(uad.to_pixels(uad.quantize(result.adv, x, config.eps)))
+        )
+        saved = unsegment.images.read_image(path).pixels.astype(int)
         assert 0 < np.abs(saved - clean.astype(int)).max() <= 8
         files.append(path.read_bytes())
     assert files[0] == files[1] and files[0] != files[2]

@@ -14,6 +14,8 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Block
 
 import uad
+import unsegment.cli
+import unsegment.models
 from helpers import small_photo
 
 FUSED = [a for a in uad.ATTENTIONS if a != "sam"]
@@ -75,7 +77,9 @@ def sam_with_global_blocks():
     """A tiny random-init SAM whose encoder takes 256 x 256 inputs (a 16 x 16 token grid, padded
     to 2 x 2 windows of 14) and whose block 1 attends globally."""
     torch.manual_seed(0)
-    sam = uad.build_sam("vit_b", dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=()))
+    sam = unsegment.models.build_sam(
+        "vit_b", dict(embed_dim=32, depth=3, num_heads=2, global_attn_indexes=())
+    )
     sam.image_encoder = ImageEncoderViT(
         img_size=256,
         embed_dim=32,
@@ -134,10 +138,12 @@ def test_bfloat16_features_follow_float32_with_every_attention(sam_with_global_b
 
 
 def test_attention_is_a_cli_flag_with_its_choices(tiny_archs, capsys):
-    assert uad.main(["a.png", "b.png", "--attention", "flash"]) == 2
+    assert unsegment.cli.main(["a.png", "b.png", "--attention", "flash"]) == 2
     err = capsys.readouterr().err
     assert "--attention" in err and "sdpa" in err and len(err.strip().splitlines()) == 1
-    assert uad.config_from_args(uad.build_parser().parse_args(["a", "b", "--attention", "sdpa"]))
+    assert unsegment.cli.config_from_args(
+        unsegment.cli.build_parser().parse_args(["a", "b", "--attention", "sdpa"])
+    )
 
 
 def test_joined_target_and_proxy_passes_give_the_same_bits(sam_with_global_blocks):
@@ -192,7 +198,9 @@ def test_batch_gives_the_files_one_at_a_time_gives_in_the_same_order(
     random draw (flow init, random start, encoder noise, --robust) comes from the image's own
     generator, so each file is byte for byte what --batch 1 writes, and the lines keep the
     folder's order. (The surrogate is the 256-pixel one, for speed.)"""
-    monkeypatch.setattr(uad, "load_sam", lambda *args, **kwargs: sam_with_global_blocks)
+    monkeypatch.setattr(
+        unsegment.models, "load_sam", lambda *args, **kwargs: sam_with_global_blocks
+    )
     sizes = {"a.png": (48, 32), "b.png": (40, 40), "c.png": (48, 32), "d.png": (48, 32)}
     write_folder(tmp_path / "in", sizes)
     attack = [

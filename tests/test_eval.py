@@ -18,6 +18,8 @@ from PIL import Image
 
 import eval as ev
 import uad
+import unsegment.models
+import unsegment.progress
 from helpers import EXAMPLES, build_tiny_sam, small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,7 +482,7 @@ def test_clean_reference_mode_self_scores_100_and_noise_scores_lower(
 def test_the_pace_on_the_progress_line_leaves_out_model_loading(
     cli, tiny_checkpoints, tmp_path, monkeypatch
 ):
-    class Clock:  # time as uad.Progress sees it, in which loading a model takes 1000 s
+    class Clock:  # time as unsegment.progress.Progress sees it, in which loading a model takes 1000 s
         offset = 0.0
 
         def monotonic(self):
@@ -880,7 +882,7 @@ def test_help_lists_every_flag_with_its_default_and_every_model(cli):
     usage = stdout.split("\n\n", 1)[0]
     assert " --models LIST" in usage and "[--models" not in usage  # required, so not bracketed
     epilog = stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[1]
-    for name in uad.MODELS:  # each model name on its own, not inside a longer one
+    for name in unsegment.models.MODELS:  # each model name on its own, not inside a longer one
         assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.+])", epilog), name
 
 

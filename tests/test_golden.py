@@ -12,13 +12,13 @@ import hashlib
 import os
 import platform
 import shutil
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import uad
+from unsegment import authors
 from helpers import EXAMPLES, small_photo
 
 FAST = ["--steps", "2", "--deform-steps", "2", "--proxy-steps", "1", "--quiet"]
@@ -118,12 +118,6 @@ def library_hashes(sam) -> dict:
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     adv = uad.protect(x, sam, config=uad.preset_config("no-fidelity", steps=2, deform_steps=2))
     hashes["protect-tensor"] = sha(adv.numpy().tobytes())
-    try:
-        from unsegment import authors
-    except ImportError:  # before the split
-        sys.path.insert(0, str(EXAMPLES.parent))
-        from benchmarks import authors
-
     config = authors.authors_config(steps=2, deform_steps=2)
     adv = authors.attack(x, sam, config).adv
     hashes["authors"] = sha(uad.quantize(adv, x, config.eps).numpy().tobytes())

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.images
+import unsegment.models
 from helpers import EXAMPLES, TINY_ARCHS, build_tiny_sam
 from test_eval import annotation, two_objects
 
@@ -45,7 +47,7 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
 import uad, helpers
-uad.SAM_ARCHS = {{**helpers.TINY_ARCHS, "vit_l": helpers.TINY_ARCHS["vit_b"]}}
+unsegment.models.SAM_ARCHS = {{**helpers.TINY_ARCHS, "vit_l": helpers.TINY_ARCHS["vit_b"]}}
 from benchmarks import reproduce
 protect_one = reproduce.protect_one
 
@@ -182,8 +184,8 @@ def test_a_corrupt_file_is_one_line_and_its_image_left_out(first_run, name, prob
 def test_every_saved_file_is_within_eps_of_the_clean_image(first_run, inputs, attack):
     out = first_run[0]
     for name in ("sa_1", "sa_10"):
-        clean = uad.read_image(inputs["sa1b"] / f"{name}.jpg").pixels.astype(int)
-        saved = uad.read_image(out / attack / f"{name}.png").pixels.astype(int)
+        clean = unsegment.images.read_image(inputs["sa1b"] / f"{name}.jpg").pixels.astype(int)
+        saved = unsegment.images.read_image(out / attack / f"{name}.png").pixels.astype(int)
         assert saved.shape == clean.shape and 0 < np.abs(saved - clean).max() <= 8
 
 

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.cli
+import unsegment.images
 from helpers import EXAMPLES, small_photo
 
 
@@ -120,7 +122,7 @@ def test_robust_attack_through_the_cli_is_within_eps_and_seeded(
     outputs = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         out = tmp_path / f"{name}.png"
-        code = uad.main(
+        code = unsegment.cli.main(
             [
                 str(tmp_path / "in.png"),
                 str(out),
@@ -135,7 +137,7 @@ def test_robust_attack_through_the_cli_is_within_eps_and_seeded(
         )
         assert code == 0
         outputs.append(out.read_bytes())
-        diff = np.abs(uad.read_image(out).pixels.astype(int) - small_photo())
+        diff = np.abs(unsegment.images.read_image(out).pixels.astype(int) - small_photo())
         assert 0 < diff.max() <= 8
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
 

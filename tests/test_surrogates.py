@@ -18,6 +18,9 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.cost
+import unsegment.images
+import unsegment.models
 from helpers import EXAMPLES, small_photo
 
 FAST = ["--preset", "no-fidelity", "--steps", "3", "--deform-steps", "2"]
@@ -39,11 +42,11 @@ def sam2_128(monkeypatch, tmp_path):
     """sam2.1_t at image_size 128 for the duration of a test; returns the path of a random-init
     checkpoint of it, nested under "model" as the official files are."""
     pytest.importorskip("sam2", reason="sam2 is not installed")
-    spec = uad.MODELS["sam2.1_t"]
+    spec = unsegment.models.MODELS["sam2.1_t"]
     small = dataclasses.replace(spec, overrides=(*spec.overrides, "++model.image_size=128"))
-    monkeypatch.setitem(uad.MODELS, "sam2.1_t", small)
+    monkeypatch.setitem(unsegment.models.MODELS, "sam2.1_t", small)
     torch.manual_seed(1)
-    model = uad.build_model("sam2.1_t")
+    model = unsegment.models.build_model("sam2.1_t")
     randomise_zeros(model.image_encoder)
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": model.state_dict()}, path)
@@ -108,13 +111,16 @@ def test_stage_tables_match_the_packages():
     from sam2.modeling.backbones.hieradet import Hiera
 
     default = inspect.signature(Hiera).parameters["stages"].default  # b+ leaves it unset
-    sam2_names = [n for n, spec in uad.MODELS.items() if spec.family == "sam2"]
-    assert sorted(sam2_names + ["mobile_sam"]) == sorted(uad.SURROGATE_STAGES)
+    sam2_names = [n for n, spec in unsegment.models.MODELS.items() if spec.family == "sam2"]
+    assert sorted(sam2_names + ["mobile_sam"]) == sorted(unsegment.models.SURROGATE_STAGES)
     for name in sam2_names:
-        trunk = compose(config_name=uad.MODELS[name].arch).model.image_encoder.trunk
-        assert tuple(trunk.get("stages", default)) == uad.SURROGATE_STAGES[name], name
+        trunk = compose(config_name=unsegment.models.MODELS[name].arch).model.image_encoder.trunk
+        assert tuple(trunk.get("stages", default)) == unsegment.models.SURROGATE_STAGES[name], name
     layers = tinyvit_sam(128).image_encoder.layers
-    assert tuple(len(stage.blocks) for stage in layers) == uad.SURROGATE_STAGES["mobile_sam"]
+    assert (
+        tuple(len(stage.blocks) for stage in layers)
+        == unsegment.models.SURROGATE_STAGES["mobile_sam"]
+    )
 
 
 class Stop(Exception):
@@ -142,8 +148,8 @@ def encoder_input(model, predict) -> torch.Tensor:
 def test_sam2_preprocessing_matches_its_image_predictor(sam2_128, name):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    model = uad.load_model("sam2.1_t", sam2_128)
-    pixels = uad.read_image(EXAMPLES / name).pixels
+    model = unsegment.models.load_model("sam2.1_t", sam2_128)
+    pixels = unsegment.images.read_image(EXAMPLES / name).pixels
     for size in (128, 1024):  # these photos are downscaled to 128, upscaled to 1024
         model.image_size = size
         theirs = encoder_input(model, lambda: SAM2ImagePredictor(model).set_image(pixels))
@@ -159,7 +165,7 @@ def test_mobile_sam_preprocessing_matches_its_predictor(name):
     from mobile_sam import SamPredictor, sam_model_registry
 
     sam = sam_model_registry["vit_t"]()
-    pixels = uad.read_image(EXAMPLES / name).pixels
+    pixels = unsegment.images.read_image(EXAMPLES / name).pixels
     theirs = encoder_input(sam, lambda: SamPredictor(sam).set_image(pixels))
     ours = uad.sam_input(uad.to_tensor(pixels), sam)
     grey_levels = ((ours - theirs) * sam.pixel_std).abs()
@@ -169,7 +175,7 @@ def test_mobile_sam_preprocessing_matches_its_predictor(name):
 
 
 def test_hiera_features_are_the_trunks_own_block_outputs_and_later_blocks_never_run(sam2_128):
-    model = uad.load_model("sam2.1_t", sam2_128)
+    model = unsegment.models.load_model("sam2.1_t", sam2_128)
     surrogate = uad.Surrogate.of(model, "sam2.1_t")
     assert isinstance(surrogate, uad.HieraSurrogate)
     config = uad.UADConfig(stage_layers=(0, 2, 3))
@@ -233,12 +239,12 @@ def test_sam_and_sam_hq_are_vit_surrogates_whose_features_are_their_encoders_own
 
     # SAM-HQ's decoder reads the output of the encoder's first global-attention block
     arch = {**TINY_ARCHS["vit_b"], "global_attn_indexes": (5,)}
-    monkeypatch.setattr(uad, "SAM_ARCHS", {**TINY_ARCHS, "vit_b": arch})
+    monkeypatch.setattr(unsegment.models, "SAM_ARCHS", {**TINY_ARCHS, "vit_b": arch})
     torch.manual_seed(3)
-    model = uad.build_model(name)
+    model = unsegment.models.build_model(name)
     randomise_zeros(model.image_encoder)
     torch.save(model.state_dict(), tmp_path / "sam.pth")
-    model = uad.load_model(name, tmp_path / "sam.pth")
+    model = unsegment.models.load_model(name, tmp_path / "sam.pth")
     surrogate = uad.Surrogate.of(model)
     assert isinstance(surrogate, uad.ViTSurrogate)
     image = uad.to_tensor(small_photo())
@@ -254,8 +260,10 @@ def test_mobile_sam_loads_through_load_model_as_a_tinyvit_surrogate(tmp_path):
     pytest.importorskip("timm", reason="timm (imported by mobile_sam) is not installed")
     pytest.importorskip("mobile_sam", reason="mobilesam-mirror is not installed")
     torch.manual_seed(4)
-    torch.save(uad.build_model("mobile_sam").state_dict(), tmp_path / "mobile_sam.pt")
-    surrogate = uad.Surrogate.of(uad.load_model("mobile_sam", tmp_path / "mobile_sam.pt"))
+    torch.save(unsegment.models.build_model("mobile_sam").state_dict(), tmp_path / "mobile_sam.pt")
+    surrogate = uad.Surrogate.of(
+        unsegment.models.load_model("mobile_sam", tmp_path / "mobile_sam.pt")
+    )
     assert isinstance(surrogate, uad.TinyViTSurrogate) and surrogate.input_size == 1024
     assert surrogate.blocks(uad.UADConfig()) == (4, 5, 6, 7)
 
@@ -279,7 +287,7 @@ def test_each_family_alone_moves_its_features_further_than_noise(sam2_128):
     image = uad.to_tensor(small_photo())
     config = uad.preset_config("no-fidelity", steps=4, deform_steps=2)
     noisy = uniform_noise(image, config.eps)
-    for model in (uad.load_model("sam2.1_t", sam2_128), tinyvit_sam(128)):
+    for model in (unsegment.models.load_model("sam2.1_t", sam2_128), tinyvit_sam(128)):
         surrogate = uad.Surrogate.of(model)
         adv, _, stats = uad.attack(image, surrogate, config)
         assert (stats.forwards, stats.backwards) == uad.encoder_passes(config)
@@ -292,7 +300,7 @@ def test_each_family_alone_moves_its_features_further_than_noise(sam2_128):
 
 
 def test_protect_takes_a_surrogate_or_a_list_and_averages_their_distances(tiny_sam, sam2_128):
-    sam2 = uad.load_model("sam2.1_t", sam2_128)
+    sam2 = unsegment.models.load_model("sam2.1_t", sam2_128)
     x = uad.to_tensor(small_photo())
     config = uad.preset_config("no-fidelity", steps=2, deform_steps=1)
     stats = uad.Stats()
@@ -311,7 +319,7 @@ def test_protect_takes_a_surrogate_or_a_list_and_averages_their_distances(tiny_s
 
 
 def test_layers_beyond_a_surrogate_are_an_error_naming_it(sam2_128):
-    surrogate = uad.Surrogate.of(uad.load_model("sam2.1_t", sam2_128), "sam2.1_t")
+    surrogate = uad.Surrogate.of(unsegment.models.load_model("sam2.1_t", sam2_128), "sam2.1_t")
     with pytest.raises(uad.UADError, match=r"stage_layers 0,9: sam2.1_t has blocks 0..8, counted"):
         uad.attack(uad.to_tensor(small_photo()), [surrogate], uad.UADConfig(stage_layers=(0, 9)))
 
@@ -341,12 +349,12 @@ def test_an_ensemble_of_sam_and_sam2_through_the_cli(cli, tiny_checkpoints, sam2
     assert outputs[0].read_bytes() == outputs[1].read_bytes()
 
     clean = uad.to_tensor(small_photo())
-    saved = uad.to_tensor(uad.read_image(outputs[0]).pixels)
+    saved = uad.to_tensor(unsegment.images.read_image(outputs[0]).pixels)
     assert 0 < (saved - clean).abs().max() * 255 <= 8 + 1e-4
     noisy = uniform_noise(clean, 8 / 255)
     config = uad.UADConfig()
     for name, path in [("vit_b", tiny_checkpoints["vit_b"]), ("sam2.1_t", sam2_128)]:
-        surrogate = uad.Surrogate.of(uad.load_model(name, path), name)
+        surrogate = uad.Surrogate.of(unsegment.models.load_model(name, path), name)
         with torch.no_grad():
             f = lambda x: surrogate.features(x, config)  # noqa: E731
             moved = uad.feature_distance(f(saved), f(clean)).item()
@@ -419,19 +427,27 @@ def test_surrogate_errors_are_one_line_before_any_model_loads(
 
 def test_forward_gflops_prices_vit_b_at_the_constant_and_grows_with_the_blocks(sam2_128):
     torch.manual_seed(0)
-    vit_b = uad.Surrogate.of(uad.build_sam("vit_b"))
-    assert uad.forward_gflops(vit_b, uad.UADConfig()) == pytest.approx(uad.CPU_PASS_GFLOPS, 1e-4)
-    hiera = uad.Surrogate.of(uad.load_model("sam2.1_t", sam2_128))
-    counts = [uad.forward_gflops(hiera, uad.UADConfig(stage_layers=(i,))) for i in range(4)]
+    vit_b = uad.Surrogate.of(unsegment.models.build_sam("vit_b"))
+    assert unsegment.cost.forward_gflops(vit_b, uad.UADConfig()) == pytest.approx(
+        unsegment.cost.CPU_PASS_GFLOPS, 1e-4
+    )
+    hiera = uad.Surrogate.of(unsegment.models.load_model("sam2.1_t", sam2_128))
+    counts = [
+        unsegment.cost.forward_gflops(hiera, uad.UADConfig(stage_layers=(i,))) for i in range(4)
+    ]
     assert 0 < counts[0] < counts[1] < counts[2] < counts[3]
-    one, both = (uad.cpu_estimate(uad.UADConfig(), g, 2) for g in (100.0, 200.0))
+    one, both = (unsegment.cost.cpu_estimate(uad.UADConfig(), g, 2) for g in (100.0, 200.0))
     assert both == pytest.approx(2 * one)
 
 
 def test_help_names_every_surrogate_and_says_sam_hq_needs_none(cli):
     code, out, _ = cli("--help", checkpoint=None)
     flat = " ".join(out.split())
-    names = [n for n, s in uad.MODELS.items() if s.family in uad.SURROGATE_FAMILIES]
+    names = [
+        n
+        for n, s in unsegment.models.MODELS.items()
+        if s.family in unsegment.models.SURROGATE_FAMILIES
+    ]
     assert code == 0 and len(names) == 12
     words = set(re.split(r"[\s,;()]+", flat))
     assert all(name in words for name in names), flat

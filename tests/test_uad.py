@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.images
+import unsegment.models
+import unsegment.progress
 from helpers import EXAMPLES, build_tiny_sam, small_photo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +166,7 @@ def test_preprocessing_matches_sam_predictor(name):
     sam = build_tiny_sam("vit_b")
     seen = {}
     sam.image_encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    pixels = uad.read_image(EXAMPLES / name).pixels
+    pixels = unsegment.images.read_image(EXAMPLES / name).pixels
     SamPredictor(sam).set_image(pixels)
     ours = uad.sam_input(uad.to_tensor(pixels), sam)
     grey_levels = ((ours - seen["x"]) * sam.pixel_std).abs()
@@ -248,13 +251,13 @@ def test_read_image_converts_every_colour_mode(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     with_exif.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
 
-    palette = uad.read_image(tmp_path / "palette.png")
+    palette = unsegment.images.read_image(tmp_path / "palette.png")
     assert palette.pixels.shape == (h, w, 3) and palette.alpha is None
-    cmyk = uad.read_image(tmp_path / "cmyk.tif")
+    cmyk = unsegment.images.read_image(tmp_path / "cmyk.tif")
     assert cmyk.pixels.shape == (h, w, 3) and np.abs(cmyk.pixels.astype(int) - rgb).mean() < 8
-    deep = uad.read_image(tmp_path / "deep.png")
+    deep = unsegment.images.read_image(tmp_path / "deep.png")
     assert deep.pixels.dtype == np.uint8 and np.array_equal(deep.pixels, grey)
-    rotated = uad.read_image(tmp_path / "rotated.jpg")
+    rotated = unsegment.images.read_image(tmp_path / "rotated.jpg")
     assert rotated.pixels.shape == (w, h, 3)
 
 
@@ -347,7 +350,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(uad.UADError, match="o.png: cannot write .No space left"):
-        uad.write_image(tmp_path / "o.png", Image.fromarray(small_photo()))
+        unsegment.images.write_image(tmp_path / "o.png", Image.fromarray(small_photo()))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -390,8 +393,8 @@ def test_missing_checkpoint_is_downloaded_verified_and_cached(
     source = tiny_checkpoints["vit_b"]
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (source.as_uri(), digest))
-    sam = uad.load_sam("vit_b", None, "cpu", quiet=True)
+    monkeypatch.setitem(unsegment.models.CHECKPOINT_URLS, "vit_b", (source.as_uri(), digest))
+    sam = unsegment.models.load_sam("vit_b", None, "cpu", quiet=True)
     assert sam.image_encoder.pos_embed.shape[-1] == 64
     cached = tmp_path / "cache" / source.name
     assert cached.read_bytes() == source.read_bytes()
@@ -403,19 +406,19 @@ def test_corrupt_download_is_rejected_and_not_kept(
 ):
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(
-        uad.CHECKPOINT_URLS, "vit_b", (tiny_checkpoints["vit_b"].as_uri(), "0" * 64)
+        unsegment.models.CHECKPOINT_URLS, "vit_b", (tiny_checkpoints["vit_b"].as_uri(), "0" * 64)
     )
     with pytest.raises(uad.UADError, match="SHA-256 mismatch"):
-        uad.load_sam("vit_b", None, "cpu", quiet=True)
+        unsegment.models.load_sam("vit_b", None, "cpu", quiet=True)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
     url = "http://127.0.0.1:9/sam_vit_b_01ec64.pth"  # the discard port: nothing listens
-    monkeypatch.setitem(uad.CHECKPOINT_URLS, "vit_b", (url, "0" * 64))
+    monkeypatch.setitem(unsegment.models.CHECKPOINT_URLS, "vit_b", (url, "0" * 64))
     with pytest.raises(uad.UADError) as e:
-        uad.load_sam("vit_b", None, "cpu", quiet=True)
+        unsegment.models.load_sam("vit_b", None, "cpu", quiet=True)
     assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
     assert f"download it by hand to {tmp_path / 'cache' / 'sam_vit_b_01ec64.pth'}" in str(e.value)
 
@@ -522,7 +525,7 @@ def test_bad_input_is_found_before_the_model_loads(cli, tmp_path, no_model, case
 def test_bomb_limit_names_the_flag_that_raises_it(tmp_path):
     png_header_only(tmp_path / "bomb.png", 30000, 30000)
     with pytest.raises(uad.UADError, match=r"pass --max-pixels 900000000 to process it"):
-        uad.read_image(tmp_path / "bomb.png")
+        unsegment.images.read_image(tmp_path / "bomb.png")
 
 
 def test_corrupt_checkpoints_are_one_short_line(tiny_archs, tiny_checkpoints, tmp_path):
@@ -532,7 +535,7 @@ def test_corrupt_checkpoints_are_one_short_line(tiny_archs, tiny_checkpoints, tm
     truncated.write_bytes(tiny_checkpoints["vit_b"].read_bytes()[:5000])
     for path, reason in [(text, "not a PyTorch file"), (truncated, "truncated or corrupt")]:
         with pytest.raises(uad.UADError) as e:
-            uad.load_sam("vit_b", path)
+            unsegment.models.load_sam("vit_b", path)
         message = str(e.value)
         assert message == f"{path}: not a readable PyTorch checkpoint ({reason})"
 
@@ -556,7 +559,7 @@ def test_every_output_format_is_exact_or_refused_before_the_attack(cli, tmp_path
         assert len(err.strip().splitlines()) == 1 and str(out) in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
         return
-    saved = uad.read_image(out).pixels.astype(int)
+    saved = unsegment.images.read_image(out).pixels.astype(int)
     linf = np.abs(saved - pixels).max()
     assert 0 < linf <= 8 or (fmt == "JPEG" and linf > 0), (fmt, linf)
 
@@ -565,7 +568,7 @@ def test_the_formats_people_use_are_written_and_gif_is_refused(cli, tmp_path):
     Image.fromarray(small_photo()).save(tmp_path / "in.png")
     for ext in (".png", ".tif", ".webp", ".bmp", ".jpg"):
         assert cli(tmp_path / "in.png", tmp_path / f"o{ext}", *FAST)[0] == 0, ext
-    webp = uad.read_image(tmp_path / "o.webp").pixels.astype(int)
+    webp = unsegment.images.read_image(tmp_path / "o.webp").pixels.astype(int)
     assert np.abs(webp - small_photo()).max() <= 8  # lossless WebP: exactly within eps
     assert cli(tmp_path / "in.png", tmp_path / "o.gif", *FAST)[0] != 0
 
@@ -643,7 +646,7 @@ def test_progress_eta_counts_the_first_step(monkeypatch):
     clock = iter([100.0, 100.0, 110.0, 120.0])
     monkeypatch.setattr(uad.time, "monotonic", lambda: next(clock))
     stream = io.StringIO()
-    progress = uad.Progress(stream=stream)
+    progress = unsegment.progress.Progress(stream=stream)
     progress("simulate", 0, 4)  # the stage starts at t = 100
     progress("simulate", 1, 4, 0.5)  # t = 110: 10 s a step, 3 steps left
     assert stream.getvalue().splitlines()[-1] == "simulate 1/4 loss +0.5000 eta 0:30"
@@ -701,7 +704,7 @@ def test_baselines_through_the_cli_are_within_eps_and_seeded(cli, tmp_path):
             )
             assert code == 0, err
             runs.setdefault(name, []).append(out.read_bytes())
-            diff = np.abs(uad.read_image(out).pixels.astype(int) - small_photo())
+            diff = np.abs(unsegment.images.read_image(out).pixels.astype(int) - small_photo())
             assert 0 < diff.max() <= 8
         assert runs[name][0] == runs[name][1], name
     assert runs["noise"][0] != runs["noise"][2]  # aa draws nothing: its seed changes nothing
@@ -724,4 +727,4 @@ def test_an_unreadable_file_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setattr(uad.Image, "open", denied)
     with pytest.raises(uad.UADError, match="locked.png: cannot be read .Permission denied."):
-        uad.read_image(tmp_path / "locked.png")
+        unsegment.images.read_image(tmp_path / "locked.png")

@@ -1,9 +1,9 @@
 """Every model family eval.py accepts, through its real package (segment_anything_hq, mobile_sam,
 sam2, ultralytics' FastSAM): random-init models from the package's own builders, saved as
-checkpoints the way the official ones are and loaded through uad.load_model, then scored end to
+checkpoints the way the official ones are and loaded through unsegment.models.load_model, then scored end to
 end by eval.py in both modes.
 
-Sizes are kept small where the builder allows it: SAM-HQ's ViTs take uad.SAM_ARCHS's shapes
+Sizes are kept small where the builder allows it: SAM-HQ's ViTs take unsegment.models.SAM_ARCHS's shapes
 (patched tiny here, as the other tests do), SAM 2's configs take hydra overrides (a four-stage
 Hiera of width 16), FastSAM is ultralytics' yolov8n-seg; MobileSAM's and HQ-tiny's TinyViT have
 fixed shapes, so they are the slow ones (a few seconds per image encoding). A test skips with
@@ -22,6 +22,7 @@ import torch
 
 import eval as ev
 import uad
+import unsegment.models
 from helpers import TINY_ARCHS, small_photo
 from test_eval import noisy, parse_table, save, two_objects, write_annotations
 
@@ -52,21 +53,25 @@ FEW = ["--points", "1", "--boxes", "1", "--max-masks", "1", "--quiet"]
 
 def require(name: str) -> None:
     """Skips the test, saying why, unless model `name`'s package and its imports are installed."""
-    for module in MODULES[uad.MODELS[name].family]:
-        why = f"{module} is not installed ({uad.MODELS[name].info.install})"
+    for module in MODULES[unsegment.models.MODELS[name].family]:
+        why = f"{module} is not installed ({unsegment.models.MODELS[name].info.install})"
         pytest.importorskip(module, reason=why)
-    uad.import_family(name)  # as eval.py imports it: for ultralytics, with its patches undone
+    unsegment.models.import_family(
+        name
+    )  # as eval.py imports it: for ultralytics, with its patches undone
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_variants():
-    """uad.SAM_ARCHS at tiny shapes with a global block, and every SAM 2 config with the tiny
+    """unsegment.models.SAM_ARCHS at tiny shapes with a global block, and every SAM 2 config with the tiny
     Hiera trunk, for the whole module (the builders read both)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(uad, "SAM_ARCHS", TINY_HQ_ARCHS)
-        for name, spec in uad.MODELS.items():
+        for name, spec in unsegment.models.MODELS.items():
             if spec.family == "sam2":
-                mp.setitem(uad.MODELS, name, dataclasses.replace(spec, overrides=TINY_HIERA))
+                mp.setitem(
+                    unsegment.models.MODELS, name, dataclasses.replace(spec, overrides=TINY_HIERA)
+                )
         yield
 
 
@@ -92,8 +97,8 @@ def save_checkpoint(name: str, path, seed: int) -> dict:
         torch.save({"model": model, "train_args": {"task": "segment"}}, path)
         return model.float().state_dict()
     torch.manual_seed(seed)
-    state = uad.build_model(name).state_dict()
-    nested = uad.MODELS[name].info.state_key  # SAM 2 nests its weights under "model"
+    state = unsegment.models.build_model(name).state_dict()
+    nested = unsegment.models.MODELS[name].info.state_key  # SAM 2 nests its weights under "model"
     torch.save({nested: state} if nested else state, path)
     return state
 
@@ -106,10 +111,14 @@ def checkpoints(tmp_path_factory):
 
     def get(name: str):
         if name not in paths:
-            suffix = ".pt" if uad.MODELS[name].family in ("sam2", "fastsam") else ".pth"
+            suffix = (
+                ".pt" if unsegment.models.MODELS[name].family in ("sam2", "fastsam") else ".pth"
+            )
             paths[name] = folder / f"random_{name}{suffix}"
             # a seed of its own, whatever the order the tests ask for checkpoints in
-            states[name] = save_checkpoint(name, paths[name], seed=list(uad.MODELS).index(name))
+            states[name] = save_checkpoint(
+                name, paths[name], seed=list(unsegment.models.MODELS).index(name)
+            )
         return paths[name]
 
     get.states = states
@@ -133,16 +142,17 @@ def models(checkpoints, *names) -> str:
 
 
 # -----------------------------------------------------------------------------------------------
-# Loading: every model name, through its package's builder and uad.load_weights
+# Loading: every model name, through its package's builder and unsegment.models.load_weights
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, s in uad.MODELS.items() if s.family != "sam" and s.family != "sam2"]
+    "name",
+    [n for n, s in unsegment.models.MODELS.items() if s.family != "sam" and s.family != "sam2"],
 )
 def test_every_model_loads_the_weights_it_was_saved_with(checkpoints, name):
     path = checkpoints(name)
-    model = uad.load_model(name, path)
-    module = uad.MODELS[name].info.module
+    model = unsegment.models.load_model(name, path)
+    module = unsegment.models.MODELS[name].info.module
     assert type(model).__module__.split(".")[0] == module
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     saved = checkpoints.states[name]
@@ -156,11 +166,11 @@ def test_sam2_models_load_from_their_own_configs(checkpoints):
     from hydra import compose
 
     for name in ("sam2_t", "sam2.1_t"):  # the two scored below; the others by their configs
-        model = uad.load_model(name, checkpoints(name))
+        model = unsegment.models.load_model(name, checkpoints(name))
         assert type(model).__name__ == "SAM2Base" and not model.training
         for key, tensor in model.state_dict().items():
             assert torch.equal(tensor, checkpoints.states[name][key]), key
-    for name, spec in uad.MODELS.items():
+    for name, spec in unsegment.models.MODELS.items():
         if spec.family == "sam2":  # every name is a config the installed package has
             trunk = compose(config_name=spec.arch).model.image_encoder.trunk
             assert trunk._target_ == "sam2.modeling.backbones.hieradet.Hiera", name
@@ -171,10 +181,10 @@ def test_loading_from_the_cache_downloads_the_official_file_name(
 ):
     path = checkpoints("sam2.1_t")
     monkeypatch.setenv("UNSEGMENT_CACHE", str(tmp_path / "cache"))
-    url, _ = uad.CHECKPOINT_URLS["sam2.1_t"]
+    url, _ = unsegment.models.CHECKPOINT_URLS["sam2.1_t"]
     assert url.endswith("/092824/sam2.1_hiera_tiny.pt")
-    monkeypatch.setitem(uad.CHECKPOINT_URLS, "sam2.1_t", (path.as_uri(), None))
-    uad.load_model("sam2.1_t", None, quiet=True)
+    monkeypatch.setitem(unsegment.models.CHECKPOINT_URLS, "sam2.1_t", (path.as_uri(), None))
+    unsegment.models.load_model("sam2.1_t", None, quiet=True)
     assert (tmp_path / "cache" / path.name).read_bytes() == path.read_bytes()
 
 
@@ -198,10 +208,10 @@ def test_a_checkpoint_of_another_family_is_refused_naming_what_is_extra(cli, che
     extra = set(checkpoints.states["hq_vit_tiny"]) - set(checkpoints.states["mobile_sam"])
     assert len(extra) == 25  # SAM-HQ's decoder: the HQ token, its MLPs and feature fusion
     assert f"checkpoint: {len(extra)} tensor(s)" in uad_error(
-        lambda: uad.load_model("mobile_sam", hq_tiny)
+        lambda: unsegment.models.load_model("mobile_sam", hq_tiny)
     )
     # the other way round: SAM 2's checkpoint lacks SAM 2.1's tensors
-    message = uad_error(lambda: uad.load_model("sam2.1_t", checkpoints("sam2_t")))
+    message = uad_error(lambda: unsegment.models.load_model("sam2.1_t", checkpoints("sam2_t")))
     assert "of sam2.1_t's tensor(s) missing (" in message
 
 
@@ -216,7 +226,7 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints, tmp_path
     state = dict(torch.load(checkpoints("sam2_t"), weights_only=True)["model"])
     state["obj_ptr_proj.layers.0.weight"] = torch.zeros(256, 128)
     torch.save({"model": state}, tmp_path / "bad.pt")
-    assert uad_error(lambda: uad.load_model("sam2_t", tmp_path / "bad.pt")) == (
+    assert uad_error(lambda: unsegment.models.load_model("sam2_t", tmp_path / "bad.pt")) == (
         f"{tmp_path / 'bad.pt'}: weights do not fit sam2_t: obj_ptr_proj.layers.0.weight is "
         "(256, 128) in the checkpoint, (256, 256) in the model"
     )
@@ -224,10 +234,10 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(checkpoints, tmp_path
 
 def test_a_shape_mismatch_in_a_sam_checkpoint_names_the_tensor_in_uad_too(tmp_path):
     torch.manual_seed(0)
-    state = uad.build_sam("vit_b").state_dict()  # tiny (this module's SAM_ARCHS)
+    state = unsegment.models.build_sam("vit_b").state_dict()  # tiny (this module's SAM_ARCHS)
     state["mask_decoder.iou_token.weight"] = torch.zeros(2, 256)
     torch.save(state, tmp_path / "bad.pth")
-    assert uad_error(lambda: uad.load_sam("vit_b", tmp_path / "bad.pth")) == (
+    assert uad_error(lambda: unsegment.models.load_sam("vit_b", tmp_path / "bad.pth")) == (
         f"{tmp_path / 'bad.pth'}: weights do not fit vit_b: mask_decoder.iou_token.weight is "
         "(2, 256) in the checkpoint, (1, 256) in the model"
     )
@@ -236,13 +246,13 @@ def test_a_shape_mismatch_in_a_sam_checkpoint_names_the_tensor_in_uad_too(tmp_pa
 @pytest.mark.parametrize("name", ["mobile_sam", "hq_vit_tiny"])
 def test_a_missing_timm_is_named_with_the_install_line(cli, tmp_path, monkeypatch, name):
     require(name)
-    package = uad.MODELS[name].info.module
+    package = unsegment.models.MODELS[name].info.module
     for module in [m for m in sys.modules if m.split(".")[0] in ("timm", package)]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "timm", None)  # the package is there, timm is not
     cat = save(tmp_path / "cat.png", small_photo((96, 64)))
     code, _, stderr = cli("--clean", cat, "--adv", cat, "--models", f"{name}=x.pt")
-    install = uad.MODELS[name].info.install
+    install = unsegment.models.MODELS[name].info.install
     assert code == 1 and stderr == (
         f"error: model {name} needs the timm package (imported by {package}), which is not "
         f"installed: {install}\n"
@@ -256,7 +266,7 @@ def test_a_missing_timm_is_named_with_the_install_line(cli, tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def fastsam(checkpoints):
-    return uad.load_model("fastsam", checkpoints("fastsam"))
+    return unsegment.models.load_model("fastsam", checkpoints("fastsam"))
 
 
 def test_fastsam_is_fed_the_colour_order_ultralytics_reads_files_in(fastsam, tmp_path):
@@ -316,7 +326,7 @@ def test_importing_fastsam_leaves_pil_and_torch_as_they_were(tmp_path):
 
     importlib.reload(ultralytics.utils.patches)  # patches Image.open and torch.save again
     assert Image.open.__module__ != "PIL.Image"
-    uad.import_family("fastsam")
+    unsegment.models.import_family("fastsam")
     assert Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(Image.UnidentifiedImageError):  # not an attempt to pip-install pi-heif
@@ -343,7 +353,9 @@ def pair(tmp_path_factory):
 
 
 def test_every_family_scores_in_annotation_mode(cli, checkpoints, pair, tmp_path):
-    available = [n for n in SCORED if all(map(installed, MODULES[uad.MODELS[n].family]))]
+    available = [
+        n for n in SCORED if all(map(installed, MODULES[unsegment.models.MODELS[n].family]))
+    ]
     if len(available) < len(SCORED):
         missing = sorted(set(SCORED) - set(available))
         pytest.skip(f"packages of {', '.join(missing)} are not installed")

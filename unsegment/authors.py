@@ -28,30 +28,28 @@ and resized. README.md, "Reproducing the
 paper's table", lists what still differs from their code.
 
     import uad
-    from benchmarks import authors          # or, from benchmarks/: import authors
+    from unsegment import authors
+    from unsegment.images import read_image
+    from unsegment.models import load_sam
+    from unsegment.progress import Progress
 
-    sam = uad.load_sam("vit_b", "sam_vit_b_01ec64.pth", device="cuda")
+    sam = load_sam("vit_b", "sam_vit_b_01ec64.pth", device="cuda")
     config = authors.authors_config()       # uad.UADConfig; overrides as keywords
-    x = uad.to_tensor(uad.read_image("in.jpg").pixels, "cuda")   # (1, C, H, W) in [0, 1]
-    result = authors.attack(x, sam, config, progress=uad.Progress())
+    x = uad.to_tensor(read_image("in.jpg").pixels, "cuda")   # (1, C, H, W) in [0, 1]
+    result = authors.attack(x, sam, config, progress=Progress())
     protected = uad.quantize(result.adv, x, config.eps)          # exactly within eps
 """
 
 import dataclasses
-import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import uad  # noqa: E402
-import warp_kernel  # noqa: E402
+import uad
+import warp_kernel
 
 # Their control loss weighs the spread across warps by 0.5 (Deformer.control_loss's
 # translation_lambda): rewarding warps that move differently from one another.

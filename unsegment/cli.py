@@ -1,0 +1,493 @@
+"""uad.py's command line: protect an image file, or a folder of them.
+
+    python uad.py IN OUT --eps 8        (or: unsegment IN OUT --eps 8)
+
+The flags of the attack are generated from uad.UADConfig's fields, in the CLI's units (1/255
+for eps, alpha and encoder-noise); everything that can be checked before a model loads is
+checked first, and every problem is one line on stderr and a non-zero exit.
+"""
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from PIL import Image
+
+import uad
+import warp_kernel
+from uad import (
+    PRESET_ALIASES,
+    PRESETS,
+    UADConfig,
+    UADError,
+    preset_config,
+    quantize,
+    to_pixels,
+    to_tensor,
+)
+from unsegment.cost import cpu_estimate, forward_gflops, native_bfloat16
+from unsegment.images import (
+    LOSSY_FORMATS,
+    MAX_PIXELS,
+    check_destination,
+    psnr,
+    read_image,
+    write_image,
+)
+from unsegment import models
+from unsegment.progress import Progress
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    new_folder: bool = False  # dst's folder is the output folder, created on the first write
+    fmt: str = ""  # PIL format of dst, from check_job
+    frames: int = 1  # frames or pages of src, from check_job
+    shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
+
+
+def jobs_for(src: Path, dst: Path) -> List[Job]:
+    """The jobs: one file, or every image file of a folder into another folder (made if new)."""
+    if not src.is_dir():
+        return [Job(src, dst / src.name if dst.is_dir() else dst)]
+    exts = Image.registered_extensions()
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise UADError(f"{src}: no image files in this folder")
+    if dst.exists() and not dst.is_dir():
+        raise UADError(f"{dst}: input is a folder, so the output must be a folder too")
+    if not dst.exists() and dst.suffix.lower() in exts:
+        raise UADError(f"{dst}: input is a folder, so the output must be a folder, not a file name")
+    return [Job(p, dst / p.name, new_folder=True) for p in files]
+
+
+def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
+    """Everything about one job that can be known before the model loads: the input decodes,
+    the output is not the input, its folder is writable and its format holds the result."""
+    if job.dst.resolve() == job.src.resolve() and not overwrite:
+        raise UADError(f"{job.dst}: output is the input file; pass --overwrite to replace it")
+    picture = read_image(job.src, max_pixels)
+    job.fmt = check_destination(job.dst, overwrite, picture.mode, job.new_folder)
+    job.frames = picture.frames
+    job.shape = (*picture.pixels.shape[:2], picture.pixels.ndim)
+
+
+def check_surrogates(args, config: UADConfig) -> List[tuple]:
+    """The surrogates to load, [(name, checkpoint or None), ...], from --surrogate or else
+    --model-type and --checkpoint; their packages, checkpoint files and the blocks forming f
+    (--layers, --stage-layers) checked against each one's depth, before any model loads."""
+    if args.surrogate is not None and (args.model_type or args.checkpoint):
+        raise UADError(
+            "--surrogate replaces --model-type and --checkpoint: name each checkpoint as "
+            "--surrogate NAME=PATH"
+        )
+    specs = args.surrogate or [(args.model_type or "vit_b", args.checkpoint)]
+    for name, checkpoint in specs:
+        models.import_family(name)
+        uad.check_layers(name, config, *models.encoder_depth(name), cli=True)
+        if checkpoint is not None:
+            models.check_checkpoint_file(checkpoint)
+    return specs
+
+
+def check_model(args, config: UADConfig, device: torch.device) -> List[tuple]:
+    """What can be known about the surrogates, the attack's inputs and the backends before
+    anything loads; returns the surrogates to load (see check_surrogates)."""
+    specs = check_surrogates(args, config)
+    if (config.method == "aa") != (args.target_image is not None):
+        raise UADError("--preset aa needs --target-image PATH, and only it takes one")
+    if args.target_image is not None:
+        read_image(args.target_image, args.max_pixels)
+    if config.impl in ("cpp", "cuda"):
+        wanted = "cpu" if config.impl == "cpp" else "cuda"
+        if device.type != wanted:
+            raise UADError(f"--impl {config.impl} runs on {wanted.upper()}, the device is {device}")
+        if not warp_kernel.backends()[config.impl]:
+            raise UADError(f"--impl {config.impl}: the warp_kernel extension is unavailable")
+    return specs
+
+
+def batches_of(jobs: List[Job], size: int) -> List[List[Job]]:
+    """The jobs in batches of at most `size` images of one shape (Job.shape), in the order of
+    their first job."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job.shape, []).append(job)
+    batches = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    order = {id(job): i for i, job in enumerate(jobs)}
+    return sorted(batches, key=lambda batch: order[id(batch[0])])
+
+
+def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress: Progress) -> list:
+    """Protects files of one shape as one batch: one attack on all of them, each image drawing
+    from its own generator, so that every file is what protecting it alone gives. Returns each
+    job's summary line, or the UADError that stopped it."""
+    results, pictures = [None] * len(jobs), {}
+    for i, job in enumerate(jobs):
+        try:
+            picture = read_image(job.src, args.max_pixels)
+            if (*picture.pixels.shape[:2], picture.pixels.ndim) != job.shape:
+                raise UADError(f"{job.src}: changed since it was checked")
+            pictures[i] = picture
+        except UADError as e:
+            results[i] = e
+    for i in pictures:
+        job = jobs[i]
+        if job.frames > 1:
+            progress.warn(f"{job.src}: only the first of its {job.frames} frames is protected")
+        if job.fmt in LOSSY_FORMATS:
+            progress.warn(
+                f"{job.dst}: {job.fmt} compression weakens the perturbation; "
+                "the figures below are of the decoded file"
+            )
+    if not pictures:
+        return results
+    device = surrogates[0].device
+    x = torch.cat([to_tensor(p.pixels, device) for p in pictures.values()])
+    target = None
+    if args.target_image is not None:
+        target = to_tensor(read_image(args.target_image, args.max_pixels).pixels, device)
+    adv, _, stats = uad.attack(x, surrogates, config, progress, target)
+    progress.end()
+    seconds = f"{stats.seconds:.1f} s" + (f" for a batch of {len(x)}" if len(x) > 1 else "")
+    for b, (i, picture) in enumerate(pictures.items()):
+        job, image = jobs[i], x[b : b + 1]
+        protected = quantize(adv[b : b + 1], image, config.eps)
+        try:
+            saved_picture = write_image(
+                job.dst,
+                dataclasses.replace(picture, pixels=to_pixels(protected)),
+                args.overwrite,
+                job.new_folder,
+            )
+        except UADError as e:
+            results[i] = e
+            continue
+        saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
+        with torch.no_grad():
+            f = lambda v: [s.features(v, config) for s in surrogates]  # noqa: E731
+            distance = uad.feature_distance(f(saved), f(image)).clamp_min(0).item()
+        linf = round((saved - image).abs().max().item() * 255)
+        ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), image.expand(-1, 3, -1, -1)).item()
+        results[i] = (
+            f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
+            f"feature distance {distance:.4f}, {seconds} ({args.preset} preset, "
+            f"{surrogate_names(surrogates)})"
+        )
+    return results
+
+
+def surrogate_names(surrogates) -> str:
+    """How lines name the surrogates: "surrogate vit_b", "surrogates vit_b + sam2.1_t"."""
+    return f"surrogate{'s' * (len(surrogates) > 1)} " + " + ".join(s.name for s in surrogates)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other input error
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def block_list(text: str) -> tuple:
+    """--layers: comma-separated 0-based block indices."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated block indices, e.g. 3,4,5,6"
+        ) from None
+
+
+def surrogate_list(text: str) -> List[tuple]:
+    """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, path or None), ...]."""
+    names = models.surrogate_names()
+    specs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, equals, path = item.partition("=")
+        if name == "hq_vit_tiny":
+            raise argparse.ArgumentTypeError(
+                f"{name}: Light HQ-SAM's encoder is a TinyViT of MobileSAM's architecture, "
+                "whose surrogate is mobile_sam"
+            )
+        if name.startswith("hq_") and name in models.MODELS:
+            raise argparse.ArgumentTypeError(
+                f"{name}: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is {name[3:]}"
+            )
+        if name == "fastsam":
+            raise argparse.ArgumentTypeError(
+                "fastsam: FastSAM is a YOLOv8 segmentation network with no SAM image encoder to "
+                "attack; it is an evaluation target (eval.py --models fastsam)"
+            )
+        if name not in names:
+            raise argparse.ArgumentTypeError(
+                f"unknown surrogate {name!r}; choose from {', '.join(names)}"
+            )
+        if name in (n for n, _ in specs):
+            raise argparse.ArgumentTypeError(f"{name} is named twice")
+        if equals and not path:
+            raise argparse.ArgumentTypeError(f"{item}: no checkpoint after '='")
+        specs.append((name, Path(path) if path else None))
+    if not specs:
+        raise argparse.ArgumentTypeError("names no surrogate")
+    return specs
+
+
+def surrogate_names_help() -> str:
+    """The --surrogate names by family: "vit_b, vit_l, vit_h (SAM); mobile_sam (MobileSAM); ..."."""
+    families = {}
+    for name in models.surrogate_names():
+        families.setdefault(models.MODELS[name].info.title, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({title})" for title, names in families.items())
+
+
+def positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
+
+
+def model_type(text: str) -> str:
+    if text not in models.SAM_ARCHS:
+        raise argparse.ArgumentTypeError(
+            f"unknown model type {text!r}; choose from {', '.join(models.SAM_ARCHS)}"
+        )
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
+    p.add_argument("input", type=Path, help="image file, or a folder of images")
+    p.add_argument("output", type=Path, help="output file (format from its extension), or folder")
+    p.add_argument(
+        "--preset",
+        default="paper",
+        choices=[*PRESETS, *PRESET_ALIASES],
+        help="paper (default): the live fidelity term, 242 encoder passes per image; "
+        "no-fidelity: L_F and the proxy loop off, 42 passes; reference: old name of no-fidelity; "
+        "baselines: aa (towards --target-image's features), noise (uniform noise)",
+    )
+    p.add_argument(
+        "--model-type",
+        default=None,
+        type=model_type,
+        metavar="{" + ",".join(models.SAM_ARCHS) + "}",
+        help="surrogate SAM v1 (default vit_b)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="SAM weights (.pth); default: the official file in $UNSEGMENT_CACHE "
+        "(~/.cache/unsegment), downloaded on first use",
+    )
+    p.add_argument(
+        "--surrogate",
+        type=surrogate_list,
+        default=None,
+        metavar="NAME[=PATH],..",
+        help="the surrogate(s), instead of --model-type and --checkpoint; several form an "
+        f"ensemble whose feature distances both stages average. NAME: {surrogate_names_help()}. "
+        "SAM-HQ needs none of its own: it keeps SAM's encoder frozen, so vit_b/l/h attack it "
+        "(hq_vit_tiny's is a TinyViT, as mobile_sam's). PATH: its checkpoint; without it, the "
+        "official file in the cache, downloaded on first use",
+    )
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"refuse larger images, against decompression bombs [{MAX_PIXELS}]",
+    )
+    p.add_argument(
+        "--target-image",
+        type=Path,
+        metavar="PATH",
+        help="the other image whose features the aa baseline pulls towards (--preset aa only)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--batch",
+        type=positive_count,
+        default=1,
+        metavar="N",
+        help="folder mode: attack up to N images of one size at once, each exactly as if alone "
+        "(faster on a GPU) [1]",
+    )
+    group = p.add_argument_group("attack settings (defaults are the paper preset's)")
+    for f in dataclasses.fields(UADConfig):
+        flag = "--" + f.name.replace("_", "-")
+        aliases = ["--input-noise"] if f.name == "encoder_noise" else []  # its old name
+        unit, default, choices = f.metadata["unit"], f.default, f.metadata["choices"]
+        if unit == 255:
+            shown = f"in 1/255 [{default * unit:g}]"
+        else:
+            shown = f"[{','.join(map(str, default)) if isinstance(default, tuple) else default}]"
+        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" {shown}")
+        if f.type is bool:
+            group.add_argument(flag, action="store_true", default=None, help=helptext)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, type=block_list, default=None, metavar="I,J,..", help=helptext)
+        else:
+            metavar = None if choices else "N" if type(default) is int else "X"
+            group.add_argument(
+                flag,
+                *aliases,
+                type=type(default),
+                default=None,
+                choices=choices,
+                metavar=metavar,
+                help=helptext,
+            )
+    return p
+
+
+def config_from_args(args) -> UADConfig:
+    overrides = {}
+    for f in dataclasses.fields(UADConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            overrides[f.name] = value / f.metadata["unit"] if f.metadata["unit"] != 1 else value
+    eps255 = overrides.get("eps", UADConfig.eps) * 255
+    if not 0 < eps255 <= 64:
+        raise UADError(f"--eps {eps255:g}: must be in (0, 64] (units of 1/255)")
+    if eps255 < 1:
+        raise UADError(
+            f"--eps {eps255:g}: below one grey level; --eps counts 1/255ths "
+            f"(--eps 8 is 8/255 = {8 / 255:.4f})"
+        )
+    if args.max_pixels < 1:
+        raise UADError(f"--max-pixels {args.max_pixels}: must be positive")
+    try:
+        return preset_config(args.preset, **overrides)
+    except UADError as e:  # name the flag, and its value in the flag's unit
+        name, _, rest = str(e).partition(" ")
+        f = {f.name: f for f in dataclasses.fields(UADConfig)}.get(name)
+        if f is not None and f.metadata["unit"] == 255 and name in overrides:
+            rest = f"{overrides[name] * 255:g}/255" + rest[rest.index(":") :]
+        raise UADError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surrogates) -> str:
+    """The line announcing the work, with what to expect on a CPU."""
+    preset = PRESET_ALIASES.get(args.preset, args.preset)
+    text = (
+        f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
+        f"{config.deform_steps} deformation + {config.steps} PGD steps, "
+        f"{surrogate_names(surrogates)} on {device}, seed {config.seed}, {len(jobs)} image(s)"
+        + (f" in batches of up to {args.batch}" if args.batch > 1 and len(jobs) > 1 else "")
+        + (f", the encoder sees {config.robust}" if config.robust else "")
+        + (f", towards the features of {args.target_image}" if args.target_image else "")
+    )
+    if device.type == "cpu":
+        gflops = sum(forward_gflops(s, config) for s in surrogates)
+        minutes = cpu_estimate(config, gflops, torch.get_num_threads()) / 60
+        forwards, backwards = uad.encoder_passes(config)
+        each = f" through each of the {len(surrogates)} surrogates" if len(surrogates) > 1 else ""
+        text += (
+            f"\nunsegment: on a CPU expect about {minutes:.0f} min per image ({forwards} encoder "
+            f"forwards, {backwards} backwards{each}; a plain estimate for a 2-core AVX-512 "
+            "machine)"
+        )
+        if preset == "paper":
+            fast = cpu_estimate(
+                preset_config("no-fidelity", dtype=config.dtype), gflops, torch.get_num_threads()
+            )
+            text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
+        else:
+            text += "; a CUDA GPU takes seconds"
+        if config.dtype == "float32" and native_bfloat16():
+            bf16 = dataclasses.replace(config, dtype="bfloat16")
+            text += (
+                f"; this CPU multiplies bfloat16 natively: --dtype bfloat16 takes about "
+                f"{cpu_estimate(bf16, gflops, torch.get_num_threads()) / 60:.0f} min"
+            )
+    return text
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (already printed as one line), or --help
+        return e.code
+    progress = Progress(quiet=args.quiet)
+    try:
+        config = config_from_args(args)
+        device = models.resolve_device(args.device)
+        specs = check_model(args, config, device)
+        jobs = jobs_for(args.input, args.output)
+        failures = 0
+        if len(jobs) == 1:  # a bad input or output fails before any model is loaded
+            check_job(jobs[0], args.overwrite, args.max_pixels)
+        else:
+            for job in list(jobs):
+                try:
+                    check_job(job, args.overwrite, args.max_pixels)
+                except UADError as e:
+                    progress.error(str(e))
+                    jobs.remove(job)
+                    failures += 1
+            if not jobs:
+                raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
+        surrogates = [
+            uad.Surrogate.of(models.load_model(name, checkpoint, device, quiet=args.quiet), name)
+            for name, checkpoint in specs
+        ]
+    except UADError as e:
+        progress.error(str(e))
+        return 1
+    if not args.quiet:
+        print(header(args, config, device, jobs, surrogates), file=sys.stderr)
+    order = {id(job): i for i, job in enumerate(jobs)}
+    unchecked, done, shown, lines = failures, 0, 0, {}  # lines are printed in the jobs' order
+    for batch in batches_of(jobs, args.batch):
+        progress.item(done, len(jobs), ", ".join(job.src.name for job in batch), len(batch))
+        try:
+            results = protect_files(batch, surrogates, config, args, progress)
+        except UADError as e:
+            results = [e] * len(batch)
+        except (torch.OutOfMemoryError, MemoryError):
+            hint = "a smaller --batch" if len(batch) > 1 else "a smaller image"
+            results = [
+                UADError(f"{job.src}: out of memory on {device}; try {hint}") for job in batch
+            ]
+        progress.end()
+        done += len(batch)
+        lines.update((order[id(job)], result) for job, result in zip(batch, results))
+        while shown in lines:
+            result = lines.pop(shown)
+            if isinstance(result, UADError):
+                failures += 1
+                progress.error(str(result))
+            else:
+                print(result, flush=True)
+            shown += 1
+    total = len(jobs) + unchecked
+    if total > 1:
+        print(f"{total - failures} protected, {failures} failed")
+    return 1 if failures else 0
+
+
+def run(argv=None) -> int:
+    """main, with Ctrl-C as one line and exit status 130 (the console script and uad.py)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())
