@@ -614,8 +614,8 @@ def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = F
 
 def segmenter_of(name: str, model, device) -> Segmenter:
     """The predictors and mask generators of model `name`'s package around a loaded `model`."""
-    family = unsegment.models.MODELS[name].family
-    if family == "sam2":
+    predictor = unsegment.models.MODELS[name].info.predictor
+    if predictor == "sam2":
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -624,7 +624,7 @@ def segmenter_of(name: str, model, device) -> Segmenter:
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
-    if family == "fastsam":
+    if predictor == "fastsam":
         return Segmenter(
             name,
             lambda: FastSAMPrompter(model, device),

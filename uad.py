@@ -92,7 +92,7 @@ class UADConfig:
         choices=("uad", "aa", "noise"),
     )
     # budget and stage 2 (feature simulation); images are in [0, 1]
-    eps: float = knob(8 / 255, "L-infinity budget, 1 to 64", unit=255, above=0)
+    eps: float = knob(8 / 255, "L-infinity budget", unit=255, above=0, at_most=64 / 255)
     alpha: float = knob(2 / 255, "PGD step size", unit=255, above=0)
     steps: int = knob(40, "PGD steps of stage 2", at_least=0)
     random_start: bool = knob(False, "start stage 2 from uniform noise in [-eps, eps]")
@@ -156,6 +156,8 @@ class UADConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UADError(f"{f.name} {value!r}: must be a finite number")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise UADError(f"{f.name} {value!r}: choose from {', '.join(meta['choices'])}")
             if meta["at_least"] is not None and not value >= meta["at_least"]:
@@ -164,7 +166,12 @@ class UADConfig:
                 raise UADError(f"{f.name} {value!r}: must be above {meta['above']}")
             if meta["at_most"] is not None and not value <= meta["at_most"]:
                 raise UADError(f"{f.name} {value!r}: must be at most {meta['at_most']}")
-        parse_robust(self.robust)
+        parse_robust(self.robust)  # raises UADError for a bad spec
+
+    @property
+    def publishing(self) -> tuple:
+        """`robust` parsed: ((kind, low, high), ...); parsed once per value (see parse_robust)."""
+        return parse_robust(self.robust)
         for name in ("layers", "stage_layers"):
             blocks = getattr(self, name)
             if not blocks or min(blocks) < 0:
@@ -404,7 +411,7 @@ def encoder_view(x: torch.Tensor, config: UADConfig, gen) -> torch.Tensor:
     image (`robust`), then Gaussian noise of std encoder_noise. The perturbation itself, and so
     the saved image, is neither. The reference code calls the noise option "DI"."""
     if config.robust:
-        x = publish(x, parse_robust(config.robust), gen)
+        x = publish(x, config.publishing, gen)
     if config.encoder_noise > 0:
         x = x + config.encoder_noise * draws(gen, x.shape, torch.randn).to(x.device)
     return x
@@ -901,6 +908,9 @@ class Surrogate:
 
     family = ""
     third_stage: Optional[int] = None  # first block of the third stage; None: a ViT
+    # the execution settings besides dtype whose non-default values its features honour
+    # ("attention", "compile"); a family refuses the others by name rather than ignore them
+    honours: tuple = ()
 
     def __init__(self, model, name: Optional[str] = None):
         self.model, self.name = model, name or self.family
@@ -911,16 +921,18 @@ class Surrogate:
         if isinstance(model, Surrogate):
             return model
         encoder = getattr(model, "image_encoder", None)
-        if hasattr(encoder, "trunk"):
-            return HieraSurrogate(model, name)
-        if hasattr(encoder, "layers"):
-            return TinyViTSurrogate(model, name)
-        if hasattr(encoder, "blocks"):
-            return ViTSurrogate(model, name)
+        for family in Surrogate.__subclasses__():  # every class below, each its own family
+            if family.fits(encoder):
+                return family(model, name)
         raise UADError(
             f"cannot use a {type(model).__name__} as a surrogate: expected a Segment Anything "
             "model (SAM, SAM-HQ, MobileSAM or SAM 2)"
         )
+
+    @staticmethod
+    def fits(encoder) -> bool:
+        """Whether a model with this image encoder is of the family."""
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -939,7 +951,22 @@ class Surrogate:
         return tuple(self.third_stage + i for i in config.stage_layers)
 
     def check(self, config: UADConfig) -> None:
+        """UADError unless the blocks and the execution settings `config` asks for fit."""
         check_layers(self.name, config, self.depth, self.third_stage)
+        self.check_settings(self.name, config)
+
+    @classmethod
+    def check_settings(cls, name: str, config: UADConfig, cli: bool = False) -> None:
+        """UADError naming the first setting of `config` that surrogate `name` (of this class)
+        cannot honour; cli: the error names the flag."""
+        asked = {"attention": config.attention != "sam", "compile": config.compile}
+        for setting in (s for s, on in asked.items() if on and s not in cls.honours):
+            label = f"--{setting}" if cli else setting
+            value = f" {config.attention}" if setting == "attention" else ""
+            raise UADError(
+                f"{label}{value}: surrogate {name} ({cls.family}) runs its package's own blocks; "
+                "only SAM v1 ViT surrogates take it"
+            )
 
     def features(self, x: torch.Tensor, config: UADConfig) -> List[torch.Tensor]:
         """f(x): the outputs of blocks(config) for images x (B, C, H, W) in [0, 1]."""
@@ -953,6 +980,12 @@ class ViTSurrogate(Surrogate):
     blocks 4-7 of ViT-B (0-based 3..6), each (B, 64, 64, width)."""
 
     family = "SAM ViT"
+
+    @staticmethod
+    def fits(encoder) -> bool:
+        return hasattr(encoder, "blocks")
+
+    honours = ("attention", "compile")
 
     @property
     def depth(self) -> int:
@@ -981,6 +1014,10 @@ class HieraSurrogate(Surrogate):
 
     family = "SAM 2 Hiera"
 
+    @staticmethod
+    def fits(encoder) -> bool:
+        return hasattr(encoder, "trunk")
+
     @property
     def input_size(self) -> int:
         return self.model.image_size
@@ -1007,6 +1044,10 @@ class TinyViTSurrogate(Surrogate):
     """
 
     family = "MobileSAM TinyViT"
+
+    @staticmethod
+    def fits(encoder) -> bool:
+        return hasattr(encoder, "layers")
 
     @property
     def third_stage(self) -> int:
@@ -1099,8 +1140,10 @@ JPEG_CHROMA = ((17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99
 ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0)}  # allowed parameter ranges
 
 
-def parse_robust(spec: str) -> list:
-    """Parses "jpeg:50-95,resize:0.5-1,none" into [(kind, low, high), ...]; UADError if bad."""
+@functools.lru_cache(maxsize=None)
+def parse_robust(spec: str) -> tuple:
+    """Parses "jpeg:50-95,resize:0.5-1,none" into ((kind, low, high), ...); UADError if bad.
+    Cached: a config's spec is parsed once, not at every PGD step."""
     items = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, values = item.partition(":")
@@ -1114,12 +1157,14 @@ def parse_robust(spec: str) -> list:
             low, high = float(low), float(high or low)
         except ValueError:
             raise UADError(f"robust {spec!r}: {item!r} has no number range") from None
+        if low > high:
+            raise UADError(f"robust {spec!r}: {item!r} is reversed; write {kind}:{high:g}-{low:g}")
         bottom, top = ROBUST_RANGES[kind]
         fits = bottom <= low <= high <= top if kind == "jpeg" else bottom < low <= high <= top
         if not fits:
             raise UADError(f"robust {spec!r}: {kind} takes values in {bottom:g}..{top:g}")
         items.append((kind, low, high))
-    return items
+    return tuple(items)
 
 
 def publish(x: torch.Tensor, kinds: list, gen) -> torch.Tensor:

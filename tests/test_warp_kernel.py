@@ -530,15 +530,17 @@ def test_import_never_builds(tmp_path):
 
 
 def test_wheel_ships_every_file_the_build_needs(tmp_path):
-    """setup.py's package_data against build.source_files(): a wheel built from a copy of the
-    project holds every source the extensions are compiled from, and every module."""
+    """setup.py's packages and package_data against the tree: a wheel built from a copy of the
+    project holds every source the extensions are compiled from, and every module of uad.py,
+    eval.py, warp_kernel and unsegment."""
     root = Path(warp_kernel.__file__).resolve().parent.parent
     src = tmp_path / "src"
     src.mkdir()
     for path in [*root.glob("*.py"), root / "README.md"]:
         shutil.copy(path, src / path.name)
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "build")
-    shutil.copytree(root / "warp_kernel", src / "warp_kernel", ignore=ignore)
+    for package in ("warp_kernel", "unsegment"):
+        shutil.copytree(root / package, src / package, ignore=ignore)
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     run = subprocess.run(
         [*command, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True
@@ -547,7 +549,9 @@ def test_wheel_ships_every_file_the_build_needs(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     needed = [p.relative_to(root).as_posix() for p in build.source_files()]
-    needed += [p.relative_to(root).as_posix() for p in (root / "warp_kernel").glob("*.py")]
+    for package in ("warp_kernel", "unsegment"):
+        needed += [p.relative_to(root).as_posix() for p in (root / package).glob("*.py")]
+    needed += ["uad.py", "eval.py"]
     assert not [name for name in needed if name not in shipped]
 
 

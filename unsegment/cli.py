@@ -91,6 +91,7 @@ def check_surrogates(args, config: UADConfig) -> List[tuple]:
     for name, checkpoint in specs:
         models.import_family(name)
         uad.check_layers(name, config, *models.encoder_depth(name), cli=True)
+        getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
         if checkpoint is not None:
             models.check_checkpoint_file(checkpoint)
     return specs

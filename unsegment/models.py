@@ -3,7 +3,8 @@
 MODEL_FAMILIES is the one table of families: where each comes from, how its predictor sees an
 image, its random-init builder, whether a uad Surrogate class attacks its encoder, and its
 models with their official checkpoints. MODELS and CHECKPOINT_URLS are derived from it. Adding a
-family is one entry here, plus, if it is to be a surrogate, one Surrogate class in uad.py.
+family is one entry here, plus, if it is to be a surrogate, the Surrogate class in uad.py that
+the entry names.
 
     from unsegment.models import load_model, load_sam, resolve_device
     sam = load_sam("vit_b", "sam_vit_b_01ec64.pth", device=resolve_device("auto"))
@@ -65,7 +66,7 @@ class Family:
     preprocessing: str  # what its predictor does to an (H, W, 3) uint8 RGB image
     build: Callable[[ModelSpec], torch.nn.Module]  # a random-init model, on the CPU
     models: Dict[str, ModelSpec] = field(default_factory=dict)
-    surrogate: bool = False  # a uad Surrogate class attacks its image encoder
+    surrogate: Optional[str] = None  # the uad Surrogate class that attacks its image encoder
     predictor: str = "sam"  # the API eval.py prompts: "sam" (SamPredictor), "sam2", "fastsam"
     state_key: Optional[str] = None  # official checkpoints nest the state dict under this key
 
@@ -135,7 +136,7 @@ MODEL_FAMILIES = {
         "pip install segment-anything",
         _SAM_PIXELS,
         build=lambda spec: build_sam(spec.arch),
-        surrogate=True,
+        surrogate="ViTSurrogate",
         models={
             "vit_b": ModelSpec(
                 "sam",
@@ -174,7 +175,7 @@ MODEL_FAMILIES = {
         "pip install mobilesam-mirror timm",
         _SAM_PIXELS,
         build=_build_tinyvit,
-        surrogate=True,
+        surrogate="TinyViTSurrogate",
         models={
             "mobile_sam": ModelSpec(
                 "mobile_sam",
@@ -192,7 +193,7 @@ MODEL_FAMILIES = {
         "resized to 1024 x 1024 (bilinear, aspect ratio not kept), [0, 1] scale normalised by "
         "the ImageNet mean and std",
         build=_build_sam2,
-        surrogate=True,
+        surrogate="HieraSurrogate",
         predictor="sam2",
         state_key="model",
         models={
