@@ -582,21 +582,7 @@ class Segmenter:
 
 def parse_models(text: str) -> List[Tuple[str, Optional[str]]]:
     """Parses --models: "vit_b=PATH,vit_h" -> [("vit_b", "PATH"), ("vit_h", None)]."""
-    specs = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, equals, path = item.partition("=")
-        if name not in unsegment.models.MODELS:
-            raise uad.UADError(
-                f"unknown model {name!r}; choose from {', '.join(unsegment.models.MODELS)}"
-            )
-        if name in (n for n, _ in specs):
-            raise uad.UADError(f"model {name!r} is listed twice in --models")
-        if equals and not path:
-            raise uad.UADError(f"--models {item}: no checkpoint after '='")
-        specs.append((name, path or None))
-    if not specs:
-        raise uad.UADError("--models names no model")
-    return specs
+    return unsegment.models.model_list(text, list(unsegment.models.MODELS), "model", "--models")
 
 
 def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:

@@ -194,14 +194,11 @@ def parse_attacks(text: str) -> List[str]:
 
 def attack_config(name: str, args) -> uad.UADConfig:
     """The config of attack `name` with the run's flags, checked as uad.py checks its own."""
-    flags = argparse.Namespace(**{f.name: None for f in dataclasses.fields(uad.UADConfig)})
-    for flag in ATTACK_FLAGS:
-        setattr(flags, flag, getattr(args, flag))
-    flags.seed, flags.max_pixels = args.seed, args.max_pixels
-    flags.preset = "paper" if name == "authors" else name
+    flags = {flag: getattr(args, flag) for flag in ATTACK_FLAGS}
+    flags["seed"] = args.seed
     if name == "authors":
-        vars(flags).update(authors.OVERRIDES)
-    return unsegment.cli.config_from_args(flags)
+        flags.update(authors.OVERRIDES)
+    return unsegment.cli.config_from_flags("paper" if name == "authors" else name, flags)
 
 
 def run_attack(name: str, x, sam, config, progress, target=None) -> uad.AttackResult:

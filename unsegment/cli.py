@@ -205,38 +205,31 @@ def block_list(text: str) -> tuple:
         ) from None
 
 
+def not_a_surrogate(name: str) -> Optional[str]:
+    """Why model `name` is no surrogate, for the models of the families without one."""
+    if name == "hq_vit_tiny":
+        return (
+            f"{name}: Light HQ-SAM's encoder is a TinyViT of MobileSAM's architecture, whose "
+            "surrogate is mobile_sam"
+        )
+    if name.startswith("hq_") and name in models.MODELS:
+        return f"{name}: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is {name[3:]}"
+    if name == "fastsam":
+        return (
+            "fastsam: FastSAM is a YOLOv8 segmentation network with no SAM image encoder to "
+            "attack; it is an evaluation target (eval.py --models fastsam)"
+        )
+    return None
+
+
 def surrogate_list(text: str) -> List[tuple]:
-    """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, path or None), ...]."""
-    names = models.surrogate_names()
-    specs = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, equals, path = item.partition("=")
-        if name == "hq_vit_tiny":
-            raise argparse.ArgumentTypeError(
-                f"{name}: Light HQ-SAM's encoder is a TinyViT of MobileSAM's architecture, "
-                "whose surrogate is mobile_sam"
-            )
-        if name.startswith("hq_") and name in models.MODELS:
-            raise argparse.ArgumentTypeError(
-                f"{name}: SAM-HQ keeps SAM's image encoder frozen, so its surrogate is {name[3:]}"
-            )
-        if name == "fastsam":
-            raise argparse.ArgumentTypeError(
-                "fastsam: FastSAM is a YOLOv8 segmentation network with no SAM image encoder to "
-                "attack; it is an evaluation target (eval.py --models fastsam)"
-            )
-        if name not in names:
-            raise argparse.ArgumentTypeError(
-                f"unknown surrogate {name!r}; choose from {', '.join(names)}"
-            )
-        if name in (n for n, _ in specs):
-            raise argparse.ArgumentTypeError(f"{name} is named twice")
-        if equals and not path:
-            raise argparse.ArgumentTypeError(f"{item}: no checkpoint after '='")
-        specs.append((name, Path(path) if path else None))
-    if not specs:
-        raise argparse.ArgumentTypeError("names no surrogate")
-    return specs
+    """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, Path or None), ...]."""
+    try:
+        specs = models.model_list(text, models.surrogate_names(), "surrogate")
+    except UADError as e:
+        name = str(e).partition("unknown surrogate '")[2].partition("'")[0]
+        raise argparse.ArgumentTypeError(not_a_surrogate(name) or str(e)) from None
+    return [(name, Path(path) if path else None) for name, path in specs]
 
 
 def surrogate_names_help() -> str:
@@ -356,11 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> UADConfig:
-    overrides = {}
-    for f in dataclasses.fields(UADConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            overrides[f.name] = value / f.metadata["unit"] if f.metadata["unit"] != 1 else value
+    if args.max_pixels < 1:
+        raise UADError(f"--max-pixels {args.max_pixels}: must be positive")
+    return config_from_flags(
+        args.preset, {f.name: getattr(args, f.name) for f in dataclasses.fields(UADConfig)}
+    )
+
+
+def config_from_flags(preset: str, flags: dict) -> UADConfig:
+    """The config of `preset` with attack flags {field: value in the flag's unit, None: the
+    preset's}; every error names the flag and gives its value in the flag's unit."""
+    units = {f.name: f.metadata["unit"] for f in dataclasses.fields(UADConfig)}
+    overrides = {
+        name: value / units[name] if units[name] != 1 else value
+        for name, value in flags.items()
+        if value is not None
+    }
     eps255 = overrides.get("eps", UADConfig.eps) * 255
     if not 0 < eps255 <= 64:
         raise UADError(f"--eps {eps255:g}: must be in (0, 64] (units of 1/255)")
@@ -369,14 +373,11 @@ def config_from_args(args) -> UADConfig:
             f"--eps {eps255:g}: below one grey level; --eps counts 1/255ths "
             f"(--eps 8 is 8/255 = {8 / 255:.4f})"
         )
-    if args.max_pixels < 1:
-        raise UADError(f"--max-pixels {args.max_pixels}: must be positive")
     try:
-        return preset_config(args.preset, **overrides)
+        return preset_config(preset, **overrides)
     except UADError as e:  # name the flag, and its value in the flag's unit
         name, _, rest = str(e).partition(" ")
-        f = {f.name: f for f in dataclasses.fields(UADConfig)}.get(name)
-        if f is not None and f.metadata["unit"] == 255 and name in overrides:
+        if units.get(name) == 255 and name in overrides:
             rest = f"{overrides[name] * 255:g}/255" + rest[rest.index(":") :]
         raise UADError(f"--{name.replace('_', '-')} {rest}") from None
 

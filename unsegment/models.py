@@ -240,6 +240,25 @@ def surrogate_names() -> list:
     return [n for n, spec in MODELS.items() if spec.info.surrogate]
 
 
+def model_list(text: str, known: Sequence[str], what: str, flag: str = "") -> list:
+    """Parses NAME[=PATH],... (the value of `flag`, which errors name) into [(name, path or
+    None), ...]; UADError for a name not in `known`, a name given twice, an empty path or no
+    name at all."""
+    prefix, specs = f"{flag}: " if flag else "", []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, equals, path = item.partition("=")
+        if name not in known:
+            raise UADError(f"unknown {what} {name!r}; choose from {', '.join(known)}")
+        if name in (n for n, _ in specs):
+            raise UADError(f"{prefix}{name} is named twice")
+        if equals and not path:
+            raise UADError(f"{prefix}{item}: no checkpoint after '='")
+        specs.append((name, path or None))
+    if not specs:
+        raise UADError(f"{prefix}names no {what}")
+    return specs
+
+
 def encoder_depth(name: str) -> Tuple[int, Optional[int]]:
     """(blocks, first block of the third stage or None for a ViT) of surrogate `name`'s encoder,
     known before it loads, to check --layers and --stage-layers."""
