@@ -1,92 +1,10 @@
 """Scores how well the Segment Anything family still segments protected (adversarial) images.
 
-    python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth,vit_h=sam_vit_h.pth \\
-        [--annotations DIR] [--out results.json] [--csv results.csv]
+    python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
-CLEAN and ADV are two image files, or two folders whose images pair up by file name: CLEAN/x.jpg
-pairs with ADV/x.jpg, else with the only ADV/x.* (so x.jpg may pair with the x.png an attack
-wrote). Each model is loaded once and scores every pair with the same prompts. Greyscale images
-are replicated to RGB; an alpha channel is ignored; of an animation or multi-page file only the
-first frame is scored (with a warning).
-
-Reference masks and prompts
-  Annotation mode, --annotations DIR (SA-1B per-image JSON, DIR/<clean stem>.json, COCO RLE): the
-    protocol of the paper's code. The first --max-masks (10) annotations are the objects (an
-    empty mask cannot be prompted and is skipped); the reference mask of a prompt is its
-    annotation's mask, and the clean image is scored too, as a baseline.
-  Otherwise (clean-reference mode) the objects are the masks that the first model's automatic mask
-    generator (SamAutomaticMaskGenerator; SAM2AutomaticMaskGenerator for SAM 2; FastSAM's
-    everything mode, which takes none of these flags) finds on the clean image with
-    --points-per-side, --pred-iou-thresh and --stability-score-thresh (SAM's defaults: 32, 0.88,
-    0.95; everything else at the generator's defaults); its cost grows with the square of
-    --points-per-side (--bench times it per model); empty masks are dropped, the rest sorted by
-    area, largest first, and the first --max-masks kept. If no mask passes the thresholds, the
-    generator runs again with both thresholds at 0 (every candidate that survives its NMS) and the
-    image's row says "automatic, unfiltered"; an image with no non-empty candidate at all is
-    reported and skipped. For every model, the reference mask of a prompt is that model's own
-    prediction on the clean image for the same prompt, so a clean image scored against itself gets
-    mIoU 100 and ASR 0.
-  Prompts, per object: --points (5) distinct pixels drawn uniformly inside its mask, as (x, y)
-    point prompts with label 1; --boxes (3) jittered copies of its bbox [x, y, w, h] (the
-    annotation's, or the mask's tight box, w = x_max - x_min + 1, as pycocotools computes it):
-    as in the paper's code, the jittered width is a whole number of pixels drawn uniformly in
-    [int(0.9 w), int(1.1 w)) (int(0.9 w) if that range is empty), likewise the height, the box
-    keeps the bbox's centre, and its corners are truncated to whole pixels and clipped to the
-    image: XYXY = (max(int(cx - w'/2), 0), max(int(cy - h'/2), 0), min(int(cx + w'/2), W - 1),
-    min(int(cy + h'/2), H - 1)). Prompts depend only on --seed and the clean file's stem: they
-    are identical for the clean and the adversarial image, for every model, and across runs.
-
-Scoring
-  Each prompt alone, predictor.predict(..., multimask_output=False). IoU = 100
-  |pred & ref| / |pred | ref| at the original resolution, 100 when both masks are empty, 0 for a
-  prompt that gets no mask. FastSAM, as the paper's code runs it: everything mode once per image
-  (the image in BGR, as ultralytics reads it; retina masks, imgsz = max(H, W), conf 0.4, iou 0.9),
-  then a point's mask is the union of every mask that contains it and a box's the one mask of
-  highest IoU with it (the rules of the authors' FastSAMPrompt); a point in no mask gets none. Per
-  model and prompt type (point, box, all), pooled over every prompt of every image: mIoU = mean IoU
-  (lower = stronger attack); ASR@50 = % of prompts with IoU < 50 and ASR@10 = % with IoU < 10 (the
-  paper's code counts IoU <= 50: on its data the two differ by at most 0.03 points); count = number
-  of prompts; in annotation mode also the clean image's mIoU. Image quality of each adversarial
-  image as scored (after --resize and --jpeg) against its clean twin: L-inf in 1/255, PSNR in dB
-  over all channels (null when the images are identical, and then left out of the mean), SSIM
-  (warp_kernel.ssim, mean over RGB).
-
-Publishing probes (applied in memory to the adversarial image only)
-  --resize S downscales it by S (PIL bicubic, antialiased), then --jpeg Q re-encodes it as JPEG at
-  quality Q, then it is scaled back to its original size (bicubic), so prompts and reference
-  masks stay at the original resolution. Scoring the clean folder against itself with the same
-  probe measures what the probe alone does.
-
-Outputs
-  A table on stdout; --out JSON (settings, summary, per-image rows with every prompt's IoU);
-  --csv one row per image x model x prompt type, plus rows with image "ALL" for the summary.
-  Both are written whole (through a temporary file) or not at all.
-
-Errors
-  Every input is read before any model loads. A bad pair (sizes differ, no adversarial twin,
-  unreadable or truncated image, one over --max-pixels, missing or corrupt annotation JSON) is
-  reported on stderr as one line and skipped; the others are still scored and written, and the
-  exit status is 1. Anything else (a flag's value, a device this machine lacks, a model whose
-  package or checkpoint file is missing, an --out or --csv that cannot be written or would
-  replace an input) is one line and a non-zero exit before any model loads, and nothing is
-  written; a checkpoint that is not a PyTorch file is found when its model loads.
-
-Models
-  vit_b, vit_l, vit_h (segment-anything), hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny (SAM-HQ),
-  mobile_sam (MobileSAM), sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+,
-  sam2.1_l (SAM 2), fastsam (FastSAM, through ultralytics; FastSAM-x.pt by default): each loaded
-  by unsegment.models.load_model, from NAME=PATH or, without it, the official checkpoint from the cache
-  (downloaded on first use). A checkpoint of another model (extra, missing or differently shaped
-  tensors) is refused, naming them. Every family but segment-anything needs its package: see
-  README.md's model table for the install commands (pip install '.[variants]' installs all).
-
-Cost
-  --bench [WxH] scores one synthetic image (default 2250x1500, SA-1B's size) in annotation mode,
-  with random-init weights of each --models model (no checkpoint needed: the arithmetic does not
-  depend on the weights), and prints seconds per image per model; then it times one run of the
-  model's automatic mask generator at --points-per-side with both thresholds at 0 (every
-  candidate kept), what clean-reference mode adds per image for the first model (twice when
-  nothing passes the thresholds).
+models: vit_b, vit_l, vit_h, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam, sam2_t,
+sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam (docs/models.md).
+The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
 
 import argparse
