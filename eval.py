@@ -512,7 +512,8 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
 
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
-    """Loads model `name` (a key of unsegment.models.MODELS, through unsegment.models.load_model), ready to predict."""
+    """Loads model `name` (a key of unsegment.models.MODELS, through its load_model), ready to
+    predict."""
     return segmenter_of(name, unsegment.models.load_model(name, checkpoint, device, quiet), device)
 
 

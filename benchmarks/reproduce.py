@@ -23,10 +23,11 @@ paper's are sa_1 to sa_1000 of sa_000000.tar). Stages, each resumable:
    model; RUN_DIR/table.json and table.csv with the settings, package versions, device, seed.
 
 Resuming: each protected image and each (model, image, attack) score is recorded in its own
-file under RUN_DIR/records/, written whole or not at all (unsegment.images.write_atomically), with the
-settings it was made with; a rerun skips what is recorded with the same settings and redoes the
-rest (a protected image deleted or changed, or a new attack, model or image). A bad image (it
-does not decode, its annotation file is missing or corrupt) is one line and is left out.
+file under RUN_DIR/records/, written whole or not at all (unsegment.images.write_atomically),
+with the settings it was made with; a rerun skips what is recorded with the same settings and
+redoes the rest (a protected image deleted or changed, or a new attack, model or image). A bad
+image (it does not decode, its annotation file is missing or corrupt) is one line and is left
+out.
 
 --cost runs the same pipeline on one synthetic SA-1B-sized image with random-init weights (the
 arithmetic does not depend on them) and prints the seconds per image of each stage.

@@ -497,7 +497,7 @@ def test_the_pace_on_the_progress_line_leaves_out_model_loading(
         clock.offset += 1000
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(uad, "time", clock)
+    monkeypatch.setattr(unsegment.progress, "time", clock)
     monkeypatch.setattr(ev, "load_segmenter", slow_load)
     cat = small_photo((96, 64))
     for name in ("a", "b"):

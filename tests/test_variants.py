@@ -66,7 +66,7 @@ def tiny_variants():
     """unsegment.models.SAM_ARCHS at tiny shapes with a global block, and every SAM 2 config with the tiny
     Hiera trunk, for the whole module (the builders read both)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uad, "SAM_ARCHS", TINY_HQ_ARCHS)
+        mp.setattr(unsegment.models, "SAM_ARCHS", TINY_HQ_ARCHS)
         for name, spec in unsegment.models.MODELS.items():
             if spec.family == "sam2":
                 mp.setitem(

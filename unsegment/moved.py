@@ -13,7 +13,9 @@ MOVED = {
         "load_weights build_model check_model_checkpoint read_ultralytics_checkpoint load_model "
         "load_sam resolve_device"
     ),
-    "unsegment.cost": "CPU_PASS_SECONDS CPU_PASS_GFLOPS forward_gflops cpu_estimate native_bfloat16",
+    "unsegment.cost": (
+        "CPU_PASS_SECONDS CPU_PASS_GFLOPS forward_gflops cpu_estimate native_bfloat16"
+    ),
     "unsegment.images": (
         "MAX_PIXELS read_image psnr LOSSY_FORMATS output_format check_format check_writable "
         "write_atomically check_destination write_image"
