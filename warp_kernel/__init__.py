@@ -11,8 +11,8 @@ Every op is differentiable. `impl` picks the backend:
            "auto" means, e.g. WARP_KERNEL_IMPL=torch never builds anything.
   "cuda"   the CUDA extension (float32/float64 CUDA tensors).
   "cpp"    the C++ extension (float32/float64 CPU tensors, OpenMP threads = torch.get_num_threads()).
-float16 and bfloat16 inputs are computed in float32 on every backend and returned in their dtype.
   "torch"  pure PyTorch (grid_sample + separable Gaussian convolutions), see warp_kernel.reference.
+float16 and bfloat16 inputs are computed in float32 on every backend and returned in their dtype.
 The extensions are compiled on first use (see warp_kernel.build); importing never builds and
 never fails. Asking for an unavailable backend by name raises RuntimeError with the reason;
 "auto" falls back to torch with one warning.
@@ -63,8 +63,9 @@ def backends():
     return {"torch": True, "cpp": cpp, "cuda": cuda}
 
 
-def _resolve(impl, device):
-    """The extension module to run on `device`, or None for the pure-PyTorch backend."""
+def _requested(impl):
+    """(the backend `impl` names once WARP_KERNEL_IMPL has said what "auto" means, and where
+    that name came from, for messages)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     source = f"impl={impl!r}"
@@ -73,6 +74,12 @@ def _resolve(impl, device):
         source = f"{IMPL_ENV}={impl!r}"
         if impl not in IMPLS:
             raise ValueError(f"{source} is not one of {IMPLS}")
+    return impl, source
+
+
+def _resolve(impl, device):
+    """The extension module to run on `device`, or None for the pure-PyTorch backend."""
+    impl, source = _requested(impl)
     if impl == "torch":
         return None
     if impl == "auto":
@@ -130,10 +137,9 @@ def _check_ssim_inputs(x, x_name, y, y_name, data_range):
         raise ValueError(f"data_range must be positive, got {data_range}")
 
 
-def _padding_code(padding):
+def _check_padding(padding):
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {tuple(PADDINGS)}, got {padding!r}")
-    return PADDINGS[padding]
 
 
 def flow_warp(img, flow, padding="border", impl="auto"):
@@ -153,13 +159,11 @@ def flow_warp(img, flow, padding="border", impl="auto"):
         (B, C, H, W) warped image, differentiable with respect to img and flow.
     """
     _check_flow(img, flow)
-    code = _padding_code(padding)
+    _check_padding(padding)
     if img.dtype in HALF_DTYPES:
         return flow_warp(img.float(), flow.float(), padding, impl).to(img.dtype)
     ext = _extension(impl, img.device.type)
-    if not ext:
-        return reference.flow_warp(img, flow, padding)
-    return torch.ops.warp_kernel.flow_warp(img.contiguous(), flow.contiguous(), code, ext)
+    return _flow_warp(img, flow, padding, ext)
 
 
 def ssim(x, y, data_range=1.0, impl="auto"):
@@ -183,12 +187,7 @@ def ssim(x, y, data_range=1.0, impl="auto"):
     if x.dtype in HALF_DTYPES:
         return ssim(x.float(), y.float(), data_range, impl).to(x.dtype)
     ext = _extension(impl, x.device.type)
-    if not ext:
-        return reference.ssim(x, y, float(data_range))
-    wants = _wants_grad(x, y)
-    return torch.ops.warp_kernel.ssim(
-        x.contiguous(), y.contiguous(), float(data_range), *wants, ext
-    )[0]
+    return _ssim(x, y, float(data_range), ext)
 
 
 def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
@@ -212,16 +211,44 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
     """
     _check_flow(img, flow)
     _check_ssim_inputs(img, "img", ref, "ref", data_range)
-    code = _padding_code(padding)
+    _check_padding(padding)
     if img.dtype in HALF_DTYPES:
         s, warped = warp_ssim(img.float(), flow.float(), ref.float(), padding, data_range, impl)
         return s.to(img.dtype), warped.to(img.dtype)
     ext = _extension(impl, img.device.type)
+    return _warp_ssim(img, flow, ref, padding, float(data_range), ext)
+
+
+# The ops behind the checks of the arguments: `ext` names the extension that runs them, "" the
+# pure-PyTorch backend.
+
+
+def _flow_warp(img, flow, padding, ext):
     if not ext:
-        return reference.warp_ssim(img, flow, ref, padding, float(data_range))
+        return reference.flow_warp(img, flow, padding)
+    code = PADDINGS[padding]
+    return torch.ops.warp_kernel.flow_warp(img.contiguous(), flow.contiguous(), code, ext)
+
+
+def _ssim(x, y, data_range, ext):
+    if not ext:
+        return reference.ssim(x, y, data_range)
+    wants = _wants_grad(x, y)
+    return torch.ops.warp_kernel.ssim(x.contiguous(), y.contiguous(), data_range, *wants, ext)[0]
+
+
+def _warp_ssim(img, flow, ref, padding, data_range, ext):
+    if not ext:
+        return reference.warp_ssim(img, flow, ref, padding, data_range)
     wants = _wants_grad(img, flow, ref)
     ssim_, warped = torch.ops.warp_kernel.warp_ssim(
-        img.contiguous(), flow.contiguous(), ref.contiguous(), code, float(data_range), *wants, ext
+        img.contiguous(),
+        flow.contiguous(),
+        ref.contiguous(),
+        PADDINGS[padding],
+        data_range,
+        *wants,
+        ext,
     )[:2]
     return ssim_, warped
 
