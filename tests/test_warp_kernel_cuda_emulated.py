@@ -45,7 +45,10 @@ def emu():
 
 @pytest.fixture
 def cuda(emu, monkeypatch):
-    """impl="cuda" runs the emulated extension, on CPU tensors."""
+    """impl="cuda" runs the emulated extension, on CPU tensors, without its self-check: these
+    tests check the kernels themselves, and count their launches (tests of the self-check are in
+    test_warp_kernel_self_check.py)."""
+    monkeypatch.setenv(warp_kernel.SELF_CHECK_ENV, "0")
     resolve = warp_kernel._resolve
     monkeypatch.setattr(
         warp_kernel,
