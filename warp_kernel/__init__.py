@@ -20,8 +20,8 @@ never fails. Asking for an unavailable backend by name raises RuntimeError with 
 The CUDA kernels check themselves (see warp_kernel.self_check): the first call of each op per
 dtype and device in a process first compares the kernel with the pure-PyTorch op on a small
 input, values and gradients. One that disagrees is replaced by the pure-PyTorch op for the rest
-of the process with one RuntimeWarning under "auto", and raises RuntimeError when "cuda" was
-asked for by name. The environment variable WARP_KERNEL_SELF_CHECK=0 turns the check off
+of the process with one RuntimeWarning (which says so where "cuda" was asked for by name). The
+environment variable WARP_KERNEL_SELF_CHECK=0 turns the check off
 (1, the default, keeps it); `python -m warp_kernel.check` runs with it off.
 
 The extension ops take contiguous NCHW inputs; the functions below make inputs contiguous.
@@ -308,11 +308,11 @@ def _checked(ext, op, impl, dtype, device):
     """`ext`, or "" (the pure-PyTorch backend) where `op` of the CUDA extension `ext` failed its
     self-check in `dtype` on `device` (see warp_kernel.self_check), which runs on the first call.
 
-    Under "auto" a failed check warns once and falls back: the caller asked for a result, and the
-    reference gives the right one. Where "cuda" was asked for by name (impl or WARP_KERNEL_IMPL)
-    every call raises instead, as for an extension that failed to build: that caller wants these
-    kernels (to time them, to compare them, to be sure of the speed it pays for), and a silent
-    substitute would time or compare something else under their name.
+    A failed check warns once and falls back, whether "cuda" was asked for by name (impl or
+    WARP_KERNEL_IMPL) or chosen by "auto": the caller asked for a result, and the reference gives
+    the right one, where raising would end an attack (or the command line that runs it) in a
+    traceback. The warning says where the kernel was asked for by name, so that a timing or a
+    comparison of "cuda" is not mistaken for one of the kernels.
 
     A constant to torch.compile, which calls it at trace time on real tensors, so the check is
     never part of a graph. Where the check cannot run (a trace with fake tensors, a CUDA graph
@@ -338,16 +338,12 @@ def _checked(ext, op, impl, dtype, device):
         f"the CUDA kernel of warp_kernel.{op} in {dtype_name} on {device} disagrees with the "
         f"pure-PyTorch op in its self-check: {why}"
     )
-    if named == "cuda":
-        raise RuntimeError(
-            f"{source}: {message}. impl='auto' would fall back to the pure-PyTorch op; "
-            f"{SELF_CHECK_ENV}=0 runs the kernel unchecked."
-        )
     if key not in _warned:
         _warned.add(key)
+        asked = f" although {source} asks for the kernel" if named == "cuda" else ""
         warnings.warn(
             f"warp_kernel: {message}; {op} runs the pure-PyTorch op (impl='torch') in {dtype_name} "
-            f"for the rest of this process. {SELF_CHECK_ENV}=0 turns the check off.",
+            f"for the rest of this process{asked}. {SELF_CHECK_ENV}=0 turns the check off.",
             RuntimeWarning,
             stacklevel=3,
         )
