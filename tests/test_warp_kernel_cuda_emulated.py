@@ -45,7 +45,10 @@ def emu():
 
 @pytest.fixture
 def cuda(emu, monkeypatch):
-    """impl="cuda" runs the emulated extension, on CPU tensors."""
+    """impl="cuda" runs the emulated extension, on CPU tensors, without its self-check: these
+    tests check the kernels themselves, and count their launches (tests of the self-check are in
+    test_warp_kernel_self_check.py)."""
+    monkeypatch.setenv(warp_kernel.SELF_CHECK_ENV, "0")
     resolve = warp_kernel._resolve
     monkeypatch.setattr(
         warp_kernel,
@@ -224,10 +227,11 @@ def test_emulated_size_guard(emu):
 
 
 def test_gpu_checks_run_on_the_emulation(cuda, monkeypatch):
-    """python -m warp_kernel.check's determinism and one-pixel checks, on small images: the
-    command stays tested, on the kernels it checks."""
+    """python -m warp_kernel.check's determinism, one-pixel and self-check checks, on small
+    images: the command stays tested, on the kernels it checks."""
     from warp_kernel import check
 
     monkeypatch.setattr(check, "DEVICE", "cpu")  # IMPL stays "cuda", which runs the emulation
     check.check_determinism((1, 2, 30, 33), runs=3)
     check.check_many_samples_on_one_pixel((1, 2, 23, 37))
+    check.check_self_check()

@@ -11,11 +11,18 @@ Every op is differentiable. `impl` picks the backend:
            "auto" means, e.g. WARP_KERNEL_IMPL=torch never builds anything.
   "cuda"   the CUDA extension (float32/float64 CUDA tensors).
   "cpp"    the C++ extension (float32/float64 CPU tensors, OpenMP threads = torch.get_num_threads()).
-float16 and bfloat16 inputs are computed in float32 on every backend and returned in their dtype.
   "torch"  pure PyTorch (grid_sample + separable Gaussian convolutions), see warp_kernel.reference.
+float16 and bfloat16 inputs are computed in float32 on every backend and returned in their dtype.
 The extensions are compiled on first use (see warp_kernel.build); importing never builds and
 never fails. Asking for an unavailable backend by name raises RuntimeError with the reason;
 "auto" falls back to torch with one warning.
+
+The CUDA kernels check themselves (see warp_kernel.self_check): the first call of each op per
+dtype and device in a process first compares the kernel with the pure-PyTorch op on a small
+input, values and gradients. One that disagrees is replaced by the pure-PyTorch op for the rest
+of the process with one RuntimeWarning (which says so where "cuda" was asked for by name). The
+environment variable WARP_KERNEL_SELF_CHECK=0 turns the check off
+(1, the default, keeps it); `python -m warp_kernel.check` runs with it off.
 
 The extension ops take contiguous NCHW inputs; the functions below make inputs contiguous.
 
@@ -27,6 +34,8 @@ Under torch.no_grad(), or with no input requiring grad, the forward computes the
 """
 
 import os
+import threading
+import warnings
 from typing import Tuple
 
 import torch
@@ -38,6 +47,10 @@ __all__ = ["backends", "flow_warp", "reference", "ssim", "warp_ssim"]
 PADDINGS = {"border": 0, "reflection": 1}
 IMPLS = ("auto", "cuda", "cpp", "torch")
 IMPL_ENV = "WARP_KERNEL_IMPL"
+SELF_CHECK_ENV = "WARP_KERNEL_SELF_CHECK"
+# The CUDA extension's module name, and the prefix of its CPU emulation's (warp_kernel.testing):
+# the modules whose ops check themselves.
+CUDA_MODULE = "warp_kernel_cuda"
 MIN_SSIM_SIZE = 2 * reference.RADIUS + 1
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32, returned in their dtype
 DTYPES = (torch.float32, torch.float64) + HALF_DTYPES
@@ -63,8 +76,9 @@ def backends():
     return {"torch": True, "cpp": cpp, "cuda": cuda}
 
 
-def _resolve(impl, device):
-    """The extension module to run on `device`, or None for the pure-PyTorch backend."""
+def _requested(impl):
+    """(the backend `impl` names once WARP_KERNEL_IMPL has said what "auto" means, and where
+    that name came from, for messages)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     source = f"impl={impl!r}"
@@ -73,6 +87,12 @@ def _resolve(impl, device):
         source = f"{IMPL_ENV}={impl!r}"
         if impl not in IMPLS:
             raise ValueError(f"{source} is not one of {IMPLS}")
+    return impl, source
+
+
+def _resolve(impl, device):
+    """The extension module to run on `device`, or None for the pure-PyTorch backend."""
+    impl, source = _requested(impl)
     if impl == "torch":
         return None
     if impl == "auto":
@@ -130,10 +150,9 @@ def _check_ssim_inputs(x, x_name, y, y_name, data_range):
         raise ValueError(f"data_range must be positive, got {data_range}")
 
 
-def _padding_code(padding):
+def _check_padding(padding):
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {tuple(PADDINGS)}, got {padding!r}")
-    return PADDINGS[padding]
 
 
 def flow_warp(img, flow, padding="border", impl="auto"):
@@ -153,13 +172,11 @@ def flow_warp(img, flow, padding="border", impl="auto"):
         (B, C, H, W) warped image, differentiable with respect to img and flow.
     """
     _check_flow(img, flow)
-    code = _padding_code(padding)
+    _check_padding(padding)
     if img.dtype in HALF_DTYPES:
         return flow_warp(img.float(), flow.float(), padding, impl).to(img.dtype)
-    ext = _extension(impl, img.device.type)
-    if not ext:
-        return reference.flow_warp(img, flow, padding)
-    return torch.ops.warp_kernel.flow_warp(img.contiguous(), flow.contiguous(), code, ext)
+    ext = _checked(_extension(impl, img.device.type), "flow_warp", impl, img.dtype, img.device)
+    return _flow_warp(img, flow, padding, ext)
 
 
 def ssim(x, y, data_range=1.0, impl="auto"):
@@ -182,13 +199,8 @@ def ssim(x, y, data_range=1.0, impl="auto"):
     _check_ssim_inputs(x, "x", y, "y", data_range)
     if x.dtype in HALF_DTYPES:
         return ssim(x.float(), y.float(), data_range, impl).to(x.dtype)
-    ext = _extension(impl, x.device.type)
-    if not ext:
-        return reference.ssim(x, y, float(data_range))
-    wants = _wants_grad(x, y)
-    return torch.ops.warp_kernel.ssim(
-        x.contiguous(), y.contiguous(), float(data_range), *wants, ext
-    )[0]
+    ext = _checked(_extension(impl, x.device.type), "ssim", impl, x.dtype, x.device)
+    return _ssim(x, y, float(data_range), ext)
 
 
 def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
@@ -212,16 +224,44 @@ def warp_ssim(img, flow, ref, padding="border", data_range=1.0, impl="auto"):
     """
     _check_flow(img, flow)
     _check_ssim_inputs(img, "img", ref, "ref", data_range)
-    code = _padding_code(padding)
+    _check_padding(padding)
     if img.dtype in HALF_DTYPES:
         s, warped = warp_ssim(img.float(), flow.float(), ref.float(), padding, data_range, impl)
         return s.to(img.dtype), warped.to(img.dtype)
-    ext = _extension(impl, img.device.type)
+    ext = _checked(_extension(impl, img.device.type), "warp_ssim", impl, img.dtype, img.device)
+    return _warp_ssim(img, flow, ref, padding, float(data_range), ext)
+
+
+# The ops behind the checks of the arguments: `ext` names the extension that runs them, "" the
+# pure-PyTorch backend. The self-check calls these too, with the extension and with "".
+
+
+def _flow_warp(img, flow, padding, ext):
     if not ext:
-        return reference.warp_ssim(img, flow, ref, padding, float(data_range))
+        return reference.flow_warp(img, flow, padding)
+    code = PADDINGS[padding]
+    return torch.ops.warp_kernel.flow_warp(img.contiguous(), flow.contiguous(), code, ext)
+
+
+def _ssim(x, y, data_range, ext):
+    if not ext:
+        return reference.ssim(x, y, data_range)
+    wants = _wants_grad(x, y)
+    return torch.ops.warp_kernel.ssim(x.contiguous(), y.contiguous(), data_range, *wants, ext)[0]
+
+
+def _warp_ssim(img, flow, ref, padding, data_range, ext):
+    if not ext:
+        return reference.warp_ssim(img, flow, ref, padding, data_range)
     wants = _wants_grad(img, flow, ref)
     ssim_, warped = torch.ops.warp_kernel.warp_ssim(
-        img.contiguous(), flow.contiguous(), ref.contiguous(), code, float(data_range), *wants, ext
+        img.contiguous(),
+        flow.contiguous(),
+        ref.contiguous(),
+        PADDINGS[padding],
+        data_range,
+        *wants,
+        ext,
     )[:2]
     return ssim_, warped
 
@@ -249,6 +289,65 @@ def _extension(impl, device_type):
         return ""
     _EXTENSIONS[ext.__name__] = ext
     return ext.__name__
+
+
+_checks_lock = threading.Lock()
+_verdicts = {}  # (extension, op, dtype, device) -> None if its self-check passed, else why not
+_warned = set()  # the keys of _verdicts whose failure has been reported
+
+
+def _self_check_enabled():
+    value = os.environ.get(SELF_CHECK_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{SELF_CHECK_ENV}={value!r} is not 0 (off) or 1 (on, the default)")
+    return value != "0"
+
+
+@torch.compiler.assume_constant_result
+def _checked(ext, op, impl, dtype, device):
+    """`ext`, or "" (the pure-PyTorch backend) where `op` of the CUDA extension `ext` failed its
+    self-check in `dtype` on `device` (see warp_kernel.self_check), which runs on the first call.
+
+    A failed check warns once and falls back, whether "cuda" was asked for by name (impl or
+    WARP_KERNEL_IMPL) or chosen by "auto": the caller asked for a result, and the reference gives
+    the right one, where raising would end an attack (or the command line that runs it) in a
+    traceback. The warning says where the kernel was asked for by name, so that a timing or a
+    comparison of "cuda" is not mistaken for one of the kernels.
+
+    A constant to torch.compile, which calls it at trace time on real tensors, so the check is
+    never part of a graph. Where the check cannot run (a trace with fake tensors, a CUDA graph
+    capture) the kernel is used unchecked and the next eager call checks it.
+    """
+    if not ext.startswith(CUDA_MODULE) or not _self_check_enabled():
+        return ext  # the cpp backend pays one string comparison
+    key = (ext, op, dtype, str(device))
+    if key not in _verdicts:
+        with _checks_lock:
+            if key not in _verdicts:
+                from . import self_check  # imports warp_kernel.build: not at import time
+
+                if not self_check.can_run(device):
+                    return ext
+                _verdicts[key] = self_check.run(op, ext, dtype, device)
+    why = _verdicts[key]
+    if why is None:
+        return ext
+    named, source = _requested(impl)
+    dtype_name = str(dtype).replace("torch.", "")
+    message = (
+        f"the CUDA kernel of warp_kernel.{op} in {dtype_name} on {device} disagrees with the "
+        f"pure-PyTorch op in its self-check: {why}"
+    )
+    if key not in _warned:
+        _warned.add(key)
+        asked = f" although {source} asks for the kernel" if named == "cuda" else ""
+        warnings.warn(
+            f"warp_kernel: {message}; {op} runs the pure-PyTorch op (impl='torch') in {dtype_name} "
+            f"for the rest of this process{asked}. {SELF_CHECK_ENV}=0 turns the check off.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ""
 
 
 def _defined(t, like):

@@ -13,10 +13,16 @@ past 2^31, the size guard, many samples landing on one pixel, and grids beyond 6
 Sized to finish, benchmark included, well within 5 minutes on a current GPU (it has not yet run
 on one: the tests run these kernels on CPU threads).
 
+The kernels are checked raw: the command sets WARP_KERNEL_SELF_CHECK=0, so that the self-check
+of first calls (warp_kernel.self_check) can neither replace a failing kernel nor change what is
+launched. check_self_check runs that self-check itself, which must pass on right kernels.
+
 Exit status 0 when every check passes or skips, 1 when one fails, 2 without a GPU or without the
 CUDA extension (one line says which).
 """
 
+import contextlib
+import os
 import sys
 import time
 import traceback
@@ -24,7 +30,7 @@ import traceback
 import torch
 
 import warp_kernel
-from warp_kernel import bench, build, cli
+from warp_kernel import bench, build, cli, self_check
 from warp_kernel.testing import (
     GRAD_CASES,
     assert_all_close,
@@ -92,6 +98,16 @@ def check_gradcheck():
         assert gc(
             lambda i, f, r, p=pad: warp_kernel.warp_ssim(i, f, r, p, impl=IMPL), (img, flow, ref)
         )
+
+
+def check_self_check():
+    """The self-check of first calls passes for every op and dtype: it must not replace right
+    kernels (its reference runs in float64 on the CPU, so TF32 and GPU libraries play no part)."""
+    ext = warp_kernel._extension(IMPL, DEVICE)
+    for op in self_check.OPS:
+        for dtype in (torch.float32, torch.float64):
+            why = self_check.run(op, ext, dtype, torch.device(DEVICE))
+            assert why is None, f"{op} in {dtype}: {why}"
 
 
 def check_determinism(shape=(2, 3, 256, 256), runs=10):
@@ -274,7 +290,7 @@ def check_errors():
 
 
 CHECKS = [
-    check_float32, check_float64, check_gradcheck, check_determinism,
+    check_float32, check_float64, check_gradcheck, check_self_check, check_determinism,
     check_many_samples_on_one_pixel, check_against_cpp, check_identities, check_large_images,
     check_side_stream, check_device_guard, check_batches_and_heights_beyond_65535,
     check_offsets_past_2_31, check_size_guard, check_errors,
@@ -290,6 +306,25 @@ def main(argv=None):
         "--json", metavar="FILE", type=cli.new_file, help="write the benchmark results as JSON"
     )
     args = parser.parse_args(argv)
+    with self_check_off():
+        return run_checks(args)
+
+
+@contextlib.contextmanager
+def self_check_off():
+    """WARP_KERNEL_SELF_CHECK=0 within the block, as it was after it: the raw kernels."""
+    previous = os.environ.get(warp_kernel.SELF_CHECK_ENV)
+    os.environ[warp_kernel.SELF_CHECK_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[warp_kernel.SELF_CHECK_ENV]
+        else:
+            os.environ[warp_kernel.SELF_CHECK_ENV] = previous
+
+
+def run_checks(args):
     if not torch.cuda.is_available():
         print("warp_kernel.check: no CUDA GPU visible; nothing to check.")
         return 2
