@@ -31,23 +31,15 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 import warp_kernel
 
 __all__ = [
-    # configuration
-    "UADConfig", "UADError", "PRESETS", "preset_config",
-    # stage 1 and stage 2
-    "deform", "simulate", "project",
-    # the attack and the library entry point
-    "attack", "AttackResult", "Stats", "quantize", "protect", "Picture", "to_picture",
-    "to_tensor", "to_pixels",
-    # surrogates
+    "UADConfig", "UADError", "PRESETS", "preset_config",  # configuration
+    "deform", "simulate", "project", "attack", "AttackResult", "Stats", "quantize", "protect",
+    "uint8_pixels", "to_tensor", "to_pixels",  # uint8 pixels as tensors and back
     "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "Ensemble",
-    "encoder_features", "feature_distance", "encoder_passes",
-    # publishing, differentiably
-    "jpeg", "resize_round_trip",
+    "encoder_features", "feature_distance", "encoder_passes", "jpeg", "resize_round_trip",
 ]  # fmt: skip
 
 
@@ -73,14 +65,9 @@ def knob(
     return field(default=default, metadata=meta)
 
 
-# How a SAM v1 ViT block's attention is computed; every choice gives the same features (within
-# float32 rounding) from the same weights. "sam": segment_anything's own Attention, which builds
-# the (tokens x tokens) attention matrix per head and adds the decomposed relative positions to
-# it. "sdpa": torch's fused scaled_dot_product_attention (flash kernels on CPU and CUDA, no
-# tokens x tokens tensor), the relative positions carried as extra query and key channels.
-# "sdpa-mask": the same call with the relative positions as an additive attention mask, which
-# is materialised (on CUDA the memory-efficient kernel differentiates it; on a CPU torch falls
-# back to its unfused attention when the mask needs a gradient).
+# How a SAM v1 ViT block's attention is computed, the same features from the same weights:
+# "sam", segment_anything's own; "sdpa", F.scaled_dot_product_attention with the relative
+# positions as extra channels; "sdpa-mask", as an additive mask (docs/performance.md).
 ATTENTIONS = ("sam", "sdpa", "sdpa-mask")
 
 
@@ -93,14 +80,18 @@ class UADConfig:
     )
     # budget and stage 2 (feature simulation); images are in [0, 1]
     eps: float = knob(8 / 255, "L-infinity budget", unit=255, above=0, at_most=64 / 255)
-    alpha: float = knob(2 / 255, "PGD step size", unit=255, above=0)
+    alpha: float = knob(2 / 255, "PGD step size", unit=255, above=0, at_most=1)
     steps: int = knob(40, "PGD steps of stage 2", at_least=0)
     random_start: bool = knob(False, "start stage 2 from uniform noise in [-eps, eps]")
     momentum: float = knob(
-        0.0, "MI-FGSM decay mu; 0 disables it (the reference's MI: 1)", at_least=0
+        0.0, "MI-FGSM decay mu; 0 disables it (the reference's MI: 1)", at_least=0, at_most=100
     )
     encoder_noise: float = knob(
-        0.0, "std of Gaussian noise on what the encoder sees (never on the output)", 255, at_least=0
+        0.0,
+        "std of Gaussian noise on what the encoder sees (never on the output)",
+        255,
+        at_least=0,
+        at_most=1,
     )
     robust: str = knob(
         "", "publishing the encoder sees at each PGD step, e.g. jpeg:50-95,resize:0.5-1,none"
@@ -115,13 +106,19 @@ class UADConfig:
     )
     # stage 1 (deformation)
     deform_steps: int = knob(40, "Adam steps on the flow fields", at_least=0)
-    deform_lr: float = knob(10.0, "Adam learning rate, pixels at SAM's 1024 input scale", above=0)
+    deform_lr: float = knob(
+        10.0, "Adam learning rate, pixels at SAM's 1024 input scale", above=0, at_most=1024
+    )
     num_flows: int = knob(4, "flow fields tiled into one mosaic flow (K)", at_least=1, at_most=16)
     control_points: int = knob(
         6, "each flow is a bicubic grid of P x P points", at_least=2, at_most=256
     )
-    init_std: float = knob(0.1, "initial displacement std, in control-grid blocks", at_least=0)
-    cell_size: float = knob(300.0, "side of a mosaic cell, pixels at the 1024 scale", above=0)
+    init_std: float = knob(
+        0.1, "initial displacement std, in control-grid blocks", at_least=0, at_most=256
+    )
+    cell_size: float = knob(
+        300.0, "side of a mosaic cell, pixels at the 1024 scale", above=0, at_most=1e6
+    )
     lambda_c: float = knob(0.05, "weight of the flow regulariser L_C", at_least=0)
     lambda_tv: float = knob(
         20.0, "lambda_1: total variation of the flow (local smoothness)", at_least=0
@@ -143,6 +140,7 @@ class UADConfig:
         0,
         "seed of every random draw (flow init, random start, encoder noise, robust), per image",
         at_least=0,
+        at_most=2**64 - 1,  # what torch.Generator.manual_seed takes
     )
     dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
     attention: str = knob(
@@ -474,6 +472,9 @@ def attack(
         s.check(config)
     if (config.method == "aa") != (target_image is not None):
         raise UADError("the aa baseline, and only it, takes a target image")
+    check_images(image)
+    if target_image is not None:
+        check_images(target_image, "target image")
     stats, start = Stats(), time.monotonic()
     surrogate = Ensemble(surrogates, config, stats)
     # one generator per image, each seeded with config.seed: an image draws the same numbers
@@ -503,6 +504,38 @@ def attack(
     stats.feature_distance = distance.tolist()
     stats.seconds = time.monotonic() - start
     return AttackResult(adv, target, stats)
+
+
+MIN_SIZE = 16  # the smallest side attacked: SSIM's 11 x 11 window, with room to warp
+
+
+def check_images(x: torch.Tensor, what: str = "image") -> None:
+    """UADError unless x (B, C, H, W) holds finite values in [0, 1] and is MIN_SIZE or larger."""
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_SIZE:
+        raise UADError(f"{what} is {w}x{h}, at least {MIN_SIZE}x{MIN_SIZE} needed")
+    if not torch.isfinite(x).all():
+        raise UADError(f"{what} holds NaN or infinite values")
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high > 1:
+        raise UADError(
+            f"{what} values run from {low:.4g} to {high:.4g}, not within [0, 1] "
+            "(uint8 values: divide by 255)"
+        )
+
+
+def cast_within(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor:
+    """adv (float32) in image's dtype and on its device, each value within eps of image's own
+    (not of its float32 copy): projected in float64, cast, and any value the cast rounded past
+    the budget moved by one step of the dtype towards the image."""
+    ref = image.double()
+    out = project(adv.to(image.device, torch.float64), ref, eps).to(image.dtype)
+    for _ in range(4):
+        over = (out.double() - ref).abs() > eps
+        if not over.any():
+            return out
+        out = torch.where(over, torch.nextafter(out, image), out)
+    return torch.where((out.double() - ref).abs() > eps, image, out)
 
 
 def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor:
@@ -537,8 +570,10 @@ def protect(
       target: the other image of the `aa` baseline, of the same kinds as `image`.
 
     Returns:
-      The protected image, of the same kind as `image`: a float tensor within eps of the input;
-      or uint8 pixels / a PIL image rounded onto the uint8 lattice, exactly within eps.
+      The protected image, of the same kind as `image`: a tensor of its dtype, each value within
+      eps of the input's in that dtype; or uint8 pixels / a PIL image rounded onto the uint8
+      lattice, exactly within eps. An image with values outside [0, 1], NaN, or a side under
+      MIN_SIZE is a UADError.
     """
     config = config or UADConfig()
     lattice = not isinstance(image, torch.Tensor)
@@ -558,91 +593,54 @@ def protect(
         if isinstance(target, torch.Tensor):
             target = target.to(device, torch.float32)
         else:
-            target = to_tensor(to_picture(target).pixels, device)
+            array = isinstance(target, np.ndarray)
+            target = to_tensor(
+                uint8_pixels(target) if array else pil_picture(target).pixels, device
+            )
         target = target.expand(-1, 3, -1, -1)
     if isinstance(image, torch.Tensor):
         if image.ndim != 4 or image.shape[1] not in (1, 3) or not image.is_floating_point():
             raise UADError(f"expected a float (B, 1 or 3, H, W) tensor, got {tuple(image.shape)}")
         adv, _, s = attack(image.to(device, torch.float32), surrogates, config, progress, target)
-        result = adv.to(image.device, image.dtype)
-    elif isinstance(image, (np.ndarray, Image.Image)):
-        picture = to_picture(image)
-        x = to_tensor(picture.pixels, device)
+        result = cast_within(adv, image, config.eps)
+    else:
+        picture = None if isinstance(image, np.ndarray) else pil_picture(image)
+        x = to_tensor(uint8_pixels(image) if picture is None else picture.pixels, device)
         adv, _, s = attack(x, surrogates, config, progress, target)
         pixels = to_pixels(quantize(adv, x, config.eps))
-        result = picture.to_pil(pixels) if isinstance(image, Image.Image) else pixels
-    else:
-        raise UADError(
-            f"cannot protect a {type(image).__name__}; pass a tensor, array or PIL image"
-        )
+        result = pixels if picture is None else picture.to_pil(pixels)
     if stats is not None:
         vars(stats).update(vars(s))
     return result
 
 
 # -----------------------------------------------------------------------------------------------
-# Arrays and PIL images, as protect takes and returns them
+# uint8 pixels as tensors and back
 
 
-@dataclass
-class Picture:
-    """A decoded image: the pixels we attack and what we carry through untouched."""
-
-    pixels: np.ndarray  # (H, W, 3) RGB or (H, W) grey, uint8
-    alpha: Optional[np.ndarray] = None  # (H, W) uint8, or None
-    icc_profile: Optional[bytes] = None  # the input's colour profile, when it fits the pixels
-    frames: int = 1  # frames or pages of the file; only the first is read
-
-    @property
-    def mode(self) -> str:
-        return ("L" if self.pixels.ndim == 2 else "RGB") + ("A" if self.alpha is not None else "")
-
-    def to_pil(self, pixels: Optional[np.ndarray] = None) -> Image.Image:
-        p = self.pixels if pixels is None else pixels
-        channels = p if self.alpha is None else np.dstack([p, self.alpha])
-        im = Image.fromarray(channels, self.mode)
-        if self.icc_profile:
-            im.info["icc_profile"] = self.icc_profile
-        return im
-
-
-GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
-
-
-def matching_profile(profile: Optional[bytes], mode: str) -> Optional[bytes]:
-    """The ICC profile if its colour space (header bytes 16-19) is that of our pixels, else None
-    (a CMYK file's profile does not describe the RGB we convert it to)."""
-    if not profile or len(profile) < 20:
-        return None
-    space = profile[16:20]
-    return profile if space == (b"GRAY" if mode.startswith("L") else b"RGB ") else None
-
-
-def to_picture(image) -> Picture:
-    """A uint8 array or PIL image as a Picture (RGB or grey pixels plus optional alpha)."""
-    if isinstance(image, Image.Image):
-        im = ImageOps.exif_transpose(image)
-        if im.mode == "P":
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        alpha = np.asarray(im.getchannel("A")) if im.mode in ALPHA_MODES else None
-        if im.mode.startswith("I") or im.mode == "F":  # 16-bit or float grey, scaled to 8 bits
-            a = np.asarray(im, dtype=np.float64)
-            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0 if a.max() > 255 else 255.0
-            pixels = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
-        else:
-            pixels = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
-        profile = matching_profile(
-            image.info.get("icc_profile"), "L" if pixels.ndim == 2 else "RGB"
-        )
-        return Picture(np.ascontiguousarray(pixels), alpha, profile)
+def uint8_pixels(image: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W, 3) or (H, W) array as it is ((H, W, 1) as (H, W)); UADError otherwise."""
     if image.dtype != np.uint8 or not (
         image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
     ):
         raise UADError(
             f"expected a uint8 (H, W, 3) or (H, W) array, got {image.dtype} {image.shape}"
         )
-    return Picture(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+
+
+def pil_picture(image):
+    """A PIL image as unsegment.images.to_picture decodes it (its modes, alpha and colour
+    profile); UADError for anything that is not an array or a PIL image."""
+    if not type(image).__module__.startswith("PIL."):
+        raise UADError(
+            f"cannot protect a {type(image).__name__}; pass a tensor, array or PIL image"
+        )
+    try:
+        from unsegment.images import to_picture
+    except ImportError:
+        raise UADError("PIL images need the unsegment package; pass np.asarray(image)") from None
+    return to_picture(image)
 
 
 def to_tensor(pixels: np.ndarray, device="cpu") -> torch.Tensor:
@@ -908,6 +906,7 @@ class Surrogate:
 
     family = ""
     third_stage: Optional[int] = None  # first block of the third stage; None: a ViT
+    encoder_has = ""  # the attribute of its image encoder that tells the family apart
     # the execution settings besides dtype whose non-default values its features honour
     # ("attention", "compile"); a family refuses the others by name rather than ignore them
     honours: tuple = ()
@@ -929,10 +928,10 @@ class Surrogate:
             "model (SAM, SAM-HQ, MobileSAM or SAM 2)"
         )
 
-    @staticmethod
-    def fits(encoder) -> bool:
+    @classmethod
+    def fits(cls, encoder) -> bool:
         """Whether a model with this image encoder is of the family."""
-        return False
+        return bool(cls.encoder_has) and hasattr(encoder, cls.encoder_has)
 
     @property
     def device(self) -> torch.device:
@@ -980,10 +979,7 @@ class ViTSurrogate(Surrogate):
     blocks 4-7 of ViT-B (0-based 3..6), each (B, 64, 64, width)."""
 
     family = "SAM ViT"
-
-    @staticmethod
-    def fits(encoder) -> bool:
-        return hasattr(encoder, "blocks")
+    encoder_has = "blocks"
 
     honours = ("attention", "compile")
 
@@ -1001,22 +997,12 @@ class HieraSurrogate(Surrogate):
     sam2_input (a square resize to image_size, ImageNet mean and std on [0, 1]). f: by default
     the outputs of the first four blocks of the third stage (config.stage_layers), at stride 16.
 
-    Why those: SAM v1's ViT works at stride 16 throughout, and the paper's f is an early-middle
-    stretch of it (blocks 4-7 of 12), before the later blocks specialise. Hiera reaches stride
-    16 in its third stage, which holds most of its blocks (7 of Hiera-T's 12, 36 of Hiera-L's
-    48) and feeds the stride-16 image embedding that SAM 2's mask decoder attends to (the
-    strides 4 and 8 reach it only as high-resolution skips). Its first four blocks are the
-    early-middle stretch at that stride, four like the paper's, and cheap: Hiera-T runs 7 of
-    12 blocks for them, Hiera-L 12 of 48. Which blocks transfer best is not measured here (no
-    trained checkpoint can be fetched on this project's machines); --stage-layers chooses
-    others.
+    Why those (the early-middle stretch at stride 16, as the paper's blocks 4-7 of ViT-B are):
+    docs/models.md; --stage-layers chooses others.
     """
 
     family = "SAM 2 Hiera"
-
-    @staticmethod
-    def fits(encoder) -> bool:
-        return hasattr(encoder, "trunk")
+    encoder_has = "trunk"
 
     @property
     def input_size(self) -> int:
@@ -1044,10 +1030,7 @@ class TinyViTSurrogate(Surrogate):
     """
 
     family = "MobileSAM TinyViT"
-
-    @staticmethod
-    def fits(encoder) -> bool:
-        return hasattr(encoder, "layers")
+    encoder_has = "layers"
 
     @property
     def third_stage(self) -> int:

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                 pixels = uad.to_pixels(uad.quantize(adv, image, eps))
                 saved_path = Path(folder) / f"{path.stem}-{dtype}.png"
                 saved_picture = unsegment.images.write_image(
-                    saved_path, uad.Picture(pixels), overwrite=True
+                    saved_path, unsegment.images.Picture(pixels), overwrite=True
                 )
                 saved = uad.to_tensor(saved_picture.pixels, device)
                 linf = round((saved - image).abs().max().item() * 255)

@@ -169,7 +169,7 @@ def test_the_attack_is_within_eps_on_the_saved_file_and_seeded(tiny_sam, tmp_pat
         assert (result.stats.forwards, result.stats.backwards) == authors.encoder_passes(config)
         path = tmp_path / f"{len(files)}.png"
         unsegment.images.write_image(
-            path, uad.Picture(uad.to_pixels(uad.quantize(result.adv, x, config.eps)))
+            path, unsegment.images.Picture(uad.to_pixels(uad.quantize(result.adv, x, config.eps)))
         )
         saved = unsegment.images.read_image(path).pixels.astype(int)
         assert 0 < np.abs(saved - clean.astype(int)).max() <= 8

@@ -1,12 +1,13 @@
 """Image files: reading any format PIL reads, writing exactly and atomically.
 
-read_image decodes a file into a uad.Picture (8-bit RGB or grey pixels, alpha and ICC profile
+read_image decodes a file into a Picture (8-bit RGB or grey pixels, alpha and ICC profile
 carried through); write_image saves one through a temporary file that is re-read and checked
 before it is renamed into place, so a file is written whole, holding exactly the pixels given,
 or not at all. Every problem is one uad.UADError line naming the file.
 """
 
 import dataclasses
+from dataclasses import dataclass
 import io
 import math
 import os
@@ -17,9 +18,65 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from uad import Picture, UADError, to_picture
+from uad import MIN_SIZE, UADError, uint8_pixels
+
+
+@dataclass
+class Picture:
+    """A decoded image: the pixels we attack and what we carry through untouched."""
+
+    pixels: np.ndarray  # (H, W, 3) RGB or (H, W) grey, uint8
+    alpha: Optional[np.ndarray] = None  # (H, W) uint8, or None
+    icc_profile: Optional[bytes] = None  # the input's colour profile, when it fits the pixels
+    frames: int = 1  # frames or pages of the file; only the first is read
+
+    @property
+    def mode(self) -> str:
+        return ("L" if self.pixels.ndim == 2 else "RGB") + ("A" if self.alpha is not None else "")
+
+    def to_pil(self, pixels: Optional[np.ndarray] = None) -> Image.Image:
+        p = self.pixels if pixels is None else pixels
+        channels = p if self.alpha is None else np.dstack([p, self.alpha])
+        im = Image.fromarray(channels, self.mode)
+        if self.icc_profile:
+            im.info["icc_profile"] = self.icc_profile
+        return im
+
+
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+def matching_profile(profile: Optional[bytes], mode: str) -> Optional[bytes]:
+    """The ICC profile if its colour space (header bytes 16-19) is that of our pixels, else None
+    (a CMYK file's profile does not describe the RGB we convert it to)."""
+    if not profile or len(profile) < 20:
+        return None
+    space = profile[16:20]
+    return profile if space == (b"GRAY" if mode.startswith("L") else b"RGB ") else None
+
+
+def to_picture(image) -> Picture:
+    """A uint8 array or PIL image as a Picture (RGB or grey pixels plus optional alpha)."""
+    if isinstance(image, Image.Image):
+        im = ImageOps.exif_transpose(image)
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        alpha = np.asarray(im.getchannel("A")) if im.mode in ALPHA_MODES else None
+        if im.mode.startswith("I") or im.mode == "F":  # 16-bit or float grey, scaled to 8 bits
+            a = np.asarray(im, dtype=np.float64)
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0 if a.max() > 255 else 255.0
+            pixels = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+        else:
+            pixels = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"))
+        profile = matching_profile(
+            image.info.get("icc_profile"), "L" if pixels.ndim == 2 else "RGB"
+        )
+        return Picture(np.ascontiguousarray(pixels), alpha, profile)
+    return Picture(uint8_pixels(image))
+
 
 # PIL's own limit against decompression bombs (about 9459 x 9459): beyond it, --max-pixels
 MAX_PIXELS = 89_478_485
@@ -68,8 +125,8 @@ def read_image(path, max_pixels: Optional[int] = MAX_PIXELS) -> Picture:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UADError(f"{path}: truncated or corrupt image ({e})") from None
     h, w = picture.pixels.shape[:2]
-    if min(h, w) < 16:
-        raise UADError(f"{path}: image is {w}x{h}, at least 16x16 needed")
+    if min(h, w) < MIN_SIZE:
+        raise UADError(f"{path}: image is {w}x{h}, at least {MIN_SIZE}x{MIN_SIZE} needed")
     picture.frames = frames
     return picture
 

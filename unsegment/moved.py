@@ -17,7 +17,7 @@ MOVED = {
         "CPU_PASS_SECONDS CPU_PASS_GFLOPS forward_gflops cpu_estimate native_bfloat16"
     ),
     "unsegment.images": (
-        "MAX_PIXELS read_image psnr LOSSY_FORMATS output_format check_format check_writable "
+        "Picture to_picture matching_profile GREY_MODES ALPHA_MODES MAX_PIXELS read_image psnr LOSSY_FORMATS output_format check_format check_writable "
         "write_atomically check_destination write_image"
     ),
     "unsegment.progress": "format_duration Progress",
