@@ -46,7 +46,7 @@ SUBPROCESS = f"""
 import sys, torch
 torch.set_num_threads(1)
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-import uad, helpers
+import uad, unsegment.models, helpers
 unsegment.models.SAM_ARCHS = {{**helpers.TINY_ARCHS, "vit_l": helpers.TINY_ARCHS["vit_b"]}}
 from benchmarks import reproduce
 protect_one = reproduce.protect_one
@@ -102,7 +102,7 @@ def run(args):
     """reproduce.main(args) in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uad, "SAM_ARCHS", ARCHS)
+        mp.setattr(unsegment.models, "SAM_ARCHS", ARCHS)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = reproduce.main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
