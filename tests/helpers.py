@@ -5,6 +5,8 @@ second. Tests save them as .pth checkpoints and load them through unsegment.mode
 real checkpoints take, with unsegment.models.SAM_ARCHS patched to the tiny shapes (see conftest.py).
 """
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from PIL import Image
 
 import unsegment.models
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+EXAMPLES = ROOT / "examples"
 
 # The same keys as unsegment.models.SAM_ARCHS, so every code path that names a model type works unchanged.
 TINY_ARCHS = {
@@ -38,3 +41,17 @@ def small_photo(size=(96, 64)) -> np.ndarray:
     """A real photo reduced to `size` (w, h), uint8 (h, w, 3): fast to attack in tests."""
     with Image.open(EXAMPLES / "chelsea.png") as im:
         return np.array(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels, with almost no data behind it."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
