@@ -25,8 +25,7 @@ from PIL import Image
 import uad
 import unsegment.images
 import unsegment.models
-from helpers import EXAMPLES, TINY_ARCHS, build_tiny_sam
-from test_eval import annotation, two_objects
+from helpers import EXAMPLES, TINY_ARCHS, annotation, build_tiny_sam, two_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
