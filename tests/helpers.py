@@ -8,8 +8,10 @@ code path real checkpoints take, with unsegment.models.SAM_ARCHS patched to the 
 conftest.py).
 """
 
+import importlib.util
 import json
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def small_photo(size=(96, 64)) -> np.ndarray:
     """A real photo reduced to `size` (w, h), uint8 (h, w, 3): fast to attack in tests."""
     with Image.open(EXAMPLES / "chelsea.png") as im:
         return np.array(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def load_script(path: str):
+    """The repository's script at `path` (e.g. "benchmarks/reproduce.py") imported as a module
+    named after its file: benchmarks/ holds scripts, not a package, so nothing goes on sys.path."""
+    file = ROOT / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses and pickle look a class's module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
