@@ -1,21 +1,32 @@
-"""Helpers shared by the tests: tiny random-init SAM models and small real photos.
+"""Helpers shared by the tests (fixtures are in conftest.py): tiny random-init SAM models, small
+real photos, SA-1B-style annotations and eval.py's printed table, and benchmark scripts loaded as
+modules.
 
 A real ViT-B takes about 14 s per forward pass at 1024 on two cores; these take a fraction of a
-second. Tests save them as .pth checkpoints and load them through unsegment.models.load_sam, the code path
-real checkpoints take, with unsegment.models.SAM_ARCHS patched to the tiny shapes (see conftest.py).
+second. Tests save them as .pth checkpoints and load them through unsegment.models.load_sam, the
+code path real checkpoints take, with unsegment.models.SAM_ARCHS patched to the tiny shapes (see
+conftest.py).
 """
 
+import importlib.util
+import json
+import struct
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+import eval as ev
 import unsegment.models
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+EXAMPLES = ROOT / "examples"
 
-# The same keys as unsegment.models.SAM_ARCHS, so every code path that names a model type works unchanged.
+# The same keys as unsegment.models.SAM_ARCHS, so every code path that names a model type works
+# unchanged.
 TINY_ARCHS = {
     "vit_b": dict(embed_dim=64, depth=8, num_heads=2, global_attn_indexes=()),
     "vit_l": dict(embed_dim=96, depth=8, num_heads=2, global_attn_indexes=()),
@@ -38,3 +49,104 @@ def small_photo(size=(96, 64)) -> np.ndarray:
     """A real photo reduced to `size` (w, h), uint8 (h, w, 3): fast to attack in tests."""
     with Image.open(EXAMPLES / "chelsea.png") as im:
         return np.array(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def load_script(path: str):
+    """The repository's script at `path` (e.g. "benchmarks/reproduce.py") imported as a module
+    named after its file: benchmarks/ holds scripts, not a package, so nothing goes on sys.path."""
+    file = ROOT / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses and pickle look a class's module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels, with almost no data behind it."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    )
+
+
+# -----------------------------------------------------------------------------------------------
+# For eval.py and the scripts around it: a COCO RLE encoder (the inverse of what eval.py decodes),
+# SA-1B-style annotation files, images, and eval.py's printed table read back
+
+
+def encode_runs(mask: np.ndarray) -> list:
+    """Run lengths of an (H, W) bool mask in column-major order, starting with background."""
+    flat = mask.flatten(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat.size and flat[0] else runs
+
+
+def encode_string(runs: list) -> str:
+    """COCO's compressed counts string, written from the description of pycocotools' rleToString."""
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: negative numbers end at -1
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(c + (0x20 if more else 0) + 48))
+    return "".join(out)
+
+
+def annotation(mask: np.ndarray, compressed: bool = True) -> dict:
+    runs = encode_runs(mask)
+    bbox = list(ev.mask_bbox(mask)) if mask.any() else [0, 0, 0, 0]
+    counts = encode_string(runs) if compressed else runs
+    return {"segmentation": {"size": list(mask.shape), "counts": counts}, "bbox": bbox}
+
+
+def write_annotations(path: Path, masks, compressed=True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    anns = [annotation(m, compressed) for m in masks]
+    path.write_text(json.dumps({"image": {"file_name": path.stem}, "annotations": anns}))
+    return path
+
+
+def two_objects(h=64, w=96):
+    """A rectangle and an L shape, the kind of masks SA-1B annotates."""
+    rect = np.zeros((h, w), bool)
+    rect[10:40, 20:60] = True
+    ell = np.zeros((h, w), bool)
+    ell[30:60, 65:75] = True
+    ell[50:60, 65:90] = True
+    return rect, ell
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def noisy(pixels: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, std, pixels.shape)
+    return np.clip(pixels + noise, 0, 255).astype(np.uint8)
+
+
+def parse_table(stdout: str) -> dict:
+    """{(model, prompts): [count, mIoU, ASR@50, ASR@10, ...]} from the printed table."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    table = {}
+    for line in lines[head + 1 :]:
+        cells = line.split()
+        if len(cells) < 6 or cells[1] not in ("point", "box", "all"):
+            break
+        table[(cells[0], cells[1])] = [float(c) for c in cells[2:]]
+    return table

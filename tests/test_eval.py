@@ -13,86 +13,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import eval as ev
 import uad
 import unsegment.models
 import unsegment.progress
-from helpers import EXAMPLES, build_tiny_sam, small_photo
+from helpers import (
+    EXAMPLES,
+    ROOT,
+    annotation,
+    encode_runs,
+    encode_string,
+    noisy,
+    parse_table,
+    save,
+    small_photo,
+    two_objects,
+    write_annotations,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 # few prompts and a 3x3 generator grid keep one scored image to a few seconds on one core
 FAST = ["--points", "2", "--boxes", "1", "--max-masks", "2", "--quiet"]
 OPEN_GENERATOR = "--points-per-side 3 --pred-iou-thresh 0 --stability-score-thresh 0".split()
 
 
 # -----------------------------------------------------------------------------------------------
-# helpers: a COCO RLE encoder (the inverse of what eval.py decodes), images, running the CLI
-
-
-def encode_runs(mask: np.ndarray) -> list:
-    """Run lengths of an (H, W) bool mask in column-major order, starting with background."""
-    flat = mask.flatten(order="F").astype(np.int8)
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return [0] + runs if flat.size and flat[0] else runs
-
-
-def encode_string(runs: list) -> str:
-    """COCO's compressed counts string, written from the description of pycocotools' rleToString."""
-    out = []
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift: negative numbers end at -1
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr(c + (0x20 if more else 0) + 48))
-    return "".join(out)
-
-
-def save(path: Path, pixels: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def noisy(pixels: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
-    noise = np.random.default_rng(seed).normal(0, std, pixels.shape)
-    return np.clip(pixels + noise, 0, 255).astype(np.uint8)
+# helpers: images, running the CLI (the COCO RLE encoder and the annotations are in helpers.py)
 
 
 def photo(name: str, size=(96, 64)) -> np.ndarray:
     with Image.open(EXAMPLES / name) as im:
         return np.array(im.convert("RGB").resize(size, Image.BILINEAR))
-
-
-def annotation(mask: np.ndarray, compressed: bool = True) -> dict:
-    runs = encode_runs(mask)
-    bbox = list(ev.mask_bbox(mask)) if mask.any() else [0, 0, 0, 0]
-    counts = encode_string(runs) if compressed else runs
-    return {"segmentation": {"size": list(mask.shape), "counts": counts}, "bbox": bbox}
-
-
-def write_annotations(path: Path, masks, compressed=True) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    anns = [annotation(m, compressed) for m in masks]
-    path.write_text(json.dumps({"image": {"file_name": path.stem}, "annotations": anns}))
-    return path
-
-
-def two_objects(h=64, w=96):
-    """A rectangle and an L shape, the kind of masks SA-1B annotates."""
-    rect = np.zeros((h, w), bool)
-    rect[10:40, 20:60] = True
-    ell = np.zeros((h, w), bool)
-    ell[30:60, 65:75] = True
-    ell[50:60, 65:90] = True
-    return rect, ell
 
 
 @pytest.fixture
@@ -407,19 +359,6 @@ def test_clean_reference_objects_largest_first_with_an_unfiltered_fallback():
 
 # -----------------------------------------------------------------------------------------------
 # End to end, clean-reference mode
-
-
-def parse_table(stdout: str) -> dict:
-    """{(model, prompts): [count, mIoU, ASR@50, ASR@10, ...]} from the printed table."""
-    lines = stdout.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("model"))
-    table = {}
-    for line in lines[head + 1 :]:
-        cells = line.split()
-        if len(cells) < 6 or cells[1] not in ("point", "box", "all"):
-            break
-        table[(cells[0], cells[1])] = [float(c) for c in cells[2:]]
-    return table
 
 
 def test_clean_reference_mode_self_scores_100_and_noise_scores_lower(

@@ -22,15 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-import uad
 import unsegment.images
 import unsegment.models
-from helpers import EXAMPLES, TINY_ARCHS, build_tiny_sam
-from test_eval import annotation, two_objects
+from helpers import EXAMPLES, ROOT, TINY_ARCHS, annotation, build_tiny_sam, load_script, two_objects
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmarks import reproduce  # noqa: E402
+SCRIPT = "benchmarks/reproduce.py"
+reproduce = load_script(SCRIPT)
 
 # vit_l takes vit_b's tiny shape (with other weights), so that scoring it costs as little
 ARCHS = {**TINY_ARCHS, "vit_l": TINY_ARCHS["vit_b"]}
@@ -40,15 +37,17 @@ VARIANTS = ["clean", *ATTACKS]
 # later blocks would cost seconds here and test nothing more)
 FAST = "--steps 1 --deform-steps 2 --proxy-steps 1 --points 1 --boxes 1 --max-masks 1".split()
 FAST += ["--layers", "0", "--images", "3", "--device", "cpu"]
-# reproduce.py in a process of its own (with the same tiny shapes) that waits after the first
-# image it protects, to be killed there
+# reproduce.py in a process of its own, loaded as load_script loads it, with the same tiny shapes;
+# it waits after the first image it protects, to be killed there
 SUBPROCESS = f"""
-import sys, torch
+import importlib.util, sys, torch
 torch.set_num_threads(1)
-sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-import uad, helpers, unsegment.models
-unsegment.models.SAM_ARCHS = {{**helpers.TINY_ARCHS, "vit_l": helpers.TINY_ARCHS["vit_b"]}}
-from benchmarks import reproduce
+import unsegment.models
+unsegment.models.SAM_ARCHS = {ARCHS!r}
+spec = importlib.util.spec_from_file_location("reproduce", {str(ROOT / SCRIPT)!r})
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules["reproduce"] = reproduce
+spec.loader.exec_module(reproduce)
 protect_one = reproduce.protect_one
 
 
@@ -221,6 +220,7 @@ def test_a_killed_run_resumes_without_redoing_work_and_gives_the_same_table(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        cwd=ROOT,  # the repository's uad and unsegment first on sys.path, as in this process
     )
     try:
         first = proc.stdout.readline()  # once the image and its record are on disk

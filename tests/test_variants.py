@@ -23,8 +23,15 @@ import torch
 import eval as ev
 import uad
 import unsegment.models
-from helpers import TINY_ARCHS, small_photo
-from test_eval import noisy, parse_table, save, two_objects, write_annotations
+from helpers import (
+    TINY_ARCHS,
+    noisy,
+    parse_table,
+    save,
+    small_photo,
+    two_objects,
+    write_annotations,
+)
 
 # SAM-HQ's decoder reads the encoder's output after its first global-attention block, so its tiny
 # ViTs need one (SAM's tiny shapes in helpers.py have none)

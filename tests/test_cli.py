@@ -1,0 +1,387 @@
+"""uad.py's command line on a tiny SAM: files, folders, formats, flags, progress, bad input."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import uad
+import unsegment.images
+import unsegment.progress
+from helpers import EXAMPLES, ROOT, png_header_only, small_photo
+
+# few steps; the reference preset keeps the encoder out of stage 1 (the paper preset has its own
+# tests)
+FAST = ["--preset", "reference", "--steps", "3", "--deform-steps", "2", "--quiet"]
+
+
+def test_cli_protects_a_photo_within_the_budget(cli, example_image, tmp_path):
+    out = tmp_path / "protected.png"
+    code, stdout, stderr = cli(
+        example_image,
+        out,
+        "--eps",
+        8,
+        "--steps",
+        3,
+        "--deform-steps",
+        2,
+        "--proxy-steps",
+        1,
+        "--quiet",
+    )
+    assert code == 0, stderr
+    clean, saved = Image.open(example_image), Image.open(out)
+    assert saved.size == clean.size and saved.mode == clean.mode
+    diff = np.abs(np.asarray(saved, np.int16) - np.asarray(clean, np.int16))
+    assert 0 < diff.max() <= 8
+    assert f"L-inf {diff.max()}/255" in stdout and "PSNR" in stdout and "SSIM" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.png", "protected.png"]
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(cli, example_image, tmp_path):
+    paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, (5, 5, 6)):
+        assert cli(example_image, path, "--seed", seed, *FAST)[0] == 0
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b
+    assert a != c
+
+
+def test_alpha_and_grey_files_are_carried_through(cli, tmp_path):
+    pixels = small_photo()
+    alpha = (np.indices(pixels.shape[:2]).sum(0) % 256).astype(np.uint8)
+    cases = {"rgba.png": np.dstack([pixels, alpha]), "grey.png": pixels[..., 0]}
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+        code, _, err = cli(tmp_path / name, tmp_path / f"out_{name}", *FAST)
+        assert code == 0, err
+        saved = np.asarray(Image.open(tmp_path / f"out_{name}"))
+        assert saved.shape == array.shape
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out_rgba.png"))[..., 3], alpha)
+
+
+def test_jpeg_output_warns_and_reports_the_decoded_file(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, out, err = cli(tmp_path / "in.png", tmp_path / "out.jpg", *FAST[:-1])
+    assert code == 0 and "JPEG" in err
+    saved = np.asarray(Image.open(tmp_path / "out.jpg"), np.int16)
+    linf = np.abs(saved - small_photo()).max()
+    assert f"L-inf {linf}/255" in out
+
+
+def test_folder_mode_protects_every_image_and_survives_a_bad_one(cli, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(small_photo()).save(src / "a.png")
+    Image.fromarray(small_photo()[::-1].copy()).save(src / "c.png")
+    (src / "b.png").write_bytes(b"not an image at all")
+    (src / "notes.txt").write_text("ignored: not an image file name")
+    code, out, err = cli(src, dst, *FAST)
+    assert code == 1
+    assert "2 protected, 1 failed" in out
+    assert "b.png" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in dst.iterdir()) == ["a.png", "c.png"]
+
+
+def test_cli_reports_which_preset_ran(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    args = [tmp_path / "in.png", tmp_path / "out.png", "--steps", "1", "--deform-steps", "1"]
+    code, _, err = cli(*args, "--preset", "paper", "--proxy-steps", "1")
+    assert code == 0 and "preset paper" in err and "deform 1/1" in err and "simulate 1/1" in err
+
+
+def test_folder_with_one_image_into_a_new_folder(cli, tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(small_photo()).save(tmp_path / "in" / "only.png")
+    code, out, err = cli(tmp_path / "in", tmp_path / "new" / "out", *FAST)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "new" / "out").iterdir()] == ["only.png"]
+
+
+def test_header_says_what_a_cpu_run_costs_and_folder_progress_names_the_file(cli, tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(small_photo()).save(tmp_path / "in" / name)
+    code, out, err = cli(tmp_path / "in", tmp_path / "out", *FAST[:-1], "--device", "cpu")
+    assert code == 0, err
+    assert "on a CPU expect about" in err and "(5 encoder forwards, 3 backwards" in err
+    assert "[1/2] a.png: simulate 3/3" in err and "[2/2] b.png" in err
+    code, _, err = cli(
+        tmp_path / "in" / "a.png",
+        tmp_path / "p.png",
+        "--steps",
+        "1",
+        "--deform-steps",
+        "1",
+        "--proxy-steps",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert "--preset no-fidelity takes about" in err
+
+
+def test_progress_eta_counts_the_first_step(monkeypatch):
+    clock = iter([100.0, 100.0, 110.0, 120.0])
+    monkeypatch.setattr(uad.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    progress = unsegment.progress.Progress(stream=stream)
+    progress("simulate", 0, 4)  # the stage starts at t = 100
+    progress("simulate", 1, 4, 0.5)  # t = 110: 10 s a step, 3 steps left
+    assert stream.getvalue().splitlines()[-1] == "simulate 1/4 loss +0.5000 eta 0:30"
+
+
+def test_help_gives_units_ranges_and_choices(cli):
+    code, out, _ = cli("--help", checkpoint=None)
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "--eps X L-infinity budget, 1 to 64 in 1/255 [8]" in flat
+    assert "--alpha X PGD step size in 1/255 [2]" in flat
+    assert "{vit_b,vit_l,vit_h}" in flat and "{paper,no-fidelity,aa,noise,reference}" in flat
+
+
+def test_baselines_through_the_cli_are_within_eps_and_seeded(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    Image.fromarray(small_photo((64, 64))).save(tmp_path / "other.png")
+    runs = {}
+    for name, args in {
+        "aa": ["--preset", "aa", "--target-image", tmp_path / "other.png"],
+        "noise": ["--preset", "noise"],
+    }.items():
+        for seed in (1, 1, 2):
+            out = tmp_path / f"{name}{seed}.png"
+            out.unlink(missing_ok=True)
+            code, _, err = cli(
+                tmp_path / "in.png", out, *args, "--steps", 3, "--seed", seed, "--quiet"
+            )
+            assert code == 0, err
+            runs.setdefault(name, []).append(out.read_bytes())
+            diff = np.abs(unsegment.images.read_image(out).pixels.astype(int) - small_photo())
+            assert 0 < diff.max() <= 8
+        assert runs[name][0] == runs[name][1], name
+    assert runs["noise"][0] != runs["noise"][2]  # aa draws nothing: its seed changes nothing
+
+
+# ------------------------------------------------------------------------------------------
+# Output formats: exact within eps, or refused before the attack
+
+
+def writable_formats() -> dict:
+    """One extension per format PIL can write: {format: extension}."""
+    formats = {}
+    for ext, fmt in sorted(Image.registered_extensions().items()):
+        if fmt in Image.SAVE:
+            formats.setdefault(fmt, ext)
+    return formats
+
+
+@pytest.mark.parametrize("fmt", sorted(writable_formats()))
+def test_every_output_format_is_exact_or_refused_before_the_attack(cli, tmp_path, fmt):
+    pixels = small_photo()
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    out = tmp_path / f"out{writable_formats()[fmt]}"
+    code, _, err = cli(tmp_path / "in.png", out, *FAST)
+    if code != 0:  # refused: one line naming the file, nothing written, before any work
+        assert len(err.strip().splitlines()) == 1 and str(out) in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+        return
+    saved = unsegment.images.read_image(out).pixels.astype(int)
+    linf = np.abs(saved - pixels).max()
+    assert 0 < linf <= 8 or (fmt == "JPEG" and linf > 0), (fmt, linf)
+
+
+def test_the_formats_people_use_are_written_and_gif_is_refused(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    for ext in (".png", ".tif", ".webp", ".bmp", ".jpg"):
+        assert cli(tmp_path / "in.png", tmp_path / f"o{ext}", *FAST)[0] == 0, ext
+    webp = unsegment.images.read_image(tmp_path / "o.webp").pixels.astype(int)
+    assert np.abs(webp - small_photo()).max() <= 8  # lossless WebP: exactly within eps
+    assert cli(tmp_path / "in.png", tmp_path / "o.gif", *FAST)[0] != 0
+
+
+def test_outputs_get_the_permissions_of_a_normal_save(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    old = os.umask(0o027)
+    try:
+        assert cli(tmp_path / "in.png", tmp_path / "new.png", *FAST)[0] == 0
+        existing = tmp_path / "existing.png"
+        existing.write_bytes(b"")
+        existing.chmod(0o604)
+        assert cli(tmp_path / "in.png", existing, "--overwrite", *FAST)[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+    assert existing.stat().st_mode & 0o777 == 0o604
+
+
+def test_icc_profile_is_kept_and_dropped_frames_are_named(cli, tmp_path):
+    rocket = EXAMPLES / "rocket.jpg"
+    with Image.open(rocket) as im:
+        profile = im.info["icc_profile"]
+        im.convert("RGB").resize((96, 64)).save(tmp_path / "rocket.jpg", icc_profile=profile)
+    assert cli(tmp_path / "rocket.jpg", tmp_path / "rocket.png", *FAST)[0] == 0
+    with Image.open(tmp_path / "rocket.png") as im:
+        assert im.info.get("icc_profile") == profile
+
+    frames = [Image.fromarray(small_photo()), Image.fromarray(small_photo()[::-1].copy())]
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    code, _, err = cli(tmp_path / "pages.tif", tmp_path / "pages.png", *FAST[:-1])
+    assert code == 0 and "pages.tif: only the first of its 2 frames is protected" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the problem, non-zero exit, nothing written
+
+
+def bad_inputs(tmp_path: Path) -> dict:
+    good = tmp_path / "good.png"
+    Image.fromarray(small_photo()).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "folder.png").mkdir()
+    return {
+        "missing": ([tmp_path / "nope.png", tmp_path / "o.png"], "nope.png: no such file"),
+        "empty": ([tmp_path / "empty.png", tmp_path / "o.png"], "empty.png: empty file"),
+        "not an image": ([tmp_path / "text.png", tmp_path / "o.png"], "text.png: not an image"),
+        "truncated": ([truncated, tmp_path / "o.png"], "truncated.png: truncated or corrupt"),
+        "folder as file": ([tmp_path / "folder.png", tmp_path / "o.png"], "no image files"),
+        "output is input": ([good, good], "output is the input file"),
+        "no such folder": ([good, tmp_path / "nowhere" / "o.png"], "does not exist"),
+        "bad extension": ([good, tmp_path / "o.xyz"], "cannot write images with extension"),
+        "eps zero": ([good, tmp_path / "o.png", "--eps", "0"], "--eps 0: must be in (0, 64]"),
+        "eps too big": ([good, tmp_path / "o.png", "--eps", "65"], "must be in (0, 64]"),
+        "unknown model": (
+            [good, tmp_path / "o.png", "--model-type", "vit_x"],
+            "unknown model type",
+        ),
+    }
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(cli, tmp_path):
+    for case, (args, message) in bad_inputs(tmp_path).items():
+        before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+        code, out, err = cli(*args, "--quiet")
+        assert code != 0, case
+        assert len(err.strip().splitlines()) == 1 and message in err, (case, err)
+        assert "Traceback" not in err
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before, case
+
+
+def test_unwritable_destination(cli, tmp_path, monkeypatch):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p).name == "locked" else real_access(p, mode)
+    )
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "locked" / "o.png", *FAST)
+    assert code != 0 and "o.png: cannot write to folder" in err
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_wrong_checkpoint_is_one_line(cli, tmp_path, tiny_checkpoints):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--quiet", checkpoint="vit_l")
+    assert code != 0 and "is a vit_l checkpoint" in err and "not vit_b" in err
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00" * 100)
+    code, _, err = cli(
+        tmp_path / "in.png", tmp_path / "o.png", "--quiet", "--checkpoint", junk, checkpoint=None
+    )
+    assert code != 0 and "junk.pth: not a readable PyTorch checkpoint" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "uad.py"),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file"]
+
+
+# ------------------------------------------------------------------------------------------
+# Every input either gets an output exactly within eps or one line and nothing written, known
+# before the model loads where it can be
+
+
+def early_bad_inputs(tmp_path: Path) -> dict:
+    good = tmp_path / "good.png"
+    Image.fromarray(small_photo()).save(good)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([small_photo(), small_photo()[..., 0]])).save(rgba)
+    png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(small_photo()).save(tmp_path / "images" / "a.png")
+    o = tmp_path / "o.png"
+    return {
+        "eps as a fraction": ([good, o, "--eps", "0.03"], "--eps 0.03: below one grey level"),
+        "unknown impl": ([good, o, "--impl", "foo"], "argument --impl: invalid choice: 'foo'"),
+        "device gpu": ([good, o, "--device", "gpu"], "device 'gpu': not a device"),
+        "device mps": ([good, o, "--device", "mps"], "device 'mps' requested but MPS"),
+        "bad layers": ([good, o, "--layers", "3,x"], "expected comma-separated block indices"),
+        "layers too deep": ([good, o, "--layers", "3,8"], "--layers 3,8: vit_b has blocks 0..7"),
+        "negative steps": ([good, o, "--steps", "-1"], "--steps -1: must be at least 0"),
+        "zero alpha": ([good, o, "--alpha", "0"], "--alpha 0/255: must be above 0"),
+        "rgba to jpeg": ([rgba, tmp_path / "o.jpg"], "JPEG cannot store RGB + alpha"),
+        "rgb to gif": ([good, tmp_path / "o.gif"], "GIF does not store RGB pixels exactly"),
+        "under /proc": ([good, "/proc/o.png"], "cannot write to folder /proc"),
+        "bomb": ([tmp_path / "bomb.png", o], "30000x30000 (900 Mpx), over the limit of"),
+        "folder to a file name": ([tmp_path / "images", tmp_path / "out.png"], "must be a folder"),
+        "missing checkpoint": ([good, o, "--checkpoint", tmp_path / "no.pth"], "no.pth: no such"),
+        "too many flows": ([good, o, "--num-flows", "10000"], "--num-flows 10000: must be at most"),
+    }
+
+
+EARLY_CASES = [
+    "eps as a fraction",
+    "unknown impl",
+    "device gpu",
+    "device mps",
+    "bad layers",
+    "layers too deep",
+    "negative steps",
+    "zero alpha",
+    "rgba to jpeg",
+    "rgb to gif",
+    "under /proc",
+    "bomb",
+    "folder to a file name",
+    "missing checkpoint",
+]
+
+
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_bad_input_is_found_before_the_model_loads(cli, tmp_path, no_model, case):
+    args, message = early_bad_inputs(tmp_path)[case]
+    before = sorted(tmp_path.rglob("*"))
+    code, out, err = cli(*args, checkpoint=None)
+    assert code != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err and "unsegment:" not in err  # no header: no work announced
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_aa_needs_its_target_image_before_the_model_loads(cli, tmp_path, no_model):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", "--preset", "aa", checkpoint=None)
+    assert code != 0 and "--preset aa needs --target-image" in err
+    args = ["--preset", "aa", "--target-image", tmp_path / "missing.png"]
+    code, _, err = cli(tmp_path / "in.png", tmp_path / "o.png", *args, checkpoint=None)
+    assert code != 0 and "missing.png: no such file" in err and not (tmp_path / "o.png").exists()
