@@ -134,8 +134,11 @@ def resolves(dotted: str) -> bool:
 def test_every_named_function_module_and_constant_exists():
     names = mentioned_names()
     assert names  # the pattern finds something
-    missing = [f"{name} (in {', '.join(sorted(set(pages)))})" for name, pages in
-               sorted(names.items()) if not resolves(name)]
+    missing = [
+        f"{name} (in {', '.join(sorted(set(pages)))})"
+        for name, pages in sorted(names.items())
+        if not resolves(name)
+    ]
     assert not missing, "\n".join(missing)
 
 

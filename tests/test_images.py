@@ -51,9 +51,9 @@ def test_an_unreadable_file_says_so(tmp_path, monkeypatch):
 def test_icc_profile_of_another_colour_space_is_not_carried():
     rgb_profile = b"\0" * 16 + b"RGB " + b"\0" * 108
     cmyk_profile = b"\0" * 16 + b"CMYK" + b"\0" * 108
-    assert uad.matching_profile(rgb_profile, "RGB") == rgb_profile
-    assert uad.matching_profile(rgb_profile, "L") is None
-    assert uad.matching_profile(cmyk_profile, "RGB") is None
+    assert unsegment.images.matching_profile(rgb_profile, "RGB") == rgb_profile
+    assert unsegment.images.matching_profile(rgb_profile, "L") is None
+    assert unsegment.images.matching_profile(cmyk_profile, "RGB") is None
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -325,11 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         aliases = ["--input-noise"] if f.name == "encoder_noise" else []  # its old name
         unit, default, choices = f.metadata["unit"], f.default, f.metadata["choices"]
-        if unit == 255:
+        sep = "," if f.name == "eps" else ""
+        if f.name == "eps":
+            shown = f"{EPS_RANGE[0]} to {EPS_RANGE[1]} in 1/255 [{default * unit:g}]"
+        elif unit == 255:
             shown = f"in 1/255 [{default * unit:g}]"
         else:
             shown = f"[{','.join(map(str, default)) if isinstance(default, tuple) else default}]"
-        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f" {shown}")
+        helptext = f"{f.metadata['help']}" + ("" if f.type is bool else f"{sep} {shown}")
         if f.type is bool:
             group.add_argument(flag, action="store_true", default=None, help=helptext)
         elif isinstance(default, tuple):
@@ -346,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help=helptext,
             )
     return p
+
+
+# --eps in 1/255: at least one grey level, at most UADConfig's cap
+EPS_RANGE = (1, round(UADConfig.__dataclass_fields__["eps"].metadata["at_most"] * 255))
 
 
 def config_from_args(args) -> UADConfig:
@@ -366,9 +373,9 @@ def config_from_flags(preset: str, flags: dict) -> UADConfig:
         if value is not None
     }
     eps255 = overrides.get("eps", UADConfig.eps) * 255
-    if not 0 < eps255 <= 64:
-        raise UADError(f"--eps {eps255:g}: must be in (0, 64] (units of 1/255)")
-    if eps255 < 1:
+    if not 0 < eps255 <= EPS_RANGE[1]:
+        raise UADError(f"--eps {eps255:g}: must be in (0, {EPS_RANGE[1]}] (units of 1/255)")
+    if eps255 < EPS_RANGE[0]:
         raise UADError(
             f"--eps {eps255:g}: below one grey level; --eps counts 1/255ths "
             f"(--eps 8 is 8/255 = {8 / 255:.4f})"
