@@ -5,6 +5,7 @@ import math
 import warnings
 
 import numpy as np
+import torch
 import pytest
 
 import uad
@@ -100,3 +101,59 @@ def test_moved_names_are_forwarded_with_a_warning():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
             uad.no_such_name
+
+
+# The library's bad inputs: each is one UADError line, or a result within eps of the input.
+def _tiny_image(h, w):
+    return uad.to_tensor(small_photo((w, h)))
+
+
+LIBRARY_CASES = {
+    "values above 1": (
+        lambda: _tiny_image(32, 40) * 2,
+        "values run from 0.09412 to 1.608, not within [0, 1]",
+    ),
+    "values below 0": (lambda: _tiny_image(32, 40) - 1, "not within [0, 1]"),
+    "a NaN pixel": (
+        lambda: _tiny_image(32, 40).index_put_((torch.tensor(0),) * 4, torch.tensor(math.nan)),
+        "image holds NaN or infinite values",
+    ),
+    "under 16 px": (lambda: _tiny_image(10, 40), "image is 40x10, at least 16x16 needed"),
+    "an integer tensor": (
+        lambda: (_tiny_image(32, 40) * 255).to(torch.uint8),
+        "expected a float (B, 1 or 3, H, W) tensor",
+    ),
+    "a list": (lambda: [[0.5]], "cannot protect a list"),
+    "a float array": (lambda: np.zeros((32, 32, 3)), "expected a uint8 (H, W, 3) or (H, W) array"),
+}
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES)
+def test_bad_library_input_is_one_line(tiny_sam, case):
+    make, message = LIBRARY_CASES[case]
+    with pytest.raises(uad.UADError) as e:
+        uad.protect(make(), tiny_sam, config=uad.UADConfig(steps=1, deform_steps=1))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_tensor_comes_back_within_eps_in_its_own_dtype(tiny_sam, dtype):
+    image = _tiny_image(32, 40).to(dtype)
+    config = uad.preset_config("noise", eps=8 / 255)  # every pixel moved to the edge of the ball
+    adv = uad.protect(image, tiny_sam, config=config)
+    assert adv.dtype == dtype
+    distance = (adv.double() - image.double()).abs()
+    assert distance.max().item() <= config.eps
+    assert distance.max().item() > 7 / 255  # still a perturbation, not the image handed back
+
+
+def test_a_tensor_whose_cast_rounds_past_the_budget_is_pulled_back():
+    image = torch.arange(0.2, 0.7, 1 / 512).half().view(1, 1, 1, -1)  # many round past eps
+    eps = 8 / 255
+    adv = image.float() + eps  # exactly at the budget in float32; float16 may round past it
+    out = uad.cast_within(adv, image, eps)
+    assert out.dtype == torch.float16
+    assert (out.double() - image.double()).abs().max().item() <= eps
+    assert (
+        adv.half().double() - image.double()
+    ).abs().max().item() > eps  # the plain cast does not
