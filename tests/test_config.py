@@ -1,5 +1,6 @@
 """UADConfig in library units, checking its own bounds; surrogates refusing settings they cannot
-honour; protect never loading a model by itself; the old names forwarded with a warning."""
+honour; protect never loading a model by itself, refusing bad inputs in one line and keeping
+each tensor within eps in its own dtype; the old names forwarded with a warning."""
 
 import math
 import warnings
