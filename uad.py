@@ -181,7 +181,7 @@ class UADConfig:
 # `paper` optimises the deformation with the live fidelity term, as the paper states.
 # `no-fidelity` is the same deformation with L_F off: no proxy loop, 42 encoder passes per
 # image instead of 242. `reference` is its old name: the authors' code gets no fidelity gradient
-# into the warp either, but it differs from this preset in its losses and warps (see README).
+# into the warp either, but it differs from this preset in its losses and warps (docs/method.md).
 # The baselines: `aa`, the paper's strongest ("AA": stage 2's PGD towards the features of
 # another image, with no deformation and no push away from the image's own features), and
 # `noise`, uniform random noise in [-eps, eps].

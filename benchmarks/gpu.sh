@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure the README needs, in one run meant to take under 5 minutes on a current GPU:
+# Every GPU figure the docs need (docs/performance.md), in one run meant to take under 5 minutes on a current GPU:
 #   1. python -m warp_kernel.check: the CUDA backend's correctness checks, then its benchmark;
 #   2. benchmarks/attack_cost.py --device cuda: feature passes in float32 and bfloat16 with each
 #      attention, at batch 1, 2, BATCH and 2 x BATCH; seconds per image of every preset at 1024,

@@ -14,7 +14,7 @@ image as PNG (unsegment.images.write_image, re-read from disk) and prints:
     bfloat16 / float32;
   - each attack's seconds.
 With --steps 3 that is 4 photos x (6 passes in float32 + 6 in bfloat16 + 3 float32
-measurements), under 10 minutes on 2 threads at the README's pass times.
+measurements), under 10 minutes on 2 threads at the pass times of docs/performance.md.
 """
 
 import argparse

@@ -614,7 +614,7 @@ def format_table(run: Run, table: Table) -> str:
     lines += [
         f"{len(table.images)} image(s), {counts['point']} point and {counts['box']} box prompts "
         "per attack and model; in brackets the paper's numbers (1000 SA-1B images, from the "
-        "authors' logs; README, \"Reproducing the paper's table\")",
+        "authors' logs; docs/reproduce.md)",
         "clean mIoU: " + ", ".join(f"{m} {k['all'].miou:.2f}" for m, k in clean.items()),
         "image quality: "
         + "; ".join(

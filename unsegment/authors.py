@@ -24,8 +24,7 @@ samples exactly where the spline says (warp_kernel.flow_warp; zero displacement 
 identity). Everything runs at the image's own resolution, the control points living at SAM's
 1024 scale as theirs do (the splines are evaluated on that scale's grid), and the perturbation
 is released exactly within eps at the original resolution (uad.quantize), not truncated at 1024
-and resized. README.md, "Reproducing the
-paper's table", lists what still differs from their code.
+and resized. docs/reproduce.md ("The `authors` attack") lists what still differs from their code.
 
     import uad
     from unsegment import authors
@@ -58,7 +57,7 @@ ACROSS_WEIGHT = 0.5
 # The UADConfig fields that differ from the paper preset. Stage 1 reads deform_steps,
 # deform_lr, num_flows (the warps), control_points, init_std (destination noise, in blocks),
 # cell_size (the checkerboard's cells), lambda_c and padding; lambda_tv, lambda_var, lambda_f
-# and proxy_steps are not used (their fidelity term changes nothing, see README).
+# and proxy_steps are not used (their fidelity term changes nothing, see docs/method.md).
 OVERRIDES = {"padding": "reflection", "lambda_f": 0.0, "proxy_steps": 0}
 
 

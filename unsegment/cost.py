@@ -47,7 +47,7 @@ def cpu_estimate(config: uad.UADConfig, gflops: float, threads: int) -> float:
 
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where --dtype
-    bfloat16 runs the encoder about twice as fast (see README, "Encoder speed")."""
+    bfloat16 runs the encoder about twice as fast (docs/performance.md, "Encoder speed")."""
     try:  # Linux names the instruction sets in the CPU's flags; elsewhere assume not
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

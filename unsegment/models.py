@@ -60,7 +60,7 @@ class ModelSpec:
 class Family:
     """What every model of one family shares: where it comes from and how it sees an image."""
 
-    title: str  # as the README's model table names it
+    title: str  # as the model tables (README.md, docs/models.md) name it
     module: str  # the package's import name, imported only when one of its models is asked for
     install: str  # the command that provides the module and everything it imports
     preprocessing: str  # what its predictor does to an (H, W, 3) uint8 RGB image
