@@ -1255,8 +1255,10 @@ def upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def __getattr__(name):
-    from unsegment import moved  # imported only for an old name
-
+    try:
+        from unsegment import moved  # imported only for a name uad does not have
+    except ImportError:
+        raise AttributeError(f"module 'uad' has no attribute {name!r}") from None
     return moved.forward("uad", name)
 
 
@@ -1268,7 +1270,7 @@ if __name__ == "__main__":
         from unsegment.cli import run
     except ImportError as e:
         sys.exit(
-            f"error: uad.py's command line is in the unsegment package ({e}); pip install "
-            "unsegment, or call uad.protect from Python"
+            f"error: uad.py's command line needs the unsegment package ({e.name or e} is "
+            "missing): pip install -e . in its repository, or call uad.protect from Python"
         )
     sys.exit(run())

@@ -3,6 +3,8 @@ honour; protect never loading a model by itself, refusing bad inputs in one line
 each tensor within eps in its own dtype; the old names forwarded with a warning."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import uad
 import unsegment.cli
 import unsegment.models
-from helpers import small_photo
+from helpers import ROOT, small_photo
 
 
 @pytest.mark.parametrize(
@@ -158,3 +160,16 @@ def test_a_tensor_whose_cast_rounds_past_the_budget_is_pulled_back():
     assert (
         adv.half().double() - image.double()
     ).abs().max().item() > eps  # the plain cast does not
+
+
+def test_a_copied_uad_py_without_the_package_says_what_it_needs(tmp_path):
+    code = (
+        "import runpy, sys; sys.modules['unsegment'] = None; sys.argv = ['uad.py', 'a', 'b']; "
+        f"runpy.run_path({str(ROOT / 'uad.py')!r}, run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.splitlines() == [
+        "error: uad.py's command line needs the unsegment package (unsegment.cli is missing): "
+        "pip install -e . in its repository, or call uad.protect from Python"
+    ]
