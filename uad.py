@@ -165,17 +165,17 @@ class UADConfig:
             if meta["at_most"] is not None and not value <= meta["at_most"]:
                 raise UADError(f"{f.name} {value!r}: must be at most {meta['at_most']}")
         parse_robust(self.robust)  # raises UADError for a bad spec
-
-    @property
-    def publishing(self) -> tuple:
-        """`robust` parsed: ((kind, low, high), ...); parsed once per value (see parse_robust)."""
-        return parse_robust(self.robust)
         for name in ("layers", "stage_layers"):
             blocks = getattr(self, name)
             if not blocks or min(blocks) < 0:
                 raise UADError(
                     f"{name} {','.join(map(str, blocks))}: need one or more block indices >= 0"
                 )
+
+    @property
+    def publishing(self) -> tuple:
+        """`robust` parsed: ((kind, low, high), ...); parsed once per value (see parse_robust)."""
+        return parse_robust(self.robust)
 
 
 # `paper` optimises the deformation with the live fidelity term, as the paper states.

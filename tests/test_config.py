@@ -42,6 +42,13 @@ def test_the_config_refuses_values_outside_its_bounds_naming_the_field(field, va
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("field", ["layers", "stage_layers"])
+def test_the_feature_blocks_are_one_or_more_indices_from_0(field):
+    for blocks, shown in (((), ""), ((2, -1), "2,-1")):
+        with pytest.raises(uad.UADError, match=f"^{field} {shown}: need one or more block"):
+            uad.UADConfig(**{field: blocks})
+
+
 def test_a_preset_given_cli_units_is_refused_not_run():
     with pytest.raises(uad.UADError, match="eps 8: must be at most"):
         uad.preset_config("noise", eps=8)
