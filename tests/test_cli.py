@@ -96,6 +96,42 @@ def test_cli_reports_which_preset_ran(cli, tmp_path):
     assert code == 0 and "preset paper" in err and "deform 1/1" in err and "simulate 1/1" in err
 
 
+def test_a_trailing_slash_names_a_folder_made_on_the_first_write(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    for out in (f"{tmp_path / 'protected'}/", f"{tmp_path / 'a' / 'b'}{os.sep}"):
+        code, _, err = cli(tmp_path / "in.png", out, *FAST)
+        assert code == 0, err
+        assert [p.name for p in Path(out).iterdir()] == ["in.png"]
+    (tmp_path / "existing").mkdir()  # an existing folder needs no slash, as before
+    assert cli(tmp_path / "in.png", tmp_path / "existing", *FAST)[0] == 0
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["in.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "existing", "in.png", "protected"]
+
+
+def test_folder_mode_skips_hidden_files_and_says_what_it_skipped(cli, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(small_photo()).save(src / "a.png")
+    Image.fromarray(small_photo()).save(src / ".hidden.png")  # a dot-file is not protected
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata")
+    (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / "sub").mkdir()
+    Image.fromarray(small_photo()).save(src / "sub" / "b.png")
+    (src / "notes.txt").write_text("not an image")
+    code, out, err = cli(src, dst, *FAST[:-1])
+    assert code == 0, err
+    assert [p.name for p in dst.iterdir()] == ["a.png"]
+    skipped = [line for line in err.splitlines() if "skipping" in line]
+    assert skipped == [
+        f"warning: {src}: skipping 5 entries: 3 hidden (name starting with '.'), "
+        "1 folder(s), not searched, 1 not image file(s)"
+    ]
+    assert "error" not in err
+    (src / "a.png").rename(src / ".a.png")
+    code, _, err = cli(src, tmp_path / "out2", *FAST)
+    assert code == 1 and "no image files in this folder (" in err and "4 hidden" in err
+
+
 def test_folder_with_one_image_into_a_new_folder(cli, tmp_path):
     (tmp_path / "in").mkdir()
     Image.fromarray(small_photo()).save(tmp_path / "in" / "only.png")

@@ -9,10 +9,11 @@ checked first, and every problem is one line on stderr and a non-zero exit.
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -52,19 +53,44 @@ class Job:
     shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
 
 
-def jobs_for(src: Path, dst: Path) -> List[Job]:
-    """The jobs: one file, or every image file of a folder into another folder (made if new)."""
+def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
+    """The jobs: one file, or every image file of a folder into another folder (made if new);
+    and for a folder, a line saying which of its entries are skipped (hidden files, such as
+    macOS's ._a.png and .DS_Store, subfolders, other files), or None. `out` is OUT as typed: a
+    trailing slash names a folder, created on the first write like folder mode's output."""
+    dst, into_folder = Path(out), str(out).endswith(("/", os.sep))
+    if into_folder and dst.exists() and not dst.is_dir():
+        raise UADError(f"{out}: ends in '/', so it names a folder, but {dst} is a file")
     if not src.is_dir():
-        return [Job(src, dst / src.name if dst.is_dir() else dst)]
+        if dst.is_dir() or into_folder:
+            return [Job(src, dst / src.name, new_folder=not dst.is_dir())], None
+        return [Job(src, dst)], None
     exts = Image.registered_extensions()
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    files, skipped = [], {"hidden": 0, "folder": 0, "other": 0}
+    for p in sorted(src.iterdir()):
+        if p.name.startswith("."):
+            skipped["hidden"] += 1
+        elif p.is_dir():
+            skipped["folder"] += 1
+        elif not p.is_file() or p.suffix.lower() not in exts:
+            skipped["other"] += 1
+        else:
+            files.append(p)
+    why = [
+        f"{skipped['hidden']} hidden (name starting with '.')" * (skipped["hidden"] > 0),
+        f"{skipped['folder']} folder(s), not searched" * (skipped["folder"] > 0),
+        f"{skipped['other']} not image file(s)" * (skipped["other"] > 0),
+    ]
+    note = None
+    if sum(skipped.values()):
+        note = f"{src}: skipping {sum(skipped.values())} entries: " + ", ".join(filter(None, why))
     if not files:
-        raise UADError(f"{src}: no image files in this folder")
+        raise UADError(f"{src}: no image files in this folder" + (f" ({note})" if note else ""))
     if dst.exists() and not dst.is_dir():
         raise UADError(f"{dst}: input is a folder, so the output must be a folder too")
-    if not dst.exists() and dst.suffix.lower() in exts:
+    if not dst.exists() and dst.suffix.lower() in exts and not into_folder:
         raise UADError(f"{dst}: input is a folder, so the output must be a folder, not a file name")
-    return [Job(p, dst / p.name, new_folder=True) for p in files]
+    return [Job(p, dst / p.name, new_folder=True) for p in files], note
 
 
 def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
@@ -261,7 +287,11 @@ def model_type(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
     p.add_argument("input", type=Path, help="image file, or a folder of images")
-    p.add_argument("output", type=Path, help="output file (format from its extension), or folder")
+    p.add_argument(
+        "output",  # as typed: a trailing slash names a folder (Path would drop it)
+        help="output file (format from its extension), or folder (an existing one, or a name "
+        "ending in /)",
+    )
     p.add_argument(
         "--preset",
         default="paper",
@@ -436,7 +466,9 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         device = models.resolve_device(args.device)
         specs = check_model(args, config, device)
-        jobs = jobs_for(args.input, args.output)
+        jobs, skipped = jobs_for(args.input, args.output)
+        if skipped:
+            progress.warn(skipped)
         failures = 0
         if len(jobs) == 1:  # a bad input or output fails before any model is loaded
             check_job(jobs[0], args.overwrite, args.max_pixels)
