@@ -382,6 +382,45 @@ def early_bad_inputs(tmp_path: Path) -> dict:
         "folder to a file name": ([tmp_path / "images", tmp_path / "out.png"], "must be a folder"),
         "missing checkpoint": ([good, o, "--checkpoint", tmp_path / "no.pth"], "no.pth: no such"),
         "too many flows": ([good, o, "--num-flows", "10000"], "--num-flows 10000: must be at most"),
+        # runs that would save the input unchanged
+        "no PGD steps": ([good, o, "--steps", "0"], "--steps 0: stage 2's PGD steps are what"),
+        "no PGD steps, aa": (
+            [good, o, "--preset", "aa", "--target-image", good, "--steps", "0"],
+            "--steps 0: stage 2's PGD steps are what",
+        ),
+        "steps under a grey level": (
+            [good, o, "--alpha", "0.01", "--steps", "40"],
+            "--alpha 0.01/255: 40 steps of it move a pixel at most 0.4/255, under half a grey",
+        ),
+        # every number finite and in its consumer's range
+        "momentum inf": ([good, o, "--momentum", "inf"], "--momentum inf: must be a finite number"),
+        "encoder noise inf": (
+            [good, o, "--encoder-noise", "inf"],
+            "--encoder-noise inf/255: must be a finite number",
+        ),
+        "init std inf": ([good, o, "--init-std", "inf"], "--init-std inf: must be a finite number"),
+        "deform lr inf": ([good, o, "--deform-lr", "inf"], "--deform-lr inf: must be a finite"),
+        "lambda tv inf": ([good, o, "--lambda-tv", "inf"], "--lambda-tv inf: must be a finite"),
+        "lambda c inf": ([good, o, "--lambda-c", "inf"], "--lambda-c inf: must be a finite number"),
+        "alpha inf": ([good, o, "--alpha", "inf"], "--alpha inf/255: must be a finite number"),
+        "alpha nan": ([good, o, "--alpha", "nan"], "--alpha nan/255: must be a finite number"),
+        "cell size inf": ([good, o, "--cell-size", "inf"], "--cell-size inf: must be a finite"),
+        "seed past 64 bits": (
+            [good, o, "--seed", str(2**64)],
+            f"--seed {2**64}: must be at most {2**64 - 1}",
+        ),
+        "robust reversed": (
+            [good, o, "--robust", "jpeg:50-20"],
+            "--robust 'jpeg:50-20': 'jpeg:50-20' is reversed; write jpeg:20-50",
+        ),
+        "checkpoint /dev/null": (
+            [good, o, "--checkpoint", "/dev/null"],
+            "/dev/null: not a regular file but a character device",
+        ),
+        "trailing slash on a file": (
+            [good, f"{good}/"],
+            f"{good}/: ends in '/', so it names a folder, but {good} is a file",
+        ),
     }
 
 
@@ -400,6 +439,23 @@ EARLY_CASES = [
     "bomb",
     "folder to a file name",
     "missing checkpoint",
+    "too many flows",
+    "no PGD steps",
+    "no PGD steps, aa",
+    "steps under a grey level",
+    "momentum inf",
+    "encoder noise inf",
+    "init std inf",
+    "deform lr inf",
+    "lambda tv inf",
+    "lambda c inf",
+    "alpha inf",
+    "alpha nan",
+    "cell size inf",
+    "seed past 64 bits",
+    "robust reversed",
+    "checkpoint /dev/null",
+    "trailing slash on a file",
 ]
 
 

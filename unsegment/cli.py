@@ -411,12 +411,45 @@ def config_from_flags(preset: str, flags: dict) -> UADConfig:
             f"(--eps 8 is 8/255 = {8 / 255:.4f})"
         )
     try:
-        return preset_config(preset, **overrides)
+        config = preset_config(preset, **overrides)
     except UADError as e:  # name the flag, and its value in the flag's unit
         name, _, rest = str(e).partition(" ")
         if units.get(name) == 255 and name in overrides:
             rest = f"{overrides[name] * 255:g}/255" + rest[rest.index(":") :]
         raise UADError(f"--{name.replace('_', '-')} {rest}") from None
+    check_reach(config)
+    return config
+
+
+def check_reach(config: UADConfig) -> None:
+    """UADError when stage 2 could not change a single grey level, so that the file saved would
+    be the input: its PGD steps are what perturb the image (uad and aa), and together they move
+    a pixel at most steps x alpha from where it starts (the image, or with --random-start
+    uniform noise)."""
+    if config.method == "noise" or config.random_start:
+        return
+    if config.steps == 0:
+        raise UADError(
+            "--steps 0: stage 2's PGD steps are what change the image; with none the file "
+            "would be the input unchanged (--preset noise draws uniform noise alone)"
+        )
+    reach = config.steps * config.alpha * 255
+    if reach < 0.5:
+        raise UADError(
+            f"--alpha {config.alpha * 255:g}/255: {config.steps} steps of it move a pixel at "
+            f"most {reach:.2g}/255, under half a grey level, so the file would be the input "
+            "unchanged (--alpha counts 1/255ths)"
+        )
+
+
+def steps_in_words(config: UADConfig) -> str:
+    """What the attack does, for the header: "40 deformation + 40 PGD steps", "40 PGD steps",
+    "uniform noise, no steps"."""
+    if config.method == "noise":
+        return "uniform noise, no steps"
+    if config.method == "aa":
+        return f"{config.steps} PGD steps"  # towards the target image's features (header)
+    return f"{config.deform_steps} deformation + {config.steps} PGD steps"
 
 
 def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surrogates) -> str:
