@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import uad
+import unsegment.cost
 import unsegment.images
 import unsegment.progress
 from helpers import EXAMPLES, ROOT, png_header_only, small_photo
@@ -161,6 +162,52 @@ def test_header_says_what_a_cpu_run_costs_and_folder_progress_names_the_file(cli
         "cpu",
     )
     assert "--preset no-fidelity takes about" in err
+
+
+def test_the_header_says_what_each_method_does(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    runs = {
+        "noise": ["--preset", "noise"],
+        "aa": ["--preset", "aa", "--target-image", tmp_path / "in.png", "--steps", "2"],
+        "no-fidelity": ["--preset", "no-fidelity", "--steps", "2", "--deform-steps", "1"],
+    }
+    said = {}
+    for name, args in runs.items():
+        code, _, err = cli(tmp_path / "in.png", tmp_path / f"{name}.png", *args, "--device", "cpu")
+        assert code == 0, err
+        said[name] = err.splitlines()[0]
+    assert "uniform noise, no steps" in said["noise"] and "deformation" not in said["noise"]
+    assert "PGD" not in said["noise"]
+    assert ", 2 PGD steps, " in said["aa"] and "deformation" not in said["aa"]
+    assert f"towards the features of {tmp_path / 'in.png'}" in said["aa"]
+    assert ", 1 deformation + 2 PGD steps, " in said["no-fidelity"]
+
+
+def test_the_cpu_estimate_names_the_machine_it_was_measured_on_and_this_one(
+    cli, tmp_path, monkeypatch
+):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    args = [tmp_path / "in.png", tmp_path / "o.png", "--preset", "noise", "--device", "cpu"]
+    code, _, err = cli(*args, "--dtype", "bfloat16")
+    assert code == 0, err
+    line = err.splitlines()[1]
+    assert f"priced at the speed measured on {unsegment.cost.CPU_PASS_MACHINE}" in line
+    assert "AMD EPYC" in line and f"this CPU, {unsegment.cost.cpu_model()}, may differ" in line
+    assert unsegment.cost.cpu_model() and "2-core AVX-512" not in line
+    # without native bfloat16 PyTorch emulates it: priced as float32, and the line says so
+    monkeypatch.setattr(unsegment.cost, "native_bfloat16", lambda: False)
+    code, _, err = cli(*args, "--dtype", "bfloat16", "--overwrite")
+    assert code == 0, err
+    assert "bfloat16 priced as float32: this CPU has no native bfloat16" in err
+    assert "multiplies bfloat16 natively" not in err
+    bf16, fp32 = (uad.UADConfig(dtype=d) for d in ("bfloat16", "float32"))
+    assert unsegment.cost.cpu_estimate(bf16, 100.0, 2) == unsegment.cost.cpu_estimate(
+        fp32, 100.0, 2
+    )
+    monkeypatch.setattr(unsegment.cost, "native_bfloat16", lambda: True)
+    assert unsegment.cost.cpu_estimate(bf16, 100.0, 2) < unsegment.cost.cpu_estimate(fp32, 100.0, 2)
+    code, _, err = cli(*args, "--dtype", "bfloat16", "--overwrite")
+    assert code == 0 and "priced as float32" not in err
 
 
 def test_progress_eta_counts_the_first_step(monkeypatch):

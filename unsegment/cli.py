@@ -30,7 +30,6 @@ from uad import (
     to_pixels,
     to_tensor,
 )
-from unsegment.cost import cpu_estimate, forward_gflops, native_bfloat16
 from unsegment.images import (
     LOSSY_FORMATS,
     MAX_PIXELS,
@@ -39,7 +38,7 @@ from unsegment.images import (
     read_image,
     write_image,
 )
-from unsegment import models
+from unsegment import cost, models
 from unsegment.progress import Progress
 
 
@@ -457,34 +456,41 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surro
     preset = PRESET_ALIASES.get(args.preset, args.preset)
     text = (
         f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
-        f"{config.deform_steps} deformation + {config.steps} PGD steps, "
+        f"{steps_in_words(config)}, "
         f"{surrogate_names(surrogates)} on {device}, seed {config.seed}, {len(jobs)} image(s)"
         + (f" in batches of up to {args.batch}" if args.batch > 1 and len(jobs) > 1 else "")
         + (f", the encoder sees {config.robust}" if config.robust else "")
         + (f", towards the features of {args.target_image}" if args.target_image else "")
     )
     if device.type == "cpu":
-        gflops = sum(forward_gflops(s, config) for s in surrogates)
-        minutes = cpu_estimate(config, gflops, torch.get_num_threads()) / 60
+        gflops = sum(cost.forward_gflops(s, config) for s in surrogates)
+        threads = torch.get_num_threads()
+        minutes = cost.cpu_estimate(config, gflops, threads) / 60
         forwards, backwards = uad.encoder_passes(config)
         each = f" through each of the {len(surrogates)} surrogates" if len(surrogates) > 1 else ""
+        native = cost.native_bfloat16()
+        emulated = (
+            ", bfloat16 priced as float32: this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+            if config.dtype == "bfloat16" and not native
+            else ""
+        )
         text += (
             f"\nunsegment: on a CPU expect about {minutes:.0f} min per image ({forwards} encoder "
-            f"forwards, {backwards} backwards{each}; a plain estimate for a 2-core AVX-512 "
-            "machine)"
+            f"forwards, {backwards} backwards{each}, priced at the speed measured on "
+            f"{cost.CPU_PASS_MACHINE}{emulated}; this CPU, {cost.cpu_model()}, may differ)"
         )
         if preset == "paper":
-            fast = cpu_estimate(
-                preset_config("no-fidelity", dtype=config.dtype), gflops, torch.get_num_threads()
+            fast = cost.cpu_estimate(
+                preset_config("no-fidelity", dtype=config.dtype), gflops, threads
             )
             text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
         else:
             text += "; a CUDA GPU takes seconds"
-        if config.dtype == "float32" and native_bfloat16():
+        if config.dtype == "float32" and native:
             bf16 = dataclasses.replace(config, dtype="bfloat16")
             text += (
                 f"; this CPU multiplies bfloat16 natively: --dtype bfloat16 takes about "
-                f"{cpu_estimate(bf16, gflops, torch.get_num_threads()) / 60:.0f} min"
+                f"{cost.cpu_estimate(bf16, gflops, threads) / 60:.0f} min"
             )
     return text
 
