@@ -381,6 +381,7 @@ class Pair:
     clean: Path
     adv: Path
     annotations: Optional[Path] = None  # annotation mode: the clean image's JSON file
+    size: Optional[Tuple[int, int]] = None  # (H, W) of both images, from check_pair
 
 
 def image_files(folder: Path) -> List[Path]:
@@ -400,10 +401,11 @@ def check_sizes(pair: Pair, clean: np.ndarray, adv: np.ndarray) -> None:
 
 
 def check_pair(pair: Pair, max_pixels: Optional[int]) -> None:
-    """Both images decode, within max_pixels, and have the same size; UADError if not."""
-    check_sizes(
-        pair, *(unsegment.images.read_image(p, max_pixels).pixels for p in (pair.clean, pair.adv))
-    )
+    """Both images decode, within max_pixels, and have the same size (then pair.size); UADError
+    if not."""
+    clean, adv = (unsegment.images.read_image(p, max_pixels).pixels for p in (pair.clean, pair.adv))
+    check_sizes(pair, clean, adv)
+    pair.size = clean.shape[:2]
 
 
 def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS):
@@ -960,8 +962,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 
 def check_inputs(args) -> Tuple[List[Pair], List[str]]:
     """Everything about the images, annotations and outputs that can be known before any model
-    loads. Returns the pairs to score and an error line per image that cannot be; raises
-    UADError for a problem that stops the run."""
+    loads: every image decoded, every annotation file read and checked against its image's size.
+    Returns the pairs to score and an error line per image that cannot be; raises UADError for a
+    problem that stops the run."""
     outputs = [p for p in (args.out, args.csv) if p is not None]
     for path in outputs:
         unsegment.images.check_writable(path)
@@ -978,8 +981,8 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
             pair.annotations = (
                 args.annotations / f"{pair.clean.stem}.json" if folder else args.annotations
             )
-            try:
-                check_annotation_file(pair.annotations)
+            try:  # read whole, as scoring will: a corrupt file or a wrong size is found now
+                read_annotations(pair.annotations, pair.size, args.max_masks)
             except uad.UADError as e:
                 failures.append(f"{e} (for {pair.clean})")
                 pairs.remove(pair)

@@ -36,7 +36,8 @@ import warp_kernel
 
 __all__ = [
     "UADConfig", "UADError", "PRESETS", "preset_config",  # configuration
-    "deform", "simulate", "project", "attack", "AttackResult", "Stats", "quantize", "protect",
+    "deform", "simulate", "project", "attack", "add_noise", "AttackResult", "Stats", "quantize",
+    "protect",
     "uint8_pixels", "to_tensor", "to_pixels",  # uint8 pixels as tensors and back
     "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "Ensemble",
     "encoder_features", "feature_distance", "encoder_passes", "jpeg", "resize_round_trip",
@@ -494,9 +495,7 @@ def attack(
             f_target = each_feature(lambda f: f.expand(len(image), *f.shape[1:]), surrogate(target))
         adv = simulate(image, f_target, None, surrogate, config, gen, progress)
     else:
-        target = image
-        noise = draws(gen, image.shape, uniform(config.eps))
-        adv = project(image + noise.to(image.device), image, config.eps)
+        target, adv = image, add_noise(image, config, gen)
     with torch.no_grad():
         # 1 - cosine can round to just below 0 for near-identical features
         distance = feature_distance(surrogate(adv), f_image).clamp_min(0)
@@ -504,6 +503,14 @@ def attack(
     stats.feature_distance = distance.tolist()
     stats.seconds = time.monotonic() - start
     return AttackResult(adv, target, stats)
+
+
+def add_noise(image: torch.Tensor, config: UADConfig, gen=None) -> torch.Tensor:
+    """The noise baseline, which needs no surrogate: image (B, C, H, W) plus uniform noise in
+    [-eps, eps], each image drawing from its generator in gen (default: as `attack` seeds them)."""
+    gen = gen or [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
+    noise = draws(gen, image.shape, uniform(config.eps))
+    return project(image + noise.to(image.device), image, config.eps)
 
 
 MIN_SIZE = 16  # the smallest side attacked: SSIM's 11 x 11 window, with room to warp

@@ -7,10 +7,11 @@ eval.py's protocol on each model, and print attack x model beside the published 
         --out RUN_DIR
 
 DIR holds SA-1B's sa_N.jpg + sa_N.json pairs; the first N images by number are the set (the
-paper's are sa_1 to sa_1000 of sa_000000.tar). Stages, each resumable:
+paper's are sa_1 to sa_1000 of sa_000000.tar), or all of them if it holds fewer. Stages, each resumable:
 
 1. protect: every image with every attack into RUN_DIR/ATTACK/sa_N.png, exactly within eps
-   (checked on the file as saved), with one surrogate loaded once. Attacks: uad.py's presets
+   (checked on the file as saved), with one surrogate loaded once if an attack needs it (the
+   noise baseline does not). Attacks: uad.py's presets
    (paper, no-fidelity or its old name reference, the baselines aa and noise) and `authors`
    (benchmarks/authors.py). The aa baseline's target is another image of the set, drawn from
    the seed and the image's name (so a different --images draws other targets).
@@ -133,8 +134,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sa1b_images(folder: Path, count: int) -> List[Item]:
-    """The first `count` sa_N.jpg files of `folder` by N, each with its sa_N.json."""
+def sa1b_images(folder: Path, count: int, progress=None) -> List[Item]:
+    """The first `count` sa_N.jpg files of `folder` by N, each with its sa_N.json; all of them,
+    with a warning line on `progress`, if it holds fewer."""
     if not folder.is_dir():
         raise uad.UADError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     numbered = []
@@ -142,9 +144,12 @@ def sa1b_images(folder: Path, count: int) -> List[Item]:
         match = re.fullmatch(r"sa_(\d+)\.jpg", path.name, flags=re.IGNORECASE)
         if match:
             numbered.append((int(match.group(1)), path))
-    if len(numbered) < count:
-        raise uad.UADError(
-            f"{folder}: --images {count}, but it holds {len(numbered)} SA-1B image(s) sa_N.jpg"
+    if not numbered:
+        raise uad.UADError(f"{folder}: holds no SA-1B image sa_N.jpg")
+    if len(numbered) < count and progress is not None:
+        progress.warn(
+            f"{folder}: --images {count}, but it holds {len(numbered)} SA-1B image(s) sa_N.jpg: "
+            f"taking those {len(numbered)}"
         )
     return [Item(path, path.with_suffix(".json")) for _, path in sorted(numbered)[:count]]
 
@@ -202,14 +207,26 @@ def attack_config(name: str, args) -> uad.UADConfig:
     return unsegment.cli.config_from_flags("paper" if name == "authors" else name, flags)
 
 
+def needs_surrogate(config: uad.UADConfig) -> bool:
+    """Whether an attack runs the surrogate: all but the noise baseline, which this script draws
+    without one (so without its feature distance)."""
+    return config.method != "noise"
+
+
 def run_attack(name: str, x, sam, config, progress, target=None) -> uad.AttackResult:
     if name == "authors":
         return authors.attack(x, sam, config, progress)
+    if not needs_surrogate(config):
+        started = time.monotonic()
+        adv = uad.add_noise(x, config)  # what uad.attack draws, without its f(adv) measurement
+        return uad.AttackResult(adv, x, uad.Stats(seconds=time.monotonic() - started))
     return uad.attack(x, sam, config, progress, target)
 
 
 def attack_passes(name: str, config) -> tuple:
-    return authors.encoder_passes(config) if name == "authors" else uad.encoder_passes(config)
+    if name == "authors":
+        return authors.encoder_passes(config)
+    return uad.encoder_passes(config) if needs_surrogate(config) else (0, 0)
 
 
 def load_model(name: str, checkpoint: Optional[str], device, quiet: bool):
@@ -292,7 +309,7 @@ class Run:
             {
                 "attack": attack,
                 "config": dataclasses.asdict(self.configs[attack]),
-                "surrogate": self.surrogate,
+                "surrogate": self.surrogate if needs_surrogate(self.configs[attack]) else None,
                 "image": item.sha256,
                 "target": (
                     None if target is None else {"name": target.name, "sha256": target.sha256}
@@ -376,7 +393,7 @@ def protect_one(
         "seconds": stats.seconds,
         "forwards": stats.forwards,
         "backwards": stats.backwards,
-        "feature_distance": stats.feature_distance[0],
+        "feature_distance": stats.feature_distance[0] if stats.feature_distance else None,
         "target_ssim": stats.target_ssim[0] if stats.target_ssim else None,
         **dataclasses.asdict(quality),
     }
@@ -398,10 +415,11 @@ def protect_stage(run: Run, failures: List[str]) -> None:
     )
     if not todo:
         return
-    args = run.args
-    sam = unsegment.models.load_sam(
-        args.surrogate, args.surrogate_checkpoint, run.device, quiet=args.quiet
-    )
+    args, sam = run.args, None
+    if any(needs_surrogate(run.configs[attack]) for attack, _ in todo):  # else: never loaded
+        sam = unsegment.models.load_sam(
+            args.surrogate, args.surrogate_checkpoint, run.device, quiet=args.quiet
+        )
     progress = unsegment.progress.Progress(
         quiet=args.quiet
     )  # its pace and ETA start after the loading
@@ -929,7 +947,9 @@ def main(argv=None) -> int:
     try:
         if args.cost is not None:
             return run_cost(args)
-        device, items, failures = prepare(args, sa1b_images(args.sa1b, args.images), True)
+        progress = unsegment.progress.Progress(quiet=args.quiet)
+        items = sa1b_images(args.sa1b, args.images, progress)
+        device, items, failures = prepare(args, items, True)
         for line in failures:
             print(f"error: {line}", file=sys.stderr)
         run = Run(args, items, choose_targets(items, args.seed) if len(items) > 1 else {}, device)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import uad
+import unsegment.cost
 import unsegment.images
 import unsegment.progress
 from helpers import EXAMPLES, ROOT, png_header_only, small_photo
@@ -96,6 +97,42 @@ def test_cli_reports_which_preset_ran(cli, tmp_path):
     assert code == 0 and "preset paper" in err and "deform 1/1" in err and "simulate 1/1" in err
 
 
+def test_a_trailing_slash_names_a_folder_made_on_the_first_write(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    for out in (f"{tmp_path / 'protected'}/", f"{tmp_path / 'a' / 'b'}{os.sep}"):
+        code, _, err = cli(tmp_path / "in.png", out, *FAST)
+        assert code == 0, err
+        assert [p.name for p in Path(out).iterdir()] == ["in.png"]
+    (tmp_path / "existing").mkdir()  # an existing folder needs no slash, as before
+    assert cli(tmp_path / "in.png", tmp_path / "existing", *FAST)[0] == 0
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["in.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "existing", "in.png", "protected"]
+
+
+def test_folder_mode_skips_hidden_files_and_says_what_it_skipped(cli, tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(small_photo()).save(src / "a.png")
+    Image.fromarray(small_photo()).save(src / ".hidden.png")  # a dot-file is not protected
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata")
+    (src / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / "sub").mkdir()
+    Image.fromarray(small_photo()).save(src / "sub" / "b.png")
+    (src / "notes.txt").write_text("not an image")
+    code, out, err = cli(src, dst, *FAST[:-1])
+    assert code == 0, err
+    assert [p.name for p in dst.iterdir()] == ["a.png"]
+    skipped = [line for line in err.splitlines() if "skipping" in line]
+    assert skipped == [
+        f"warning: {src}: skipping 5 entries: 3 hidden (name starting with '.'), "
+        "1 folder(s), not searched, 1 not image file(s)"
+    ]
+    assert "error" not in err
+    (src / "a.png").rename(src / ".a.png")
+    code, _, err = cli(src, tmp_path / "out2", *FAST)
+    assert code == 1 and "no image files in this folder (" in err and "4 hidden" in err
+
+
 def test_folder_with_one_image_into_a_new_folder(cli, tmp_path):
     (tmp_path / "in").mkdir()
     Image.fromarray(small_photo()).save(tmp_path / "in" / "only.png")
@@ -125,6 +162,52 @@ def test_header_says_what_a_cpu_run_costs_and_folder_progress_names_the_file(cli
         "cpu",
     )
     assert "--preset no-fidelity takes about" in err
+
+
+def test_the_header_says_what_each_method_does(cli, tmp_path):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    runs = {
+        "noise": ["--preset", "noise"],
+        "aa": ["--preset", "aa", "--target-image", tmp_path / "in.png", "--steps", "2"],
+        "no-fidelity": ["--preset", "no-fidelity", "--steps", "2", "--deform-steps", "1"],
+    }
+    said = {}
+    for name, args in runs.items():
+        code, _, err = cli(tmp_path / "in.png", tmp_path / f"{name}.png", *args, "--device", "cpu")
+        assert code == 0, err
+        said[name] = err.splitlines()[0]
+    assert "uniform noise, no steps" in said["noise"] and "deformation" not in said["noise"]
+    assert "PGD" not in said["noise"]
+    assert ", 2 PGD steps, " in said["aa"] and "deformation" not in said["aa"]
+    assert f"towards the features of {tmp_path / 'in.png'}" in said["aa"]
+    assert ", 1 deformation + 2 PGD steps, " in said["no-fidelity"]
+
+
+def test_the_cpu_estimate_names_the_machine_it_was_measured_on_and_this_one(
+    cli, tmp_path, monkeypatch
+):
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    args = [tmp_path / "in.png", tmp_path / "o.png", "--preset", "noise", "--device", "cpu"]
+    code, _, err = cli(*args, "--dtype", "bfloat16")
+    assert code == 0, err
+    line = err.splitlines()[1]
+    assert f"priced at the speed measured on {unsegment.cost.CPU_PASS_MACHINE}" in line
+    assert "AMD EPYC" in line and f"this CPU, {unsegment.cost.cpu_model()}, may differ" in line
+    assert unsegment.cost.cpu_model() and "2-core AVX-512" not in line
+    # without native bfloat16 PyTorch emulates it: priced as float32, and the line says so
+    monkeypatch.setattr(unsegment.cost, "native_bfloat16", lambda: False)
+    code, _, err = cli(*args, "--dtype", "bfloat16", "--overwrite")
+    assert code == 0, err
+    assert "bfloat16 priced as float32: this CPU has no native bfloat16" in err
+    assert "multiplies bfloat16 natively" not in err
+    bf16, fp32 = (uad.UADConfig(dtype=d) for d in ("bfloat16", "float32"))
+    assert unsegment.cost.cpu_estimate(bf16, 100.0, 2) == unsegment.cost.cpu_estimate(
+        fp32, 100.0, 2
+    )
+    monkeypatch.setattr(unsegment.cost, "native_bfloat16", lambda: True)
+    assert unsegment.cost.cpu_estimate(bf16, 100.0, 2) < unsegment.cost.cpu_estimate(fp32, 100.0, 2)
+    code, _, err = cli(*args, "--dtype", "bfloat16", "--overwrite")
+    assert code == 0 and "priced as float32" not in err
 
 
 def test_progress_eta_counts_the_first_step(monkeypatch):
@@ -346,6 +429,45 @@ def early_bad_inputs(tmp_path: Path) -> dict:
         "folder to a file name": ([tmp_path / "images", tmp_path / "out.png"], "must be a folder"),
         "missing checkpoint": ([good, o, "--checkpoint", tmp_path / "no.pth"], "no.pth: no such"),
         "too many flows": ([good, o, "--num-flows", "10000"], "--num-flows 10000: must be at most"),
+        # runs that would save the input unchanged
+        "no PGD steps": ([good, o, "--steps", "0"], "--steps 0: stage 2's PGD steps are what"),
+        "no PGD steps, aa": (
+            [good, o, "--preset", "aa", "--target-image", good, "--steps", "0"],
+            "--steps 0: stage 2's PGD steps are what",
+        ),
+        "steps under a grey level": (
+            [good, o, "--alpha", "0.01", "--steps", "40"],
+            "--alpha 0.01/255: 40 steps of it move a pixel at most 0.4/255, under half a grey",
+        ),
+        # every number finite and in its consumer's range
+        "momentum inf": ([good, o, "--momentum", "inf"], "--momentum inf: must be a finite number"),
+        "encoder noise inf": (
+            [good, o, "--encoder-noise", "inf"],
+            "--encoder-noise inf/255: must be a finite number",
+        ),
+        "init std inf": ([good, o, "--init-std", "inf"], "--init-std inf: must be a finite number"),
+        "deform lr inf": ([good, o, "--deform-lr", "inf"], "--deform-lr inf: must be a finite"),
+        "lambda tv inf": ([good, o, "--lambda-tv", "inf"], "--lambda-tv inf: must be a finite"),
+        "lambda c inf": ([good, o, "--lambda-c", "inf"], "--lambda-c inf: must be a finite number"),
+        "alpha inf": ([good, o, "--alpha", "inf"], "--alpha inf/255: must be a finite number"),
+        "alpha nan": ([good, o, "--alpha", "nan"], "--alpha nan/255: must be a finite number"),
+        "cell size inf": ([good, o, "--cell-size", "inf"], "--cell-size inf: must be a finite"),
+        "seed past 64 bits": (
+            [good, o, "--seed", str(2**64)],
+            f"--seed {2**64}: must be at most {2**64 - 1}",
+        ),
+        "robust reversed": (
+            [good, o, "--robust", "jpeg:50-20"],
+            "--robust 'jpeg:50-20': 'jpeg:50-20' is reversed; write jpeg:20-50",
+        ),
+        "checkpoint /dev/null": (
+            [good, o, "--checkpoint", "/dev/null"],
+            "/dev/null: not a regular file but a character device",
+        ),
+        "trailing slash on a file": (
+            [good, f"{good}/"],
+            f"{good}/: ends in '/', so it names a folder, but {good} is a file",
+        ),
     }
 
 
@@ -364,6 +486,23 @@ EARLY_CASES = [
     "bomb",
     "folder to a file name",
     "missing checkpoint",
+    "too many flows",
+    "no PGD steps",
+    "no PGD steps, aa",
+    "steps under a grey level",
+    "momentum inf",
+    "encoder noise inf",
+    "init std inf",
+    "deform lr inf",
+    "lambda tv inf",
+    "lambda c inf",
+    "alpha inf",
+    "alpha nan",
+    "cell size inf",
+    "seed past 64 bits",
+    "robust reversed",
+    "checkpoint /dev/null",
+    "trailing slash on a file",
 ]
 
 

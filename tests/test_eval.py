@@ -674,7 +674,8 @@ def no_model(monkeypatch):
 
 
 # case -> (the adversarial image and more flags, the message); {tmp} stands for tmp_path, where
-# clean.png (96 x 64), tiny.png (12 x 12), truncated.png, notes.txt, sub/ and ann/clean.json lie
+# clean.png (96 x 64), tiny.png (12 x 12), truncated.png, notes.txt, sub/ and ann/clean.json lie,
+# and the annotation files small/clean.json (a 10 x 10 mask), bad/ (truncated JSON) and empty/
 EARLY_BAD_INPUTS = {
     "device gpu": (["clean.png", "--device", "gpu"], "device 'gpu': not a device"),
     "device cuda:7": (["clean.png", "--device", "cuda:7"], "device 'cuda:7'"),
@@ -718,6 +719,18 @@ EARLY_BAD_INPUTS = {
     ),
     "adversarial is a folder": (["sub"], "must be two files or two folders"),
     "text file as image": (["notes.txt"], "notes.txt: not an image file that PIL"),
+    "annotation file not JSON": (
+        ["clean.png", "--annotations", "{tmp}/bad"],
+        "{tmp}/bad/clean.json: not valid JSON",
+    ),
+    "annotation file of another size": (
+        ["clean.png", "--annotations", "{tmp}/small/clean.json"],
+        "{tmp}/small/clean.json: annotation 0 is 10x10, the clean image 96x64",
+    ),
+    "annotation file with no annotations": (
+        ["clean.png", "--annotations", "{tmp}/empty"],
+        "{tmp}/empty/clean.json: no 'annotations' list",
+    ),
     "bench over the pixel limit": (
         ["clean.png", "--bench", "4000x3000", "--max-pixels", "1000000"],
         "--bench 4000x3000: over --max-pixels 1000000",
@@ -733,6 +746,11 @@ def test_bad_input_is_found_before_any_model_loads(cli, tmp_path, no_model, case
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     (tmp_path / "sub").mkdir()
     write_annotations(tmp_path / "ann" / "clean.json", [two_objects()[0]])
+    write_annotations(tmp_path / "small" / "clean.json", [np.ones((10, 10), bool)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "clean.json").write_text('{"annotations": [')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "clean.json").write_text('{"images": []}')
     (adv, *flags), message = EARLY_BAD_INPUTS[case]
     flags = [f.format(tmp=tmp_path) for f in flags]
     if "--models" not in flags:

@@ -226,3 +226,14 @@ def test_aa_moves_features_towards_the_other_image_more_than_noise(tiny_sam):
     with torch.no_grad():
         start = uad.feature_distance(f(image), f(other)).item()
     assert towards["aa"] < 0.9 * start and towards["aa"] < towards["noise"]
+
+
+def test_the_noise_baseline_needs_no_surrogate(tiny_sam):
+    """uad.add_noise draws what attack's noise baseline draws, per image from its own generator,
+    without a surrogate (reproduce.py's noise attack loads none)."""
+    image = torch.cat([uad.to_tensor(small_photo()), uad.to_tensor(small_photo()[::-1].copy())])
+    config = uad.preset_config("noise", seed=5)
+    alone = uad.add_noise(image, config)
+    assert torch.equal(alone, uad.attack(image, tiny_sam, config).adv)
+    assert torch.equal(alone[1:], uad.add_noise(image[1:], config))  # its own generator
+    assert 0 < (alone - image).abs().max() <= config.eps + 1e-6

@@ -1,8 +1,10 @@
 """Checkpoints (unsegment.models): unreadable files; the download, its SHA-256 check, the cache."""
 
 import hashlib
+import os
 
 import pytest
+import torch
 
 import uad
 import unsegment.models
@@ -18,6 +20,66 @@ def test_corrupt_checkpoints_are_one_short_line(tiny_archs, tiny_checkpoints, tm
             unsegment.models.load_sam("vit_b", path)
         message = str(e.value)
         assert message == f"{path}: not a readable PyTorch checkpoint ({reason})"
+
+
+def test_a_checkpoint_that_is_no_regular_file_says_so(tmp_path):
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)  # reading it would wait for a writer
+    for path, problem in [
+        ("/dev/null", "not a regular file but a character device"),
+        (fifo, "not a regular file but a FIFO"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "none.pth", "no such checkpoint file"),
+    ]:
+        with pytest.raises(uad.UADError) as e:
+            unsegment.models.check_checkpoint_file(path)
+        assert str(e.value) == f"{path}: {problem}"
+
+
+def fake_checkpoint(path, names, nest=False):
+    state = {name: torch.zeros(1) for name in names}
+    torch.save({"model": state} if nest else state, path)
+    return path
+
+
+TINYVIT = ["image_encoder.patch_embed.seq.0.c.weight", "image_encoder.layers.0.blocks.0.x"]
+
+
+@pytest.mark.parametrize(
+    "names, nest, says",
+    [
+        (
+            TINYVIT,
+            False,
+            "a MobileSAM (TinyViT encoder) checkpoint, not vit_b; load it as "
+            "mobile_sam (uad.py --surrogate mobile_sam=PATH, eval.py --models mobile_sam=PATH)",
+        ),
+        (
+            TINYVIT + ["mask_decoder.hf_token.weight"],
+            False,
+            "a Light HQ-SAM (TinyViT encoder) "
+            "checkpoint, not vit_b; load it as hq_vit_tiny (eval.py --models hq_vit_tiny=PATH)",
+        ),
+        (
+            [f"image_encoder.trunk.blocks.{i}.norm1.weight" for i in range(12)]
+            + ["no_obj_embed_spatial"],
+            True,
+            "a SAM 2.1 (Hiera encoder, 12 blocks) checkpoint, "
+            "not vit_b; load it as sam2.1_t (uad.py --surrogate sam2.1_t=PATH",
+        ),
+        (
+            [f"image_encoder.trunk.blocks.{i}.norm1.weight" for i in range(48)],
+            True,
+            "a SAM 2 (Hiera encoder, 48 blocks) checkpoint, not vit_b; load it as sam2_l",
+        ),
+        (["something.else"], False, "not a SAM checkpoint (no image encoder)"),
+    ],
+)
+def test_a_checkpoint_of_another_family_names_it(tiny_archs, tmp_path, names, nest, says):
+    path = fake_checkpoint(tmp_path / "other.pt", names, nest)
+    with pytest.raises(uad.UADError) as e:
+        unsegment.models.load_sam("vit_b", path)
+    assert str(e.value).startswith(f"{path}: {says}") and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------

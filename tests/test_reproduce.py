@@ -274,7 +274,7 @@ def test_aa_targets_are_other_images_drawn_from_the_seed():
     [
         (["--attacks", "paper,bogus"], "--attacks: unknown attack 'bogus'"),
         (["--attacks", "reference,no-fidelity"], "reference and no-fidelity are the same attack"),
-        (["--images", "5"], "--images 5, but it holds 4 SA-1B image(s)"),
+        (["--steps", "0"], "--steps 0: stage 2's PGD steps are what change the image"),
         (["--models", "vit_b=missing.pth"], "missing.pth: no such checkpoint file"),
         (["--eps", "0.03"], "--eps 0.03: below one grey level"),
         (["--layers", "3,12"], "--layers: vit_b has blocks 0..7"),
@@ -285,6 +285,36 @@ def test_bad_input_is_one_line_before_any_model_loads(inputs, tmp_path, flags, m
     assert code != 0 and stdout == ""
     assert stderr.strip().splitlines() == [stderr.strip()] and message in stderr, stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fewer_images_than_asked_are_taken_and_noise_loads_no_surrogate(
+    inputs, tmp_path, monkeypatch
+):
+    """--images 1000 on a folder of 4 takes the 4, saying so in one line; the noise baseline
+    draws its noise without the surrogate, which is never loaded (nor downloaded)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the surrogate was loaded")
+
+    monkeypatch.setattr(unsegment.models, "load_sam", refuse)  # scoring loads via load_model
+    out = tmp_path / "run"
+    args = command(inputs, out, attacks=("noise",), models=("vit_l",), extra=["--images", "1000"])
+    code, stdout, stderr = run(args)
+    assert code == 1, stderr  # sa_2.jpg and sa_10.json are corrupt
+    notes = [line for line in stderr.splitlines() if "--images" in line]
+    assert notes == [
+        f"warning: {inputs['sa1b']}: --images 1000, but it holds 4 SA-1B image(s) sa_N.jpg: "
+        "taking those 4"
+    ]
+    assert "Traceback" not in stderr
+    data = json.loads((out / "table.json").read_text())
+    assert data["images"] == ["sa_1", "sa_11"] and data["encoder_passes"] == {"noise": [0, 0]}
+    for name in ("sa_1", "sa_10", "sa_11"):
+        clean = unsegment.images.read_image(inputs["sa1b"] / f"{name}.jpg").pixels.astype(int)
+        saved = unsegment.images.read_image(out / "noise" / f"{name}.png").pixels.astype(int)
+        assert 0 < np.abs(saved - clean).max() <= 8
+    record = json.loads((out / "records" / "protect" / "noise" / "sa_1.json").read_text())
+    assert record["feature_distance"] is None and record["key"]["surrogate"] is None
 
 
 def test_cost_mode_prints_the_seconds_per_image_of_each_stage():

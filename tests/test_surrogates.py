@@ -268,6 +268,29 @@ def test_mobile_sam_loads_through_load_model_as_a_tinyvit_surrogate(tmp_path):
     assert surrogate.blocks(uad.UADConfig()) == (4, 5, 6, 7)
 
 
+def test_a_checkpoint_of_another_family_given_as_vit_b_names_its_family(cli, sam2_128, tmp_path):
+    """A MobileSAM or SAM 2 checkpoint passed as --checkpoint (a SAM ViT's flag) is one line
+    saying what it is and how to pass it, not "no image encoder"."""
+    pytest.importorskip("timm", reason="timm (imported by mobile_sam) is not installed")
+    pytest.importorskip("mobile_sam", reason="mobilesam-mirror is not installed")
+    torch.manual_seed(4)
+    mobile = tmp_path / "mobile_sam.pt"
+    torch.save(unsegment.models.build_model("mobile_sam").state_dict(), mobile)
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    expected = {
+        mobile: f"{mobile}: a MobileSAM (TinyViT encoder) checkpoint, not vit_b; load it as "
+        "mobile_sam (uad.py --surrogate mobile_sam=PATH, eval.py --models mobile_sam=PATH)",
+        sam2_128: f"{sam2_128}: a SAM 2.1 (Hiera encoder, 12 blocks) checkpoint, not vit_b; load "
+        "it as sam2.1_t (uad.py --surrogate sam2.1_t=PATH",
+    }
+    for path, message in expected.items():
+        args = [tmp_path / "in.png", tmp_path / "o.png", "--checkpoint", path, "--quiet"]
+        code, out, err = cli(*args, checkpoint=None)
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_a_model_of_no_family_is_refused():
     with pytest.raises(uad.UADError, match="cannot use a Linear as a surrogate"):
         uad.Surrogate.of(torch.nn.Linear(2, 2))

@@ -573,6 +573,7 @@ def test_cuda_toolkit_is_checked_where_the_build_looks(tmp_path, monkeypatch):
     has no headers: that is reported as missing, not left to fail the build."""
     cpp_extension = build._cpp_extension()
     monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    monkeypatch.setattr(build, "CUDA_TOOLKIT_FOLDERS", ())  # no toolkit to fall back on
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
@@ -584,6 +585,47 @@ def test_cuda_toolkit_is_checked_where_the_build_looks(tmp_path, monkeypatch):
     assert "has no bin/nvcc" in build._missing_tools("cuda")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     assert "no CUDA toolkit found" in build._missing_tools("cuda")
+
+
+def fake_toolkit(folder: Path) -> Path:
+    """A CUDA toolkit tree with what the build looks for: bin/nvcc, include/cuda_runtime.h."""
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (folder / "include").mkdir()
+    (folder / "include" / "cuda_runtime.h").write_text("")
+    return folder
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="PyTorch without CUDA")
+@pytest.mark.parametrize("how", ["wrapper script", "symbolic link", "standard folder"])
+def test_a_guessed_cuda_home_without_headers_falls_back_to_the_real_toolkit(
+    tmp_path, monkeypatch, how
+):
+    """torch guesses CUDA_HOME=/usr/local from a /usr/local/bin/nvcc that is a wrapper script
+    (exec /usr/local/cuda-13.0/bin/nvcc "$@") or a link; the build then uses the toolkit that
+    nvcc runs, or else /usr/local/cuda, so that the README's plain test command builds it."""
+    cpp_extension = build._cpp_extension()
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    real = fake_toolkit(tmp_path / "cuda-13.0")
+    guess = tmp_path / "usr_local"
+    (guess / "bin").mkdir(parents=True)
+    monkeypatch.setattr(build, "CUDA_TOOLKIT_FOLDERS", ())
+    if how == "wrapper script":
+        (guess / "bin" / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    elif how == "symbolic link":
+        (guess / "bin" / "nvcc").symlink_to(real / "bin" / "nvcc")
+    else:
+        (guess / "bin" / "nvcc").write_text("#!/bin/sh\n")
+        monkeypatch.setattr(build, "CUDA_TOOLKIT_FOLDERS", (str(tmp_path / "nowhere"), str(real)))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(guess))
+    assert build._missing_tools("cuda") is None
+    assert cpp_extension.CUDA_HOME == str(real)
+    if how == "wrapper script":  # named as the standard folder that links to it, if one does
+        (tmp_path / "cuda").symlink_to(real)
+        monkeypatch.setattr(build, "CUDA_TOOLKIT_FOLDERS", (str(tmp_path / "cuda"),))
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(guess))
+        assert build._missing_tools("cuda") is None
+        assert cpp_extension.CUDA_HOME == str(tmp_path / "cuda")
 
 
 def test_cpu_extension_builds():

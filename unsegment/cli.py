@@ -9,10 +9,11 @@ checked first, and every problem is one line on stderr and a non-zero exit.
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -29,7 +30,6 @@ from uad import (
     to_pixels,
     to_tensor,
 )
-from unsegment.cost import cpu_estimate, forward_gflops, native_bfloat16
 from unsegment.images import (
     LOSSY_FORMATS,
     MAX_PIXELS,
@@ -38,7 +38,7 @@ from unsegment.images import (
     read_image,
     write_image,
 )
-from unsegment import models
+from unsegment import cost, models
 from unsegment.progress import Progress
 
 
@@ -52,19 +52,44 @@ class Job:
     shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
 
 
-def jobs_for(src: Path, dst: Path) -> List[Job]:
-    """The jobs: one file, or every image file of a folder into another folder (made if new)."""
+def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
+    """The jobs: one file, or every image file of a folder into another folder (made if new);
+    and for a folder, a line saying which of its entries are skipped (hidden files, such as
+    macOS's ._a.png and .DS_Store, subfolders, other files), or None. `out` is OUT as typed: a
+    trailing slash names a folder, created on the first write like folder mode's output."""
+    dst, into_folder = Path(out), str(out).endswith(("/", os.sep))
+    if into_folder and dst.exists() and not dst.is_dir():
+        raise UADError(f"{out}: ends in '/', so it names a folder, but {dst} is a file")
     if not src.is_dir():
-        return [Job(src, dst / src.name if dst.is_dir() else dst)]
+        if dst.is_dir() or into_folder:
+            return [Job(src, dst / src.name, new_folder=not dst.is_dir())], None
+        return [Job(src, dst)], None
     exts = Image.registered_extensions()
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
+    files, skipped = [], {"hidden": 0, "folder": 0, "other": 0}
+    for p in sorted(src.iterdir()):
+        if p.name.startswith("."):
+            skipped["hidden"] += 1
+        elif p.is_dir():
+            skipped["folder"] += 1
+        elif not p.is_file() or p.suffix.lower() not in exts:
+            skipped["other"] += 1
+        else:
+            files.append(p)
+    why = [
+        f"{skipped['hidden']} hidden (name starting with '.')" * (skipped["hidden"] > 0),
+        f"{skipped['folder']} folder(s), not searched" * (skipped["folder"] > 0),
+        f"{skipped['other']} not image file(s)" * (skipped["other"] > 0),
+    ]
+    note = None
+    if sum(skipped.values()):
+        note = f"{src}: skipping {sum(skipped.values())} entries: " + ", ".join(filter(None, why))
     if not files:
-        raise UADError(f"{src}: no image files in this folder")
+        raise UADError(f"{src}: no image files in this folder" + (f" ({note})" if note else ""))
     if dst.exists() and not dst.is_dir():
         raise UADError(f"{dst}: input is a folder, so the output must be a folder too")
-    if not dst.exists() and dst.suffix.lower() in exts:
+    if not dst.exists() and dst.suffix.lower() in exts and not into_folder:
         raise UADError(f"{dst}: input is a folder, so the output must be a folder, not a file name")
-    return [Job(p, dst / p.name, new_folder=True) for p in files]
+    return [Job(p, dst / p.name, new_folder=True) for p in files], note
 
 
 def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
@@ -261,7 +286,11 @@ def model_type(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="uad.py", description="Protect images against Segment Anything with UAD.")
     p.add_argument("input", type=Path, help="image file, or a folder of images")
-    p.add_argument("output", type=Path, help="output file (format from its extension), or folder")
+    p.add_argument(
+        "output",  # as typed: a trailing slash names a folder (Path would drop it)
+        help="output file (format from its extension), or folder (an existing one, or a name "
+        "ending in /)",
+    )
     p.add_argument(
         "--preset",
         default="paper",
@@ -381,12 +410,45 @@ def config_from_flags(preset: str, flags: dict) -> UADConfig:
             f"(--eps 8 is 8/255 = {8 / 255:.4f})"
         )
     try:
-        return preset_config(preset, **overrides)
+        config = preset_config(preset, **overrides)
     except UADError as e:  # name the flag, and its value in the flag's unit
         name, _, rest = str(e).partition(" ")
         if units.get(name) == 255 and name in overrides:
             rest = f"{overrides[name] * 255:g}/255" + rest[rest.index(":") :]
         raise UADError(f"--{name.replace('_', '-')} {rest}") from None
+    check_reach(config)
+    return config
+
+
+def check_reach(config: UADConfig) -> None:
+    """UADError when stage 2 could not change a single grey level, so that the file saved would
+    be the input: its PGD steps are what perturb the image (uad and aa), and together they move
+    a pixel at most steps x alpha from where it starts (the image, or with --random-start
+    uniform noise)."""
+    if config.method == "noise" or config.random_start:
+        return
+    if config.steps == 0:
+        raise UADError(
+            "--steps 0: stage 2's PGD steps are what change the image; with none the file "
+            "would be the input unchanged (--preset noise draws uniform noise alone)"
+        )
+    reach = config.steps * config.alpha * 255
+    if reach < 0.5:
+        raise UADError(
+            f"--alpha {config.alpha * 255:g}/255: {config.steps} steps of it move a pixel at "
+            f"most {reach:.2g}/255, under half a grey level, so the file would be the input "
+            "unchanged (--alpha counts 1/255ths)"
+        )
+
+
+def steps_in_words(config: UADConfig) -> str:
+    """What the attack does, for the header: "40 deformation + 40 PGD steps", "40 PGD steps",
+    "uniform noise, no steps"."""
+    if config.method == "noise":
+        return "uniform noise, no steps"
+    if config.method == "aa":
+        return f"{config.steps} PGD steps"  # towards the target image's features (header)
+    return f"{config.deform_steps} deformation + {config.steps} PGD steps"
 
 
 def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surrogates) -> str:
@@ -394,34 +456,41 @@ def header(args, config: UADConfig, device: torch.device, jobs: List[Job], surro
     preset = PRESET_ALIASES.get(args.preset, args.preset)
     text = (
         f"unsegment: preset {args.preset}, eps {config.eps * 255:g}/255 ({config.eps:.4f}), "
-        f"{config.deform_steps} deformation + {config.steps} PGD steps, "
+        f"{steps_in_words(config)}, "
         f"{surrogate_names(surrogates)} on {device}, seed {config.seed}, {len(jobs)} image(s)"
         + (f" in batches of up to {args.batch}" if args.batch > 1 and len(jobs) > 1 else "")
         + (f", the encoder sees {config.robust}" if config.robust else "")
         + (f", towards the features of {args.target_image}" if args.target_image else "")
     )
     if device.type == "cpu":
-        gflops = sum(forward_gflops(s, config) for s in surrogates)
-        minutes = cpu_estimate(config, gflops, torch.get_num_threads()) / 60
+        gflops = sum(cost.forward_gflops(s, config) for s in surrogates)
+        threads = torch.get_num_threads()
+        minutes = cost.cpu_estimate(config, gflops, threads) / 60
         forwards, backwards = uad.encoder_passes(config)
         each = f" through each of the {len(surrogates)} surrogates" if len(surrogates) > 1 else ""
+        native = cost.native_bfloat16()
+        emulated = (
+            ", bfloat16 priced as float32: this CPU has no native bfloat16 (AVX512-BF16 or AMX)"
+            if config.dtype == "bfloat16" and not native
+            else ""
+        )
         text += (
             f"\nunsegment: on a CPU expect about {minutes:.0f} min per image ({forwards} encoder "
-            f"forwards, {backwards} backwards{each}; a plain estimate for a 2-core AVX-512 "
-            "machine)"
+            f"forwards, {backwards} backwards{each}, priced at the speed measured on "
+            f"{cost.CPU_PASS_MACHINE}{emulated}; this CPU, {cost.cpu_model()}, may differ)"
         )
         if preset == "paper":
-            fast = cpu_estimate(
-                preset_config("no-fidelity", dtype=config.dtype), gflops, torch.get_num_threads()
+            fast = cost.cpu_estimate(
+                preset_config("no-fidelity", dtype=config.dtype), gflops, threads
             )
             text += f"; --preset no-fidelity takes about {fast / 60:.0f} min, a CUDA GPU seconds"
         else:
             text += "; a CUDA GPU takes seconds"
-        if config.dtype == "float32" and native_bfloat16():
+        if config.dtype == "float32" and native:
             bf16 = dataclasses.replace(config, dtype="bfloat16")
             text += (
                 f"; this CPU multiplies bfloat16 natively: --dtype bfloat16 takes about "
-                f"{cpu_estimate(bf16, gflops, torch.get_num_threads()) / 60:.0f} min"
+                f"{cost.cpu_estimate(bf16, gflops, threads) / 60:.0f} min"
             )
     return text
 
@@ -436,7 +505,9 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         device = models.resolve_device(args.device)
         specs = check_model(args, config, device)
-        jobs = jobs_for(args.input, args.output)
+        jobs, skipped = jobs_for(args.input, args.output)
+        if skipped:
+            progress.warn(skipped)
         failures = 0
         if len(jobs) == 1:  # a bad input or output fails before any model is loaded
             check_job(jobs[0], args.overwrite, args.max_pixels)

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import os
 import socket
+import stat
 import sys
 import urllib.error
 from dataclasses import dataclass, field
@@ -269,11 +270,29 @@ def encoder_depth(name: str) -> Tuple[int, Optional[int]]:
 
 
 def check_checkpoint_file(path) -> Path:
-    """`path` as a Path if it is a file; UADError naming the problem if not."""
+    """`path` as a Path if it is a regular file (or a link to one); UADError naming the problem
+    if not: missing, a folder, or a device, FIFO or socket (/dev/null holds no weights, and
+    reading a FIFO would wait for a writer)."""
     path = Path(path)
     if not path.is_file():
-        raise UADError(f"{path}: {'is a folder' if path.is_dir() else 'no such checkpoint file'}")
+        if path.is_dir():
+            problem = "is a folder"
+        elif path.exists():
+            mode = path.stat().st_mode
+            kind = next((k for test, k in _FILE_KINDS if getattr(stat, test)(mode)), "special file")
+            problem = f"not a regular file but a {kind}"
+        else:
+            problem = "no such checkpoint file"
+        raise UADError(f"{path}: {problem}")
     return path
+
+
+_FILE_KINDS = [
+    ("S_ISCHR", "character device"),
+    ("S_ISBLK", "block device"),
+    ("S_ISFIFO", "FIFO"),
+    ("S_ISSOCK", "socket"),
+]
 
 
 def unreadable_reason(path: Path, error: Exception, objects: str) -> str:
@@ -392,10 +411,37 @@ def checkpoint_arch(state: dict) -> dict:
     return dict(embed_dim=state["image_encoder.pos_embed"].shape[-1], depth=depth)
 
 
+def checkpoint_family(state: dict) -> Optional[Tuple[str, str]]:
+    """(what it is, the model name to load it as) for a checkpoint of an encoder other than a
+    ViT, read from its tensor names: a TinyViT (image_encoder.layers.*) is MobileSAM's, or Light
+    HQ-SAM's with HQ-SAM's extra token; a Hiera (image_encoder.trunk.*, SAM 2's checkpoints nest
+    it under "model") is SAM 2's or 2.1's, its size from the trunk's blocks. None if neither."""
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    keys = [k for k in state if isinstance(k, str)]
+    if any(k.startswith("image_encoder.layers.") for k in keys):
+        if any(k.startswith("mask_decoder.hf_token") for k in keys):
+            return "Light HQ-SAM (TinyViT encoder)", "hq_vit_tiny"
+        return "MobileSAM (TinyViT encoder)", "mobile_sam"
+    blocks = {k.split(".")[3] for k in keys if k.startswith("image_encoder.trunk.blocks.")}
+    if blocks:  # SAM 2.1 added a learned no-object embedding to SAM 2's
+        version = ".1" if "no_obj_embed_spatial" in keys else ""
+        size = {sum(v): s for s, v in HIERA_STAGES.items()}.get(len(blocks), "SIZE")
+        return f"SAM 2{version} (Hiera encoder, {len(blocks)} blocks)", f"sam2{version}_{size}"
+    return None
+
+
 def check_vit_arch(state: dict, path: Path, name: str, prefix: str = "") -> None:
     """For the ViT encoders of SAM_ARCHS: UADError naming the model type a checkpoint is of, when
     it is not `name`'s (a clearer line than the shape mismatch load_weights would find)."""
     if "image_encoder.pos_embed" not in state:
+        family = checkpoint_family(state)
+        if family is not None:
+            title, model = family
+            how = f"eval.py --models {model}=PATH"
+            if model in MODELS and MODELS[model].info.surrogate:
+                how = f"uad.py --surrogate {model}=PATH, " + how
+            raise UADError(f"{path}: a {title} checkpoint, not {name}; load it as {model} ({how})")
         raise UADError(f"{path}: not a {MODELS[name].info.title} checkpoint (no image encoder)")
     arch, want = checkpoint_arch(state), SAM_ARCHS[MODELS[name].arch]
     if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):

@@ -10,7 +10,9 @@ naming the reason and the fallback, and the backend is then reported unavailable
 Environment:
   WARP_KERNEL_BUILD_DIR  cache root (default: $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions,
                          under a py<ver>_torch<ver> subdirectory)
-  CUDA_HOME              CUDA toolkit with nvcc (e.g. /usr/local/cuda)
+  CUDA_HOME              CUDA toolkit with nvcc (e.g. /usr/local/cuda); unset, torch guesses
+                         it from the nvcc on PATH, and where that guess has no headers the
+                         build takes the toolkit that nvcc runs, or /usr/local/cuda
   TORCH_CUDA_ARCH_LIST   GPU archs, e.g. "8.6" or "7.5;8.0+PTX"; default: the visible GPUs, or
                          DEFAULT_CUDA_ARCHS when there is none
   WARP_KERNEL_CPU_ISA    instruction set of the CPU extension: "auto" (default: what
@@ -154,20 +156,60 @@ def _missing_tools(backend):
         home = cpp_extension.CUDA_HOME
         if home is None:
             return "no CUDA toolkit found (set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)"
-        includes = [Path(home) / "include"]
-        if os.environ.get("CUDA_INC_PATH"):
-            includes.append(Path(os.environ["CUDA_INC_PATH"]))
-        if not (Path(home) / "bin" / "nvcc").exists():
-            missing = "bin/nvcc"
-        elif not any((folder / "cuda_runtime.h").exists() for folder in includes):
-            missing = "include/cuda_runtime.h"
-        else:
+        missing = _toolkit_missing(Path(home))
+        if missing is None:
+            return None
+        # torch's guess from an nvcc wrapper on PATH (/usr/local/bin/nvcc gives /usr/local) has
+        # no headers: build with the toolkit that nvcc belongs to, or a standard one, instead
+        other = next((t for t in _other_toolkits(Path(home)) if _toolkit_missing(t) is None), None)
+        if other is not None:
+            cpp_extension.CUDA_HOME = str(other)  # what the build joins include/ and bin/ to
             return None
         return (
             f"the CUDA toolkit torch found at {home} has no {missing} "
             "(set CUDA_HOME to the CUDA toolkit, e.g. /usr/local/cuda)"
         )
     return None
+
+
+# Where CUDA toolkits install, tried when torch's CUDA_HOME has no headers
+CUDA_TOOLKIT_FOLDERS = ("/usr/local/cuda",)
+
+
+def _toolkit_missing(home):
+    """What the build needs that the toolkit folder `home` lacks ("bin/nvcc" or
+    "include/cuda_runtime.h", also looked for in $CUDA_INC_PATH), or None."""
+    includes = [home / "include"]
+    if os.environ.get("CUDA_INC_PATH"):
+        includes.append(Path(os.environ["CUDA_INC_PATH"]))
+    if not (home / "bin" / "nvcc").exists():
+        return "bin/nvcc"
+    if not any((folder / "cuda_runtime.h").exists() for folder in includes):
+        return "include/cuda_runtime.h"
+    return None
+
+
+def _other_toolkits(home):
+    """The toolkit folders that home/bin/nvcc really runs: the one it links to, or the nvcc a
+    small wrapper script execs (exec /usr/local/cuda-13.0/bin/nvcc "$@"); then
+    CUDA_TOOLKIT_FOLDERS."""
+    nvcc, found = home / "bin" / "nvcc", []
+    if nvcc.is_file():
+        found.append(nvcc.resolve().parent.parent)
+        if nvcc.stat().st_size < 4096:
+            try:
+                text = nvcc.read_text(errors="replace")
+            except OSError:
+                text = ""
+            for word in text.replace('"', " ").replace("'", " ").split():
+                if word.startswith("/") and word.endswith("/bin/nvcc"):
+                    found.append(Path(word).parent.parent)
+    standard = [Path(folder) for folder in CUDA_TOOLKIT_FOLDERS]
+    # by its standard name where it has one (/usr/local/cuda for /usr/local/cuda-13.0), so that
+    # the build is the one CUDA_HOME=/usr/local/cuda gives, and shares its cache
+    named = {folder.resolve(): folder for folder in reversed(standard) if folder.exists()}
+    found = [named.get(folder.resolve(), folder) for folder in found] + standard
+    return [folder for folder in found if folder != home]
 
 
 def _build(backend, verbose):
