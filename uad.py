@@ -37,8 +37,7 @@ import warp_kernel
 __all__ = [
     "UADConfig", "UADError", "PRESETS", "preset_config",  # configuration
     "deform", "simulate", "project", "attack", "add_noise", "AttackResult", "Stats", "quantize",
-    "protect",
-    "uint8_pixels", "to_tensor", "to_pixels",  # uint8 pixels as tensors and back
+    "protect", "uint8_pixels", "to_tensor", "to_pixels",  # pixels as tensors and back
     "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "Ensemble",
     "encoder_features", "feature_distance", "encoder_passes", "jpeg", "resize_round_trip",
 ]  # fmt: skip
@@ -545,15 +544,20 @@ def cast_within(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Ten
     return torch.where((out.double() - ref).abs() > eps, image, out)
 
 
-def quantize(adv: torch.Tensor, image: torch.Tensor, eps: float) -> torch.Tensor:
-    """Rounds adv onto the uint8 lattice inside the budget.
+def quantize(
+    adv: torch.Tensor, image: torch.Tensor, eps: float, levels: Optional[int] = 255
+) -> torch.Tensor:
+    """Rounds adv onto the lattice of `levels` + 1 values (255: uint8, 65535: 16-bit) inside the
+    budget; levels None keeps float values, each within eps of image's (cast_within).
 
-    For an image on the lattice (k / 255), every pixel of the result is within
-    floor(eps * 255) grey levels of it, so max |result - image| <= eps holds exactly.
+    For an image on the lattice (k / levels), every pixel of the result is within
+    floor(eps * levels) levels of it, so max |result - image| <= eps holds exactly.
     """
-    k = math.floor(eps * 255 + 1e-6)
-    a, i = (adv * 255).round(), (image * 255).round()
-    return torch.min(torch.max(a, i - k), i + k).clamp(0, 255) / 255
+    if levels is None:
+        return cast_within(adv, image, eps)
+    k = math.floor(eps * levels + 1e-6)
+    a, i = (adv * levels).round(), (image * levels).round()
+    return torch.min(torch.max(a, i - k), i + k).clamp(0, levels) / levels
 
 
 def protect(
@@ -578,9 +582,9 @@ def protect(
 
     Returns:
       The protected image, of the same kind as `image`: a tensor of its dtype, each value within
-      eps of the input's in that dtype; or uint8 pixels / a PIL image rounded onto the uint8
-      lattice, exactly within eps. An image with values outside [0, 1], NaN, or a side under
-      MIN_SIZE is a UADError.
+      eps of the input's in that dtype; or uint8 pixels / a PIL image rounded onto the lattice
+      of its depth (8 bits; 16 for 16-bit grey; a float image stays float), exactly within eps.
+      An image with values outside [0, 1], NaN, or a side under MIN_SIZE is a UADError.
     """
     config = config or UADConfig()
     lattice = not isinstance(image, torch.Tensor)
@@ -613,8 +617,9 @@ def protect(
     else:
         picture = None if isinstance(image, np.ndarray) else pil_picture(image)
         x = to_tensor(uint8_pixels(image) if picture is None else picture.pixels, device)
+        levels = 255 if picture is None else LEVELS.get(picture.pixels.dtype)  # 16-bit, float
         adv, _, s = attack(x, surrogates, config, progress, target)
-        pixels = to_pixels(quantize(adv, x, config.eps))
+        pixels = to_pixels(quantize(adv, x, config.eps, levels), levels)
         result = pixels if picture is None else picture.to_pil(pixels)
     if stats is not None:
         vars(stats).update(vars(s))
@@ -622,7 +627,7 @@ def protect(
 
 
 # -----------------------------------------------------------------------------------------------
-# uint8 pixels as tensors and back
+# Pixels (uint8; uint16 and float32 for 16-bit and float grey) as tensors and back
 
 
 def uint8_pixels(image: np.ndarray) -> np.ndarray:
@@ -650,16 +655,26 @@ def pil_picture(image):
     return to_picture(image)
 
 
+LEVELS = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}  # a dtype's lattice; float: None
+
+
 def to_tensor(pixels: np.ndarray, device="cpu") -> torch.Tensor:
-    """(H, W, 3) or (H, W) uint8 -> (1, C, H, W) float in [0, 1]."""
+    """(H, W, 3) or (H, W) pixels -> (1, C, H, W) float in [0, 1]: uint8 / 255, uint16 / 65535
+    (16-bit grey), float32 as it is."""
+    levels = LEVELS.get(pixels.dtype)
+    if levels == 65535:  # torch has few uint16 ops; float32 holds every 16-bit value exactly
+        pixels = pixels.astype(np.float32)
     t = torch.from_numpy(np.array(pixels)).to(device)  # a copy: PIL arrays are read-only
     t = t[..., None] if t.ndim == 2 else t
-    return t.permute(2, 0, 1)[None].float() / 255
+    return t.permute(2, 0, 1)[None].float() / (levels or 1)
 
 
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    """(1, C, H, W) float on the uint8 lattice -> (H, W, C) or (H, W) uint8."""
-    a = (x[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def to_pixels(x: torch.Tensor, levels: Optional[int] = 255) -> np.ndarray:
+    """(1, C, H, W) float on the lattice of `levels` -> (H, W, C) or (H, W) uint8 (255), uint16
+    (65535), or float32 (None)."""
+    a = x[0].float() if levels is None else (x[0] * levels).round().clamp(0, levels).int()
+    a = a.permute(1, 2, 0).cpu().numpy()
+    a = a if levels is None else a.astype(np.uint8 if levels == 255 else np.uint16)
     return a[..., 0] if a.shape[-1] == 1 else a
 
 

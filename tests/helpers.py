@@ -62,18 +62,62 @@ def load_script(path: str):
     return module
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header declares width x height pixels, with almost no data behind it."""
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
     )
+
+
+def png_16bit(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG of (H, W) grey or (H, W, 3) RGB values 0..65535, written by hand: Pillow
+    writes 16-bit grey, but no 16-bit RGB."""
+    h, w = values.shape[:2]
+    rows = values.astype(">u2").reshape(h, -1)  # big-endian samples, row after row
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 on every row
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if values.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+def deep_inputs(folder: Path) -> dict:
+    """Inputs whose values are finer than 8 bits, built from chelsea: {name: (path, its values
+    at full precision in [0, 1], float64)}. A dark 16-bit grey PNG (every value <= 255, which a
+    guess from the maximum read as 8-bit), a 16-bit RGB PNG with random low bytes, and a float
+    (mode F) TIFF off the 8-bit lattice."""
+    photo = small_photo()
+    dark = photo[..., 1].astype(np.uint16)
+    rng = np.random.default_rng(0)
+    rgb16 = photo.astype(np.uint16) * 256 + rng.integers(0, 256, photo.shape, dtype=np.uint16)
+    floats = ((photo[..., 1] + 0.37) / 256).astype(np.float32)
+    Image.fromarray(dark).save(folder / "dark16.png")
+    Image.fromarray(floats).save(folder / "float.tif")
+    return {
+        "dark16": (folder / "dark16.png", dark / 65535),
+        "rgb16": (png_16bit(folder / "rgb16.png", rgb16), rgb16 / 65535),
+        "float": (folder / "float.tif", floats.astype(np.float64)),
+    }
+
+
+def full_precision(path: Path) -> np.ndarray:
+    """An image file's values in [0, 1] at the depth it stores them (8-bit, 16-bit, float)."""
+    with Image.open(path) as im:
+        a = np.asarray(im)
+        mode = im.mode
+    scale = 1.0 if mode == "F" else 65535.0 if mode.startswith("I") else 255.0
+    return a.astype(np.float64) / scale
 
 
 # -----------------------------------------------------------------------------------------------

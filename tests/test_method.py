@@ -154,6 +154,51 @@ def test_quantized_output_is_on_the_lattice_and_exactly_within_eps(seed):
     assert (q - image).abs().max() <= eps + 1e-7
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_quantize_holds_eps_on_the_16bit_lattice_and_in_float(seed):
+    gen = torch.Generator().manual_seed(seed)
+    eps = float(torch.randint(1, 65, (), generator=gen)) / 255
+    image = torch.randint(0, 65536, (1, 1, 17, 23), generator=gen).float() / 65535
+    adv = (image + (torch.rand(image.shape, generator=gen) - 0.5) * 4 * eps).clamp(0, 1)
+    q = uad.quantize(adv, image, eps, 65535)
+    levels = (q * 65535).double()
+    assert torch.equal(levels, levels.round())
+    steps = (levels - image.double() * 65535).round().abs()
+    assert (steps <= round(eps * 65535)).all()
+    assert steps.max().item() / 65535 <= eps  # floor(eps * 65535) levels: exactly within eps
+    floats = torch.rand(image.shape, generator=gen)
+    q = uad.quantize(floats + 2 * eps, floats, eps, None)  # float: no lattice, within eps
+    assert q.dtype == torch.float32 and (q.double() - floats.double()).abs().max() <= eps
+
+
+def test_pixels_of_each_depth_go_to_tensors_and_back_exactly():
+    rng = np.random.default_rng(0)
+    for pixels, levels in [
+        (rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), 255),
+        (rng.integers(0, 65536, (5, 7), dtype=np.uint16), 65535),
+        (rng.random((5, 7), dtype=np.float32), None),
+    ]:
+        x = uad.to_tensor(pixels)
+        assert x.shape[:2] == (1, pixels.ndim * 2 - 3) and 0 <= x.min() and x.max() <= 1
+        back = uad.to_pixels(x, levels)
+        assert back.dtype == pixels.dtype and np.array_equal(back, pixels)
+
+
+def test_protect_keeps_a_16bit_or_float_pil_image_s_depth_within_eps(tiny_sam):
+    config = uad.UADConfig(steps=2, deform_steps=1, proxy_steps=1)
+    grey = small_photo()[..., 1]
+    deep = Image.fromarray(grey.astype(np.uint16))  # dark: every value <= 255 of 65535
+    out = uad.protect(deep, tiny_sam, config=config)
+    assert out.mode == "I;16"
+    diff = np.abs(np.asarray(out, np.int64) - grey)
+    assert 0 < diff.max() <= 8 * 257  # floor(8 / 255 * 65535) levels: exactly within eps
+    floats = Image.fromarray(((grey + 0.5) / 256).astype(np.float32))
+    out = uad.protect(floats, tiny_sam, config=config)
+    assert out.mode == "F"
+    diff = np.abs(np.asarray(out, np.float64) - np.asarray(floats, np.float64))
+    assert 0 < diff.max() <= config.eps
+
+
 def test_protect_returns_the_kind_it_was_given(tiny_sam):
     config = uad.UADConfig(steps=2, deform_steps=1, proxy_steps=1)
     pixels = small_photo()

@@ -92,7 +92,7 @@ def test_rounding_passes_the_smooth_gradient_straight_through():
         ("jpeg", "is not jpeg:Q[-Q]"),
         ("jpeg:0-50", "jpeg takes values in 1..100"),
         ("resize:0-1", "resize takes values in 0..1"),
-        ("resize:0.9-0.5", "resize takes values in 0..1"),
+        ("resize:0.9-0.5", "'resize:0.9-0.5' is reversed; write resize:0.5-0.9"),
         ("blur:3", "'blur:3' is not"),
         ("jpeg:a-b", "has no number range"),
     ],

@@ -9,12 +9,14 @@ checked first, and every problem is one line on stderr and a non-zero exit.
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -33,7 +35,11 @@ from uad import (
 from unsegment.images import (
     LOSSY_FORMATS,
     MAX_PIXELS,
+    MODE_NAMES,
     check_destination,
+    mode_levels,
+    on_lattice,
+    output_mode,
     psnr,
     read_image,
     write_image,
@@ -48,8 +54,11 @@ class Job:
     dst: Path
     new_folder: bool = False  # dst's folder is the output folder, created on the first write
     fmt: str = ""  # PIL format of dst, from check_job
+    mode: str = ""  # the mode dst is written in (L, LA, RGB, RGBA, I;16, F), from check_job
     frames: int = 1  # frames or pages of src, from check_job
     shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
+    eps: float = 0.0  # the attack's budget: --eps, less what rounding onto dst's lattice takes
+    note: str = ""  # a warning on how src's depth is written, from check_job
 
 
 def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
@@ -92,15 +101,53 @@ def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
     return [Job(p, dst / p.name, new_folder=True) for p in files], note
 
 
-def check_job(job: Job, overwrite: bool, max_pixels: Optional[int]) -> None:
+def check_job(
+    job: Job, overwrite: bool, max_pixels: Optional[int], eps: float = UADConfig.eps, lossy=False
+) -> None:
     """Everything about one job that can be known before the model loads: the input decodes,
-    the output is not the input, its folder is writable and its format holds the result."""
+    the output is not the input, its folder is writable, its format holds the result (lossy
+    only with --lossy) and the budget `eps` leaves room for the perturbation."""
     if job.dst.resolve() == job.src.resolve() and not overwrite:
         raise UADError(f"{job.dst}: output is the input file; pass --overwrite to replace it")
-    picture = read_image(job.src, max_pixels)
-    job.fmt = check_destination(job.dst, overwrite, picture.mode, job.new_folder)
+    picture = read_image(job.src, max_pixels, keep_depth=True)
+    job.fmt = check_destination(job.dst, overwrite, None, job.new_folder)
+    job.mode = output_mode(job.dst, job.fmt, picture.mode)
+    if job.fmt in LOSSY_FORMATS and not lossy:
+        raise UADError(
+            f"{job.dst}: {job.fmt} is lossy, so the saved file would not be within eps of the "
+            "input; save as .png, or pass --lossy to write it anyway"
+        )
     job.frames = picture.frames
     job.shape = (*picture.pixels.shape[:2], picture.pixels.ndim)
+    job.eps, job.note = budget(job, picture, eps)
+
+
+def budget(job: Job, picture, eps: float) -> tuple:
+    """(the attack's eps, a warning or ""): the whole of eps when dst holds src's values as they
+    are; one level of dst's lattice less where they are rounded onto it (16-bit or float grey
+    written 8-bit, float written 16-bit) or where PIL kept only their high bytes (16-bit RGB),
+    both under one level, so that the file stays within eps of src's own values. UADError
+    where that leaves no level."""
+    levels = mode_levels(job.mode)
+    if levels == picture.levels and not picture.high_bytes:
+        return eps, ""
+    unit = "grey level" if levels == 255 else "16-bit level"
+    if picture.high_bytes:
+        where, cure = job.src, "pass --eps 2 or more"
+        why = "PIL reads only the high bytes of this 16-bit file, so it is written 8-bit"
+    else:
+        where, cure = job.dst, "save as .tif or .png, or pass --eps 2 or more"
+        depth = "16-bit" if levels == 65535 else "8-bit"
+        why = f"{job.fmt} holds no {MODE_NAMES[picture.mode]}, so it is written {depth}"
+    if math.floor(eps * levels + 1e-6) < 2:
+        raise UADError(
+            f"{where}: {why}, and the rounding takes one {unit} of the budget, leaving none of "
+            f"--eps {eps * 255:g}; {cure}"
+        )
+    return eps - 1 / levels, (
+        f"{where}: {why}, within eps of the input's own values (one {unit} of the budget "
+        "covers the rounding)"
+    )
 
 
 def check_surrogates(args, config: UADConfig) -> List[tuple]:
@@ -140,24 +187,24 @@ def check_model(args, config: UADConfig, device: torch.device) -> List[tuple]:
 
 
 def batches_of(jobs: List[Job], size: int) -> List[List[Job]]:
-    """The jobs in batches of at most `size` images of one shape (Job.shape), in the order of
-    their first job."""
+    """The jobs in batches of at most `size` images of one shape (Job.shape) and budget
+    (Job.eps), in the order of their first job."""
     groups = {}
     for job in jobs:
-        groups.setdefault(job.shape, []).append(job)
+        groups.setdefault((job.shape, job.eps), []).append(job)
     batches = [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
     order = {id(job): i for i, job in enumerate(jobs)}
     return sorted(batches, key=lambda batch: order[id(batch[0])])
 
 
 def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress: Progress) -> list:
-    """Protects files of one shape as one batch: one attack on all of them, each image drawing
-    from its own generator, so that every file is what protecting it alone gives. Returns each
-    job's summary line, or the UADError that stopped it."""
+    """Protects files of one shape and budget as one batch: one attack on all of them, each image
+    drawing from its own generator, so that every file is what protecting it alone gives.
+    Returns each job's summary line, or the UADError that stopped it."""
     results, pictures = [None] * len(jobs), {}
     for i, job in enumerate(jobs):
         try:
-            picture = read_image(job.src, args.max_pixels)
+            picture = read_image(job.src, args.max_pixels, keep_depth=True)
             if (*picture.pixels.shape[:2], picture.pixels.ndim) != job.shape:
                 raise UADError(f"{job.src}: changed since it was checked")
             pictures[i] = picture
@@ -167,46 +214,94 @@ def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress
         job = jobs[i]
         if job.frames > 1:
             progress.warn(f"{job.src}: only the first of its {job.frames} frames is protected")
-        if job.fmt in LOSSY_FORMATS:
-            progress.warn(
-                f"{job.dst}: {job.fmt} compression weakens the perturbation; "
-                "the figures below are of the decoded file"
-            )
+        if job.note:
+            progress.warn(job.note)
     if not pictures:
         return results
     device = surrogates[0].device
-    x = torch.cat([to_tensor(p.pixels, device) for p in pictures.values()])
+    # each image on the lattice it is written on: the attack's reference
+    x = torch.cat([to_tensor(reference(p, jobs[i].mode), device) for i, p in pictures.items()])
+    eps = jobs[next(iter(pictures))].eps  # one per batch (batches_of)
+    run = config if eps == config.eps else dataclasses.replace(config, eps=eps)
     target = None
     if args.target_image is not None:
         target = to_tensor(read_image(args.target_image, args.max_pixels).pixels, device)
-    adv, _, stats = uad.attack(x, surrogates, config, progress, target)
+    adv, _, stats = uad.attack(x, surrogates, run, progress, target)
     progress.end()
     seconds = f"{stats.seconds:.1f} s" + (f" for a batch of {len(x)}" if len(x) > 1 else "")
     for b, (i, picture) in enumerate(pictures.items()):
-        job, image = jobs[i], x[b : b + 1]
-        protected = quantize(adv[b : b + 1], image, config.eps)
+        job, levels = jobs[i], mode_levels(jobs[i].mode)
+        pixels = to_pixels(quantize(adv[b : b + 1], x[b : b + 1], eps, levels), levels)
         try:
+            within_budget(job, picture, pixels, config.eps)
             saved_picture = write_image(
                 job.dst,
-                dataclasses.replace(picture, pixels=to_pixels(protected)),
+                dataclasses.replace(picture, pixels=pixels, high_bytes=False),
                 args.overwrite,
                 job.new_folder,
+                warn=progress.warn,
             )
         except UADError as e:
             results[i] = e
             continue
-        saved = to_tensor(saved_picture.pixels, device)  # measure the file as saved
+        # measure the file as saved against the input's own values
+        saved, image = to_tensor(saved_picture.pixels, device), to_tensor(picture.pixels, device)
         with torch.no_grad():
             f = lambda v: [s.features(v, config) for s in surrogates]  # noqa: E731
             distance = uad.feature_distance(f(saved), f(image)).clamp_min(0).item()
-        linf = round((saved - image).abs().max().item() * 255)
         ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), image.expand(-1, 3, -1, -1)).item()
+        linf = linf_text(job, picture, saved_picture.pixels, config.eps)
         results[i] = (
-            f"{job.dst}: L-inf {linf}/255, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
+            f"{job.dst}: L-inf {linf}, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
             f"feature distance {distance:.4f}, {seconds} ({args.preset} preset, "
             f"{surrogate_names(surrogates)})"
         )
     return results
+
+
+def reference(picture, mode: str):
+    """The picture's pixels on the lattice `mode` is written on (as they are if already)."""
+    levels = mode_levels(mode)
+    return picture.pixels if levels == picture.levels else on_lattice(picture.pixels, levels)
+
+
+def pixel_distance(a, b) -> float:
+    """max |a - b| of two pixel arrays, each in [0, 1] on its own lattice, in float64."""
+    scale = lambda p: p.astype(np.float64) / (uad.LEVELS.get(p.dtype) or 1)  # noqa: E731
+    return float(np.abs(scale(a) - scale(b)).max())
+
+
+def within_budget(job: Job, picture, pixels, eps: float) -> None:
+    """UADError unless `pixels` (to be written) are within eps of the input's own values: a
+    check of the arithmetic above, before anything is written. PIL's high bytes of a 16-bit
+    file are within 1/257 of its values. A lossy format (--lossy) is measured after writing."""
+    if job.fmt in LOSSY_FORMATS:
+        return
+    d = pixel_distance(pixels, picture.pixels) + (1 / 257 if picture.high_bytes else 0)
+    if d > eps + 1e-12:
+        raise UADError(
+            f"{job.dst}: the protected pixels are {d * 255:.4g}/255 from the input, over the "
+            f"{eps * 255:g}/255 budget; nothing written"
+        )
+
+
+def linf_text(job: Job, picture, saved, eps: float) -> str:
+    """The summary's L-infinity distance of the saved pixels from the input's, in 1/255, with
+    what it is measured on: "8/255", "8/255 (16-bit)", "6.498/255 (16-bit written 8-bit)", "38/255
+    (over the 8/255 budget: JPEG is lossy)"."""
+    d = pixel_distance(saved, picture.pixels) * 255
+    text = f"{d:.0f}/255" if abs(d - round(d)) < 1e-9 else f"{d:.3f}/255"
+    eps255 = f"{eps * 255:g}/255"
+    if job.fmt in LOSSY_FORMATS and d > eps * 255 + 1e-9:
+        return f"{text} (over the {eps255} budget: {job.fmt} is lossy)"
+    if picture.high_bytes:
+        # 8-bit from 8-bit: a whole number of levels; the file's values are under one more away
+        return f"{text} from PIL's 8-bit reading, under {d + 1:.0f}/255 from the 16-bit file"
+    if picture.levels == 255:
+        return text
+    depth = {65535: "16-bit", None: "float"}[picture.levels]
+    written = {"I;16": "16-bit", "F": "float"}.get(job.mode, "8-bit")
+    return text + (f" ({written})" if depth == written else f" ({depth} written {written})")
 
 
 def surrogate_names(surrogates) -> str:
@@ -341,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--lossy",
+        action="store_true",
+        help="allow a lossy output format (JPEG); the file is then not within eps of the input, "
+        "and its summary line says how far it is",
+    )
     p.add_argument(
         "--batch",
         type=positive_count,
@@ -510,11 +611,11 @@ def main(argv=None) -> int:
             progress.warn(skipped)
         failures = 0
         if len(jobs) == 1:  # a bad input or output fails before any model is loaded
-            check_job(jobs[0], args.overwrite, args.max_pixels)
+            check_job(jobs[0], args.overwrite, args.max_pixels, config.eps, args.lossy)
         else:
             for job in list(jobs):
                 try:
-                    check_job(job, args.overwrite, args.max_pixels)
+                    check_job(job, args.overwrite, args.max_pixels, config.eps, args.lossy)
                 except UADError as e:
                     progress.error(str(e))
                     jobs.remove(job)
