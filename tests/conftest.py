@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-init SAM checkpoints (see helpers.py), the command line run on
-them, a guard against loading any model, and a copy of a photo."""
+them, a guard against loading any model, a copy of a photo, and the CUDA kernels emulated on CPU
+threads."""
 
 import shutil
 
@@ -11,6 +12,7 @@ torch.set_num_threads(1)  # two cores: oversubscription makes the suite many tim
 import unsegment.cli  # noqa: E402
 import unsegment.models  # noqa: E402
 from helpers import EXAMPLES, TINY_ARCHS, build_tiny_sam  # noqa: E402
+from warp_kernel.testing import load_cuda_emulation  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +69,13 @@ def example_image(tmp_path):
     dst = tmp_path / "coffee.png"
     shutil.copy(EXAMPLES / "coffee.png", dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The CUDA extension built to run on CPU threads (warp_kernel/csrc/cuda_emulation.h), loaded
+    once per module with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_cuda_emulation()
+    torch.set_num_threads(threads)

@@ -20,7 +20,6 @@ from warp_kernel.testing import (
     assert_half_precision_is_float32,
     converging_flow,
     corner_blocks,
-    load_cuda_emulation,
     make_inputs,
     only_blocks,
     run_flow_warp,
@@ -33,14 +32,6 @@ PADDINGS = ["border", "reflection"]
 SHAPES = [(2, 3, 23, 37), (1, 1, 11, 40), (1, 2, 33, 17)]
 DTYPES = [torch.float32, torch.float64]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(warp_kernel.__file__)))
-
-
-@pytest.fixture(scope="module")
-def emu():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_cuda_emulation()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -11,17 +11,9 @@ import torch
 
 import warp_kernel
 from warp_kernel import self_check
-from warp_kernel.testing import load_cuda_emulation, make_inputs, run_flow_warp, run_warp_ssim
+from warp_kernel.testing import make_inputs, run_flow_warp, run_warp_ssim
 
 SHAPE = (2, 3, 20, 17)
-
-
-@pytest.fixture(scope="module")
-def emu():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_cuda_emulation()
-    torch.set_num_threads(threads)
 
 
 class Planted:
