@@ -23,6 +23,7 @@ Loading checkpoints, image files and the command line live in the `unsegment` pa
 
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -137,10 +138,7 @@ class UADConfig:
     )
     # execution
     seed: int = knob(
-        0,
-        "seed of every random draw (flow init, random start, encoder noise, robust), per image",
-        at_least=0,
-        at_most=2**64 - 1,  # what torch.Generator.manual_seed takes
+        0, "seed of every draw, mixed with each image's own values", at_least=0, at_most=2**64 - 1
     )
     dtype: str = knob("float32", "encoder autocast dtype", choices=("float32", "bfloat16"))
     attention: str = knob(
@@ -464,7 +462,7 @@ def attack(
     towards its features instead of a deformed target's; "noise" draws uniform noise only.
     progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
     loss) when a stage starts, then after each of its steps. Every image draws its random
-    numbers from its own generator seeded with config.seed, so that what the attack does to an
+    numbers from its own generator (see `generators`), so that what the attack does to an
     image does not depend on the other images of the batch.
     """
     surrogates = surrogates_of(sam)
@@ -477,9 +475,7 @@ def attack(
         check_images(target_image, "target image")
     stats, start = Stats(), time.monotonic()
     surrogate = Ensemble(surrogates, config, stats)
-    # one generator per image, each seeded with config.seed: an image draws the same numbers
-    # whatever batch it is in; CPU draws, the same on every device
-    gen = [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
+    gen = generators(image, config.seed)
     with torch.no_grad():
         f_image = surrogate(image)
     if config.method == "uad":
@@ -504,10 +500,19 @@ def attack(
     return AttackResult(adv, target, stats)
 
 
+def generators(image: torch.Tensor, seed: int) -> list:
+    """One CPU generator per image of (B, C, H, W), seeded with `seed` and a SHA-256 of the
+    image's own values: two images draw different numbers, and an image draws the same ones
+    in any batch, on any device."""
+    values = (x.detach().float().cpu().numpy().tobytes() for x in image)
+    digests = (hashlib.sha256(seed.to_bytes(8, "little") + v).digest() for v in values)
+    return [torch.Generator().manual_seed(int.from_bytes(d[:8], "little")) for d in digests]
+
+
 def add_noise(image: torch.Tensor, config: UADConfig, gen=None) -> torch.Tensor:
     """The noise baseline, which needs no surrogate: image (B, C, H, W) plus uniform noise in
     [-eps, eps], each image drawing from its generator in gen (default: as `attack` seeds them)."""
-    gen = gen or [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
+    gen = gen or generators(image, config.seed)
     noise = draws(gen, image.shape, uniform(config.eps))
     return project(image + noise.to(image.device), image, config.eps)
 
@@ -1272,11 +1277,7 @@ def upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out[..., :h, :w]
 
 
-# -----------------------------------------------------------------------------------------------
-# Names that moved to the unsegment package: forwarded for one release, with a warning
-
-
-def __getattr__(name):
+def __getattr__(name):  # the names that moved to the unsegment package, forwarded with a warning
     try:
         from unsegment import moved  # imported only for a name uad does not have
     except ImportError:

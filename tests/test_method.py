@@ -282,3 +282,20 @@ def test_the_noise_baseline_needs_no_surrogate(tiny_sam):
     assert torch.equal(alone, uad.attack(image, tiny_sam, config).adv)
     assert torch.equal(alone[1:], uad.add_noise(image[1:], config))  # its own generator
     assert 0 < (alone - image).abs().max() <= config.eps + 1e-6
+
+
+def test_each_image_draws_its_own_numbers_the_same_alone_or_in_a_batch(tiny_sam):
+    a, b = uad.to_tensor(small_photo((64, 48))), uad.to_tensor(small_photo((64, 48))).flip(-1)
+    config = uad.UADConfig(steps=1, deform_steps=1, proxy_steps=1, random_start=True, seed=3)
+    # two images of one batch start from different initial flows and random starts
+    flows = [
+        uad.draws(g, (1, 4, 2, 6, 6), torch.randn) for g in uad.generators(torch.cat([a, b]), 3)
+    ]
+    assert not torch.equal(flows[0], flows[1])
+    noise = uad.add_noise(torch.cat([a, a, b]), config) - torch.cat([a, a, b])
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    # an image is attacked the same alone and in a batch, and another seed draws otherwise
+    batch = uad.attack(torch.cat([a, b]), tiny_sam, config).adv
+    assert torch.equal(uad.attack(b, tiny_sam, config).adv[0], batch[1])
+    other = uad.generators(a, 4)[0].initial_seed()
+    assert other != uad.generators(a, 3)[0].initial_seed()

@@ -310,7 +310,7 @@ def attack(image: torch.Tensor, sam, config=None, progress=None) -> uad.AttackRe
     surrogate = uad.Ensemble([vit], config, stats)
     # one generator per image, as uad.attack makes them: an image draws the same numbers
     # whatever batch it is in
-    gen = [torch.Generator().manual_seed(config.seed) for _ in range(len(image))]
+    gen = uad.generators(image, config.seed)
     with torch.no_grad():
         f_image = surrogate(image)
     target, target_ssim, _, _ = deform(image, sam, config, gen, progress)
