@@ -1,5 +1,6 @@
 """The paper's table in one command: protect SA-1B images with each attack, score them with
-eval.py's protocol on each model, and print attack x model beside the published numbers.
+eval.py's protocol on each model, and print attack x model beside the paper's numbers (from the
+authors' logs).
 
     python benchmarks/reproduce.py --sa1b DIR --images 1000 \\
         --attacks paper,reference,authors,aa,noise \\
@@ -69,8 +70,9 @@ ATTACKS = (*uad.PRESETS, *uad.PRESET_ALIASES, "authors")
 CLEAN = "clean"  # the clean images, scored like an attack
 # The attack flags, as uad.py names them and in its units (--eps and --alpha in 1/255)
 ATTACK_FLAGS = ("eps", "alpha", "steps", "deform_steps", "proxy_steps", "layers", "dtype")
-# The published numbers (../shared/REFERENCE.md: computed from the authors' logs of 1000 SA-1B
-# images), as (mIoU, ASR@50) in percent; None where the logs give no figure.
+# The paper's numbers as computed from the raw result logs the authors' code ships (1000 SA-1B
+# images, 49,795 point and 29,877 box prompts), as (mIoU, ASR@50) in percent; None where the logs
+# give no figure.
 PAPER = {
     "uad": {
         "vit_b": {"all": (51.53, 43.88), "point": (37.64, None), "box": (74.68, None)},
@@ -103,7 +105,7 @@ KINDS = (*ev.PROMPT_KINDS, "all")
 
 
 def paper_numbers(attack: str, model: str, kind: str):
-    """(mIoU, ASR@50) the paper published for this cell, or (None, None)."""
+    """(mIoU, ASR@50) of the paper's attack in this cell, from the authors' logs, or (None, None)."""
     row = PAPER.get(PAPER_ROW.get(uad.PRESET_ALIASES.get(attack, attack), ""), {})
     return row.get(PAPER_COLUMN.get(model, ""), {}).get(kind, (None, None))
 
