@@ -191,3 +191,233 @@ def test_each_image_of_a_batch_gets_what_it_gets_alone(tiny_sam):
 def test_layers_beyond_the_surrogate_are_an_error(tiny_sam):
     with pytest.raises(uad.UADError, match="layers"):
         authors.attack(uad.to_tensor(small_photo()), tiny_sam, authors.authors_config(layers=(9,)))
+
+
+# -----------------------------------------------------------------------------------------------
+# Stage 1's settings as their UAD sets them (attack/attacker.py): the initial points, the
+# filter's points, the clamp after each step, the learning rate; and a golden target
+
+
+def block_centres(points: int = 6) -> torch.Tensor:
+    """(points^2, 2) the centres (x, y) of a points x points grid of int(1024 / points) px
+    blocks, x varying fastest, as whole pixels."""
+    block = 1024 // points
+    centres = torch.tensor([int((i + 0.5) * block) for i in range(points)]).float()
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([xs, ys], -1).view(-1, 2)
+
+
+class RecordedAdam(torch.optim.Adam):
+    """Adam that records, before each step, its lr, its parameters and their gradients; and
+    after it adds `push` (a function of the parameters) to them, before deform clamps them."""
+
+    steps: list = []
+    push = None
+
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        RecordedAdam.steps.append(
+            (
+                self.param_groups[0]["lr"],
+                [p.detach().clone() for p in params],
+                [p.grad.detach().clone() for p in params],
+            )
+        )
+        out = super().step(closure)
+        if RecordedAdam.push:
+            with torch.no_grad():
+                RecordedAdam.push(*params)
+        return out
+
+
+@pytest.fixture
+def recorded_adam(monkeypatch):
+    monkeypatch.setattr(RecordedAdam, "steps", [])
+    monkeypatch.setattr(RecordedAdam, "push", None)
+    monkeypatch.setattr(torch.optim, "Adam", RecordedAdam)
+    return RecordedAdam
+
+
+def test_the_destinations_start_at_the_block_centres_plus_noise_of_a_tenth_block(tiny_sam):
+    # their dst_rand_range = 0.1 of a block of int(1024 / 6) = 170 px: std 17 px per coordinate,
+    # each image drawing from its own generator (the one it is given)
+    image = uad.to_tensor(small_photo((32, 24)))
+    images = torch.cat([image, image.flip(-1)])
+    config = authors.authors_config(deform_steps=1)  # no step: the points as they start
+    seeds = (3, 4)
+    result = authors.deform(
+        images, tiny_sam, config, [torch.Generator().manual_seed(s) for s in seeds]
+    )
+    grid = block_centres()
+    assert result.source.shape == result.dest.shape == (2, 4, 36, 2)
+    assert torch.equal(result.source, grid.expand(2, 4, 36, 2))
+    for b, seed in enumerate(seeds):
+        noise = torch.randn((1, 4, 36, 2), generator=torch.Generator().manual_seed(seed))[0]
+        expected = (grid + 0.1 * 170 * noise).clamp(0, 1023)
+        assert torch.allclose(result.dest[b], expected, atol=1e-4), b
+    move = result.dest - result.source
+    assert not torch.equal(move[0], move[1])  # two generators, two draws
+    assert 16 < move.std().item() < 18 and move.mean().abs().item() < 1.5
+
+
+def test_the_merge_filter_is_the_checkerboard_warped_by_the_first_warps_initial_points(
+    tiny_sam, monkeypatch
+):
+    calls = []
+    warp_target = authors.warp_target
+
+    def recording(image, source, dest, keep_max, config, scale):
+        calls.append((source.detach().clone(), dest.detach().clone(), keep_max.clone()))
+        return warp_target(image, source, dest, keep_max, config, scale)
+
+    monkeypatch.setattr(authors, "warp_target", recording)
+    image = uad.to_tensor(small_photo())  # 96 x 64
+    config = authors.authors_config(deform_steps=3)
+    result = authors.deform(image, tiny_sam, config, torch.Generator().manual_seed(6))
+    assert len(calls) == 3  # two steps, then the target
+    source, dest, _ = calls[0]  # the initial points
+    assert torch.equal(source[0, 0], block_centres())
+    board = authors.checkerboard(64, 96, config, "cpu")
+
+    def warped_board(s, d):
+        flow = authors.spline_flow(s, d, 64, 96, 1024 / 96)
+        return warp_kernel.flow_warp(board, flow, "reflection")
+
+    expected = warped_board(source[:, 0], dest[:, 0])
+    for step, (*_, keep_max) in enumerate(calls):
+        assert torch.allclose(keep_max, expected, atol=1e-5), step
+    # and it is none of the other candidates: the board unwarped, another warp's initial
+    # points, the first warp's points after a step or at the end
+    for other in (
+        board,
+        warped_board(source[:, 1], dest[:, 1]),
+        warped_board(calls[1][0][:, 0], calls[1][1][:, 0]),
+        warped_board(result.source[:, 0], result.dest[:, 0]),
+    ):
+        assert (other - expected).abs().max() > 0.1
+
+
+def test_the_points_are_clamped_to_the_1024_square_after_each_step(tiny_sam, recorded_adam):
+    def push(source, dest):  # after the update, four points thrown out of the square
+        source[:, :, 0] += 5000  # to the far corner
+        source[:, :, 1] -= 5000  # to the origin
+        dest[:, :, 2, 0] += 5000
+        dest[:, :, 3, 1] -= 5000
+
+    recorded_adam.push = push
+    image = uad.to_tensor(small_photo())
+    for steps in (2, 3):  # after the first step, and after the second
+        recorded_adam.steps.clear()
+        config = authors.authors_config(deform_steps=steps)
+        result = authors.deform(image, tiny_sam, config, torch.Generator().manual_seed(7))
+        assert len(recorded_adam.steps) == steps - 1
+        source, dest = result.source, result.dest
+        for points in (source, dest):
+            assert points.min() >= 0 and points.max() <= 1023
+        assert (source[:, :, 0] == 1023).all() and (source[:, :, 1] == 0).all()
+        assert (dest[:, :, 2, 0] == 1023).all() and (dest[:, :, 3, 1] == 0).all()
+        # the step before saw its points clamped too
+        before_source, before_dest = recorded_adam.steps[-1][1]
+        for points in (before_source, before_dest):
+            assert points.min() >= 0 and points.max() <= 1023
+        if steps == 2:  # the other points are where Adam's first step put them, <= lr away
+            assert (source[:, :, 4:] - before_source[:, :, 4:]).abs().max() <= 10 + 1e-3
+
+
+def test_one_adam_step_moves_each_point_by_the_learning_rate_of_10_pixels(tiny_sam, recorded_adam):
+    config = authors.authors_config(deform_steps=2)  # one step
+    assert config.deform_lr == 10
+    image = uad.to_tensor(small_photo())
+    result = authors.deform(image, tiny_sam, config, torch.Generator().manual_seed(8))
+    [(lr, before, grads)] = recorded_adam.steps
+    assert lr == 10
+    for start, grad, after in zip(before, grads, (result.source, result.dest)):
+        assert grad.abs().max() > 0
+        # Adam's first step: m = (1 - b1) g, v = (1 - b2) g^2, bias-corrected to g and g^2:
+        # lr g / (|g| + eps), lr in the direction against the gradient, in pixels at 1024
+        expected = (start - 10 * grad / (grad.abs() + 1e-8)).clamp(0, 1023)
+        assert torch.allclose(after, expected, atol=1e-3)
+        moved = (after - start).abs()
+        assert ((moved - 10).abs() < 0.05).float().mean() > 0.9
+
+
+# an independent implementation of their target, in float64 numpy, from the formulas
+
+
+def spline_at(source: np.ndarray, dest: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The order-1 polyharmonic spline through (dest_i, source_i - dest_i) with its affine
+    part, sum_i w_i |q - dest_i| + a x + b y + c, the w summing to 0 and orthogonal to the
+    points' x and y; at points `at` (m, 2): (m, 2)."""
+    n = len(dest)
+    radial = np.linalg.norm(dest[:, None] - dest[None], axis=-1)
+    affine = np.hstack([dest, np.ones((n, 1))])
+    lhs = np.block([[radial, affine], [affine.T, np.zeros((3, 3))]])
+    rhs = np.vstack([source - dest, np.zeros((3, 2))])
+    coef = np.linalg.solve(lhs, rhs)
+    r = np.linalg.norm(at[:, None] - dest[None], axis=-1)
+    return r @ coef[:n] + np.hstack([at, np.ones((len(at), 1))]) @ coef[n:]
+
+
+def reflect(c: np.ndarray, size: int) -> np.ndarray:
+    """Coordinates mirrored about the first and last pixel centres into [0, size - 1]."""
+    period = 2 * (size - 1)
+    c = np.mod(c, period)
+    return np.where(c > size - 1, period - c, c)
+
+
+def sample(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples of image (C, H, W) at (x, y) (H, W), reflected inside: (C, H, W)."""
+    _, h, w = image.shape
+    x, y = reflect(x, w), reflect(y, h)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = x - x0, y - y0
+    return (
+        image[:, y0, x0] * (1 - fx) * (1 - fy)
+        + image[:, y0, x1] * fx * (1 - fy)
+        + image[:, y1, x0] * (1 - fx) * fy
+        + image[:, y1, x1] * fx * fy
+    )
+
+
+def test_the_target_matches_an_independent_implementation_of_their_formulas(tiny_sam, monkeypatch):
+    # 2 warps of 3 x 3 points, the destination noise fixed, no step: the target is the merge
+    # of the warps of the initial points through the checkerboard warped by warp 0's
+    noise = torch.randn((1, 2, 9, 2), generator=torch.Generator().manual_seed(9)) * 1.5
+
+    def draws(gen, shape, sample_):
+        assert tuple(shape) == (1, 2, 9, 2)
+        return noise
+
+    monkeypatch.setattr(uad, "draws", draws)
+    h, w = 20, 28
+    pixels = small_photo((w, h))
+    config = authors.authors_config(deform_steps=1, control_points=3, num_flows=2)
+    result = authors.deform(uad.to_tensor(pixels), tiny_sam, config, None)
+
+    source = block_centres(3).double().numpy()  # centres 170, 511, 852 of 341 px blocks
+    dests = [source + 0.1 * 341 * noise[0, k].double().numpy() for k in range(2)]
+    assert all(((d > 0) & (d < 1023)).all() for d in dests)  # nothing clamped
+    scale = 1024 / max(h, w)
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    at = np.stack([xs, ys], -1).reshape(-1, 2)
+    at_1024 = (at + 0.5) * scale - 0.5  # the pixel centres at the 1024 scale
+
+    def warp(image, dest):
+        move = spline_at(source, dest, at_1024) / scale  # image pixels
+        x, y = xs + move[:, 0].reshape(h, w), ys + move[:, 1].reshape(h, w)
+        return sample(image, x, y), (x, y)
+
+    image = pixels.transpose(2, 0, 1) / 255.0
+    cell = round(300 / scale)  # 8 px: 300 px at the 1024 scale
+    board = ((ys // cell + xs // cell) % 2).astype(float)[None]
+    keep_max, (x, y) = warp(board, dests[0])
+    warped = np.stack([warp(image, d)[0] for d in dests])
+    expected = warped.max(0) * keep_max + warped.min(0) * (1 - keep_max)
+
+    # the case exercises reflection, a filter between 0 and 1, and warps that differ
+    assert x.min() < 0 or y.min() < 0 or x.max() > w - 1 or y.max() > h - 1
+    assert ((keep_max > 0.01) & (keep_max < 0.99)).any()
+    assert np.abs(warped[0] - warped[1]).max() > 0.1
+    assert torch.allclose(result.dest[0].double(), torch.tensor(np.stack(dests)), atol=1e-4)
+    assert np.abs(result.target[0].double().numpy() - expected).max() < 1e-4
