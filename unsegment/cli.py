@@ -344,18 +344,22 @@ def not_a_surrogate(name: str) -> Optional[str]:
 
 def surrogate_list(text: str) -> List[tuple]:
     """--surrogate: NAME[=CHECKPOINT][,NAME[=CHECKPOINT]...] -> [(name, Path or None), ...]."""
+    known = models.surrogate_models()
+    names = [item.strip().partition("=")[0] for item in text.split(",") if item.strip()]
+    first_unknown = next((name for name in names if name not in known), None)
+    if first_unknown is not None and not_a_surrogate(first_unknown):
+        raise argparse.ArgumentTypeError(not_a_surrogate(first_unknown))
     try:
-        specs = models.model_list(text, models.surrogate_names(), "surrogate")
+        specs = models.model_list(text, known, "surrogate")
     except UADError as e:
-        name = str(e).partition("unknown surrogate '")[2].partition("'")[0]
-        raise argparse.ArgumentTypeError(not_a_surrogate(name) or str(e)) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return [(name, Path(path) if path else None) for name, path in specs]
 
 
 def surrogate_names_help() -> str:
     """The --surrogate names by family: "vit_b, vit_l, vit_h (SAM); mobile_sam (MobileSAM); ..."."""
     families = {}
-    for name in models.surrogate_names():
+    for name in models.surrogate_models():
         families.setdefault(models.MODELS[name].info.title, []).append(name)
     return "; ".join(f"{', '.join(names)} ({title})" for title, names in families.items())
 

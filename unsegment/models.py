@@ -236,7 +236,7 @@ SURROGATE_FAMILIES = tuple(name for name, f in MODEL_FAMILIES.items() if f.surro
 SURROGATE_STAGES = {name: spec.stages for name, spec in MODELS.items() if spec.stages}
 
 
-def surrogate_names() -> list:
+def surrogate_models() -> list:
     """The names --surrogate accepts: the models of the families a uad Surrogate attacks."""
     return [n for n, spec in MODELS.items() if spec.info.surrogate]
 
