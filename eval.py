@@ -2,8 +2,9 @@
 
     python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
-models: vit_b, vit_l, vit_h, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam, sam2_t,
-sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam (docs/models.md).
+models: vit_b, vit_l, vit_h, sam_vit, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam,
+sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam
+(docs/models.md).
 The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
 

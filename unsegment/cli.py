@@ -162,10 +162,10 @@ def check_surrogates(args, config: UADConfig) -> List[tuple]:
     specs = args.surrogate or [(args.model_type or "vit_b", args.checkpoint)]
     for name, checkpoint in specs:
         models.import_family(name)
-        uad.check_layers(name, config, *models.encoder_depth(name), cli=True)
-        getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
         if checkpoint is not None:
             models.check_checkpoint_file(checkpoint)
+        uad.check_layers(name, config, *models.encoder_depth(name, checkpoint), cli=True)
+        getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
     return specs
 
 
