@@ -109,6 +109,25 @@ def decode_rle(segmentation: dict) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
+def encode_rle(mask: np.ndarray) -> dict:
+    """The compressed COCO RLE of an (H, W) bool mask, as SA-1B stores it (decode_rle's inverse):
+    {"size": [H, W], "counts": str}."""
+    flat = mask.flatten(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    runs = [0] + runs if flat.size and flat[0] else runs  # the first run is background
+    out = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        more = True
+        while more:  # 5-bit groups, least significant first; 0x10 of the last is the sign
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(c + (0x20 if more else 0) + 48))
+    return {"size": list(mask.shape), "counts": "".join(out)}
+
+
 def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
     """Tight box (x, y, w, h) of a non-empty (H, W) bool mask, w = x_max - x_min + 1."""
     ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
