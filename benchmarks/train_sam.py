@@ -84,7 +84,7 @@ class TrainConfig:
     seed: int = 0  # weights' init and every data draw
     steps: int = 1500  # optimiser steps
     batch: int = 8  # composites per step
-    prompts: int = 4  # prompts per composite
+    prompts: int = 8  # prompts per composite
     lr: float = 8e-4  # SAM's base learning rate
     weight_decay: float = 0.1  # SAM's
     warmup: int = 100  # steps of linear warm-up
@@ -196,6 +196,9 @@ def train(config: TrainConfig, photos=None, log=None):
     try:
         torch.manual_seed(config.seed)
         sam = unsegment.models.build_sam_vit(config.arch).train()
+        # SAM zero-inits its absolute positions because it starts from MAE weights; from scratch
+        # they start random, as a ViT's do
+        torch.nn.init.trunc_normal_(sam.image_encoder.pos_embed, std=0.02)
         photos = composites.load_photos("train") if photos is None else photos
         decay = [p for n, p in sam.named_parameters() if p.ndim > 1 and "pos" not in n]
         other = [p for n, p in sam.named_parameters() if not (p.ndim > 1 and "pos" not in n)]
