@@ -3,6 +3,7 @@ recipe in miniature, into an ordinary checkpoint that `--surrogate sam_vit=PATH`
 `--models sam_vit=PATH` load.
 
     python benchmarks/train_sam.py a sam_small_a.pth     # model a; b is the transfer model
+    python benchmarks/train_sam.py tiny tests/data/sam_tiny.pth --steps 1500 --half
 
 The model is segment_anything's own ImageEncoderViT, PromptEncoder and MaskDecoder at a small
 width, depth and input size (MODELS; unsegment.models.build_sam_vit builds it, and
@@ -73,8 +74,24 @@ MODELS = {
         decoder_mlp_dim=256,
         iou_head_dim=64,
     ),
+    # tests/test_trained.py's model, committed as tests/data/sam_tiny.pth (float16, 240 kB):
+    # 64 x 64 input, an 8 x 8 grid, depth 7 for the default feature blocks 3..6
+    "tiny": dict(
+        img_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=7,
+        num_heads=2,
+        mlp_ratio=2.0,
+        global_attn_indexes=(3, 6),
+        window_size=4,
+        prompt_dim=32,
+        decoder_depth=2,
+        decoder_mlp_dim=64,
+        iou_head_dim=32,
+    ),
 }
-SEEDS = {"a": 0, "b": 1}
+SEEDS = {"a": 0, "b": 1, "tiny": 2}
 MAX_BOX_NOISE = 20  # pixels, as SAM's recipe caps its box noise
 
 
@@ -224,9 +241,9 @@ def train(config: TrainConfig, photos=None, log=None):
     return sam.eval()
 
 
-def train_to(path: Path, config: TrainConfig, quiet: bool = False) -> dict:
-    """Trains and saves the state dict at `path` (and what made it at path.json); returns that
-    record."""
+def train_to(path: Path, config: TrainConfig, quiet: bool = False, half: bool = False) -> dict:
+    """Trains and saves the state dict at `path` (float16 if `half`) and what made it at
+    path.json; returns that record."""
 
     def log(step, loss):
         if not quiet:
@@ -236,23 +253,29 @@ def train_to(path: Path, config: TrainConfig, quiet: bool = False) -> dict:
     sam = train(config, log=log)
     record = {"config": config.key(), "seconds": time.monotonic() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sam.state_dict(), path)
+    state = sam.state_dict()
+    torch.save(
+        {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}, path
+    )
     path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="train_sam.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", choices=list(MODELS), help="a: the surrogate; b: the transfer model")
+    p.add_argument(
+        "model", choices=list(MODELS), help="a: the surrogate; b: the transfer model; tiny: tests'"
+    )
     p.add_argument("out", type=Path, help="the checkpoint to write (.pth)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="(%(default)s)")
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="(%(default)s)")
+    p.add_argument("--half", action="store_true", help="save float16 weights")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     config = TrainConfig(
         MODELS[args.model], SEEDS[args.model], steps=args.steps, threads=args.threads
     )
-    record = train_to(args.out, config, args.quiet)
+    record = train_to(args.out, config, args.quiet, args.half)
     print(f"wrote {args.out}: {config.steps} steps, {record['seconds']:.0f} s")
     return 0
 

@@ -48,7 +48,7 @@ def checkpoint_path(model: str, steps: int) -> Path:
 
 def train_missing(steps: int, quiet: bool) -> dict:
     """{model: checkpoint} for a and b, training the missing ones at once, one process each."""
-    paths = {m: checkpoint_path(m, steps) for m in train_sam.MODELS}
+    paths = {m: checkpoint_path(m, steps) for m in ("a", "b")}
     jobs = []
     for model, path in paths.items():
         if not path.is_file():
