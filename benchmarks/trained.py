@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     heldout = args.out / "heldout"
     composites.write_split(heldout, "heldout", args.images, HELDOUT_SEED)
     tables = {m: score(args.out / "run", heldout, args, paths["a"], paths[m]) for m in paths}
-    trained = {m: json.loads(paths[m].with_suffix(".json").read_text()) for m in train_sam.MODELS}
+    trained = {m: json.loads(paths[m].with_suffix(".json").read_text()) for m in paths}
     table = format_table(tables)
     n = tables["a"]["table"][0]["count"]
     print(
