@@ -509,8 +509,7 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
         unsegment.models.import_family(name)
-        if checkpoint is not None:
-            unsegment.models.check_model_checkpoint(name, checkpoint)
+        unsegment.models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
 
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:

@@ -75,6 +75,28 @@ def test_without_a_checkpoint_or_cache_one_line_says_how_to_get_access(tmp_path,
     assert "hf auth login" in line and "sam3=PATH" in line
 
 
+def test_an_uncached_sam3_is_one_line_before_any_model_loads(
+    tiny_checkpoints, tmp_path, monkeypatch, capsys, no_model
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    Image.fromarray(small_photo()).save(tmp_path / "in.png")
+    runs = {
+        "uad.py": lambda: unsegment.cli.main(
+            [str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--surrogate", "vit_b,sam3"]
+        ),
+        "eval.py": lambda: ev.main(
+            ["--clean", str(tmp_path / "in.png"), "--adv", str(tmp_path / "in.png")]
+            + ["--models", f"vit_b={tiny_checkpoints['vit_b']},sam3"]
+        ),
+    }
+    for program, run in runs.items():
+        code = run()
+        out, err = capsys.readouterr()
+        assert code != 0 and out == "" and "Traceback" not in err, program
+        assert len(err.strip().splitlines()) == 1 and "huggingface.co/facebook/sam3" in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_building_rewrites_cuda_only_while_the_package_needs_it_and_undoes_its_side_effects():
     from sam3.model.position_encoding import PositionEmbeddingSine
 

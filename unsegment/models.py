@@ -567,8 +567,12 @@ def build_model(name: str, description=None) -> torch.nn.Module:
     return spec.info.build(spec)
 
 
-def check_model_checkpoint(name: str, path) -> Path:
-    """`path` as a Path if it can be model `name`'s checkpoint file; UADError if not."""
+def check_model_checkpoint(name: str, path) -> Optional[Path]:
+    """`path` as a Path if it can be model `name`'s checkpoint file; UADError if not. Without a
+    path: SAM 3's from the Hugging Face cache (UADError saying how to get it), None for the
+    others (their official files download on first use)."""
+    if path is None:
+        return sam3_cached_checkpoint() if MODELS[name].family == "sam3" else None
     path = check_checkpoint_file(path)
     if MODELS[name].family == "fastsam" and path.suffix != ".pt":  # ultralytics reads no other
         raise UADError(f"{path}: a FastSAM checkpoint is an ultralytics .pt file")
