@@ -5,7 +5,10 @@ The models are sam3's own build_tracker with its ViT shrunk (helpers.shrink_sam3
 Skips when sam3 is not installed (pip install sam3 psutil scikit-image, or the variants extra).
 """
 
+import importlib
 import json
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,26 +100,52 @@ def test_an_uncached_sam3_is_one_line_before_any_model_loads(
     assert not (tmp_path / "o.png").exists()
 
 
-def test_building_rewrites_cuda_only_while_the_package_needs_it_and_undoes_its_side_effects():
+def test_building_rewrites_cuda_only_while_the_package_needs_it_and_undoes_its_side_effects(
+    monkeypatch,
+):
     from sam3.model.position_encoding import PositionEmbeddingSine
 
-    assert unsegment.sam3_compat.hardcodes_cuda()  # sam3 0.1.4; False once upstream fixes it
-    if not torch.cuda.is_available():
+    def encoding():
+        return PositionEmbeddingSine(16, normalize=True, precompute_resolution=64)
+
+    fails = unsegment.sam3_compat.hardcodes_cuda() and not torch.cuda.is_available()  # 0.1.4: True
+    if fails:  # the package's own failure, outside the scope
         with pytest.raises((RuntimeError, AssertionError)):
-            PositionEmbeddingSine(16, normalize=True, precompute_resolution=64)
-    torch.backends.cuda.matmul.allow_tf32 = False
+            encoding()
     before = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    with pytest.MonkeyPatch.context() as mp:
-        shrink_sam3(mp)
+    shrink_sam3(monkeypatch)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
         model = unsegment.models.build_model("sam3")
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     encodings = [m for m in model.modules() if isinstance(m, PositionEmbeddingSine)]
     assert encodings and all(not m.cache for m in encodings)  # recomputed on the model's device
     assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before
-    assert torch.backends.cuda.matmul.allow_tf32 is False
-    with pytest.raises((RuntimeError, AssertionError)):  # the rewrite ended with the build
-        if torch.cuda.is_available():
-            raise AssertionError("CUDA present: nothing to rewrite")
-        PositionEmbeddingSine(16, normalize=True, precompute_resolution=64)
+    if fails:
+        with pytest.raises((RuntimeError, AssertionError)):  # the rewrite ended with the build
+            encoding()
+        monkeypatch.setattr(unsegment.sam3_compat, "hardcodes_cuda", lambda: False)
+        with pytest.raises((RuntimeError, AssertionError)):  # turned off, the package fails
+            unsegment.models.build_model("sam3")
+
+
+def test_importing_sam3_as_on_a_gpu_leaves_tf32_as_it_was(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an Ampere GPU or later, as
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(major=9))
+    for module in ("sam3", "sam3.model_builder"):  # imported afresh: it sets TF32 when imported
+        monkeypatch.delitem(sys.modules, module)
+    flags = unsegment.sam3_compat._tf32_flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        unsegment.models.import_family("sam3")
+        assert unsegment.sam3_compat._tf32_flags() == (False, False)
+        importlib.reload(sys.modules["sam3.model_builder"])  # without the guard: turned on
+        assert unsegment.sam3_compat._tf32_flags() == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def test_preprocessing_equals_the_packages_own(sam3):
