@@ -3,7 +3,7 @@
     python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
 models: vit_b, vit_l, vit_h, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam, sam2_t,
-sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam (docs/models.md).
+sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, sam3, fastsam (docs/models.md).
 The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
 
@@ -509,8 +509,7 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
         unsegment.models.import_family(name)
-        if checkpoint is not None:
-            unsegment.models.check_model_checkpoint(name, checkpoint)
+        unsegment.models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
 
 
 def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
@@ -531,6 +530,10 @@ def segmenter_of(name: str, model, device) -> Segmenter:
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
+    if predictor == "sam3":
+        return Segmenter(
+            name, lambda: sam3_predictor(model), lambda **kw: sam3_mask_generator(model, **kw)
+        )
     if predictor == "fastsam":
         return Segmenter(
             name,
@@ -545,6 +548,28 @@ def segmenter_of(name: str, model, device) -> Segmenter:
         lambda: module.SamPredictor(model),
         lambda **kw: module.SamAutomaticMaskGenerator(model, **kw),
     )
+
+
+def sam3_predictor(model):
+    """SAM 3's SAM-style predictor (SAM 2's API) around its tracker, told the feature sizes of
+    the model's own input size (the package assumes 1008)."""
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+    predictor, s = SAM3InteractiveImagePredictor(model), model.image_size // model.backbone_stride
+    predictor._bb_feat_sizes = [(4 * s, 4 * s), (2 * s, 2 * s), (s, s)]  # strides 3.5, 7, 14
+    return predictor
+
+
+def sam3_mask_generator(model, **settings):
+    """SAM 2's automatic mask generator prompting SAM 3's predictor (sam3 has none of its own)."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(model, **settings)
+    area = generator.predictor._transforms.max_hole_area  # its min_mask_region_area
+    generator.predictor = sam3_predictor(model)
+    generator.predictor._transforms.max_hole_area = area
+    generator.predictor._transforms.max_sprinkle_area = area
+    return generator
 
 
 # FastSAM as the paper's code runs it: everything mode once per image with these settings (and

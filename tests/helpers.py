@@ -194,3 +194,35 @@ def parse_table(stdout: str) -> dict:
             break
         table[(cells[0], cells[1])] = [float(c) for c in cells[2:]]
     return table
+
+
+# SAM 3 at 112 x 112 (8 x 8 patches of 14) with an 8-block ViT of width 32, global attention in
+# blocks 3 and 7 and 4 x 4 windows (its real shape: 1008, 32 blocks of width 1024, 7, 15, 23, 31,
+# 24 x 24); the necks and heads keep theirs
+TINY_SAM3_SIZE = 112
+TINY_SAM3_VIT = dict(embed_dim=32, depth=8, num_heads=2, global_att_blocks=(3, 7), window_size=4)
+
+
+def shrink_sam3(mp) -> None:
+    """Makes sam3's own build_tracker (unsegment.models' SAM 3 builder) build TINY_SAM3_VIT at
+    TINY_SAM3_SIZE, through monkeypatch `mp`."""
+    import sam3.model_builder as builder
+    from sam3.model.vitdet import ViT
+
+    real_tracker = builder.Sam3TrackerPredictor
+
+    def tiny_vit(compile_mode=None):  # _create_vit_backbone's other settings
+        settings = dict(
+            img_size=TINY_SAM3_SIZE, pretrain_img_size=56, patch_size=14, mlp_ratio=4.625,
+            qkv_bias=True, use_abs_pos=True, tile_abs_pos=True, rel_pos_blocks=(), use_rope=True,
+            use_interp_rope=True, pretrain_use_cls_token=True, retain_cls_token=False,
+            ln_pre=True, ln_post=False, bias_patch_embed=False, drop_path_rate=0.1,
+        )  # fmt: skip
+        return ViT(**settings, **TINY_SAM3_VIT)
+
+    mp.setattr(builder, "_create_vit_backbone", tiny_vit)
+    mp.setattr(
+        builder,
+        "Sam3TrackerPredictor",
+        lambda **kw: real_tracker(**{**kw, "image_size": TINY_SAM3_SIZE}),
+    )
