@@ -14,7 +14,7 @@ paper's are sa_1 to sa_1000 of sa_000000.tar), or all of them if it holds fewer.
    (checked on the file as saved), with one surrogate loaded once if an attack needs it (the
    noise baseline does not). Attacks: uad.py's presets
    (paper, no-fidelity or its old name reference, the baselines aa and noise) and `authors`
-   (benchmarks/authors.py). The aa baseline's target is another image of the set, drawn from
+   (unsegment/authors.py). The aa baseline's target is another image of the set, drawn from
    the seed and the image's name (so a different --images draws other targets).
 2. score: every model, loaded once, scores the clean image and each protected one in eval.py's
    annotation mode: the first --max-masks (10) annotations, --points (5) points and --boxes (3)
@@ -30,6 +30,12 @@ with the settings it was made with; a rerun skips what is recorded with the same
 redoes the rest (a protected image deleted or changed, or a new attack, model or image). A bad
 image (it does not decode, its annotation file is missing or corrupt) is one line and is left
 out.
+
+For reproduction only (docs/reproduce.md, "Like with like"; the table's footer says which apply):
+--release authors releases as the authors' code does (PGD on SAM's padded, normalised input,
+truncated to uint8 there and resized back), NOT within eps, the table's L-inf column saying how
+far; --log-prompts DIR scores the prompts of the authors' logs (their exp/log/benchmark);
+--fastsam-rgb gives FastSAM RGB as their code did; --aa-distance l2 is their AA's distance.
 
 --cost runs the same pipeline on one synthetic SA-1B-sized image with random-init weights (the
 arithmetic does not depend on them) and prints the seconds per image of each stage.
