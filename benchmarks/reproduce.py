@@ -414,6 +414,8 @@ def protect_one(
     released = run.released(attack)
     if released and picture.pixels.dtype != np.uint8:
         raise uad.UADError(f"{item.image}: --release authors takes 8-bit images, as their code")
+    if released and picture.pixels.ndim == 2:  # their release is RGB, as their cv2 reading
+        picture = dataclasses.replace(picture, pixels=np.repeat(picture.pixels[..., None], 3, 2))
     result = run_attack(attack, x, sam, config, progress, target, run.args)
     if released:  # NOT within eps: truncated at SAM's scale and resized back, as theirs
         pixels = authors.release(result.adv, sam, picture.pixels.shape[:2])
@@ -685,8 +687,8 @@ def cell(value, paper=None) -> str:
 def differences(args) -> List[str]:
     """What differs from the paper's evaluation, with this run's settings: the table's note."""
     release = (
-        "the authors' (--release authors: PGD on the padded 1024 input, truncated to uint8 "
-        "there and resized back bilinearly): NOT within eps, see L-inf"
+        "the authors' for every attack but noise (--release authors: PGD on the padded 1024 "
+        "input, truncated to uint8 there and resized back bilinearly): NOT within eps, see L-inf"
         if args.release == "authors"
         else "ours, exactly the optimised perturbation within eps (theirs: PGD on the padded "
         "1024 input, truncated to uint8 there and resized back, not within eps; --release authors)"
