@@ -743,9 +743,10 @@ def sam2_input(x: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def encoder_features(
-    sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32", attention: str = "sam"
+    sam, x, layers: Sequence[int], dtype="float32", attention="sam", preprocessed=False
 ):
-    """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1].
+    """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1] (preprocessed:
+    x is sam_input's (B, 3, S, S) already, as the authors' PGD perturbs it).
 
     Runs patch_embed, pos_embed and blocks[0 : max(layers) + 1] only: the later blocks and the
     neck do not influence the features and are never run. attention: see `run_block`. Returns a
@@ -753,7 +754,7 @@ def encoder_features(
     """
     enc = sam.image_encoder
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        h = enc.patch_embed(sam_input(x, sam))  # (B, 64, 64, width)
+        h = enc.patch_embed(x if preprocessed else sam_input(x, sam))  # (B, 64, 64, width)
         if enc.pos_embed is not None:
             h = h + enc.pos_embed
         feats = []

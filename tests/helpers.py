@@ -226,3 +226,37 @@ def shrink_sam3(mp) -> None:
         "Sam3TrackerPredictor",
         lambda **kw: real_tracker(**{**kw, "image_size": TINY_SAM3_SIZE}),
     )
+
+
+def write_authors_log(folder: Path, number: int, attack: str, masks, seed: int = 0) -> list:
+    """The authors' result log of image sa_`number` and `attack`, as their benchmark writes it
+    (exp/benchmark.py: utils.py's OutputLogger into folder/N_ATTACK.json): each mask's 5 points
+    drawn as their sample_pixel_in_mask draws them and 3 boxes jittered as attack/eval.py does,
+    with made-up IoUs per model. Returns the prompts, [(mask index, coordinates)], in order."""
+    rng = np.random.RandomState(seed)
+    prompts, evaluations = [], {}
+    for i, mask in enumerate(masks):
+        inside = np.flip(np.argwhere(mask), axis=1)  # (x, y)
+        drawn = [p.tolist() for p in inside[rng.choice(len(inside), 5, replace=False)]]
+        x, y, w, h = ev.mask_bbox(mask)
+        cx, cy = x + w / 2, y + h / 2
+        for _ in range(3):
+            bw, bh = rng.randint(int(0.9 * w), int(1.1 * w)), rng.randint(
+                int(0.9 * h), int(1.1 * h)
+            )
+            drawn.append(
+                [
+                    max(int(cx - bw / 2), 0),
+                    max(int(cy - bh / 2), 0),
+                    min(int(cx + bw / 2), mask.shape[1] - 1),
+                    min(int(cy + bh / 2), mask.shape[0] - 1),
+                ]
+            )
+        for j, coords in enumerate(drawn):
+            scores = {m: float(rng.uniform(0, 100)) for m in ("fastsam", "samb", "saml", "samh")}
+            evaluations[f"m{i}_p{j}"] = {"prompt": coords, **scores}
+            prompts.append((i, coords))
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"imgid": number, "adv_method": attack, "evaluations": evaluations}
+    (folder / f"{number}_{attack}.json").write_text(json.dumps(record, indent=4))
+    return prompts
