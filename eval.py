@@ -3,7 +3,7 @@
     python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
 models: vit_b, vit_l, vit_h, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam, sam2_t,
-sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam (docs/models.md).
+sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, sam3, fastsam (docs/models.md).
 The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
 
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.authors_logs
 import unsegment.cli
 import unsegment.images
 import unsegment.models
@@ -233,6 +234,16 @@ def sample_prompts(objects: Sequence[RefObject], name: str, seed: int, n_points:
         for box in boxes:
             prompts.append(Prompt(i, "box", tuple(int(v) for v in box)))
     return prompts
+
+
+def image_prompts(objects: Sequence[RefObject], name: str, args) -> List[Prompt]:
+    """The prompts of image `name`: those the authors' logs in args.log_prompts hold for it (see
+    unsegment.authors_logs), else sample_prompts' draw."""
+    if getattr(args, "log_prompts", None) is None:
+        return sample_prompts(objects, name, args.seed, args.points, args.boxes)
+    size = objects[0].mask.shape if objects else (0, 0)
+    found = unsegment.authors_logs.read_prompts(args.log_prompts, name, len(objects), size)
+    return [Prompt(*p) for p in found]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -529,17 +540,19 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
         unsegment.models.import_family(name)
-        if checkpoint is not None:
-            unsegment.models.check_model_checkpoint(name, checkpoint)
+        unsegment.models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
 
 
-def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
+def load_segmenter(
+    name: str, checkpoint: Optional[str], device, quiet: bool = False, fastsam_rgb: bool = False
+) -> Segmenter:
     """Loads model `name` (a key of unsegment.models.MODELS, through its load_model), ready to
-    predict."""
-    return segmenter_of(name, unsegment.models.load_model(name, checkpoint, device, quiet), device)
+    predict (fastsam_rgb: see everything_masks)."""
+    model = unsegment.models.load_model(name, checkpoint, device, quiet)
+    return segmenter_of(name, model, device, fastsam_rgb)
 
 
-def segmenter_of(name: str, model, device) -> Segmenter:
+def segmenter_of(name: str, model, device, fastsam_rgb: bool = False) -> Segmenter:
     """The predictors and mask generators of model `name`'s package around a loaded `model`."""
     predictor = unsegment.models.MODELS[name].info.predictor
     if predictor == "sam2":
@@ -551,11 +564,15 @@ def segmenter_of(name: str, model, device) -> Segmenter:
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
+    if predictor == "sam3":
+        return Segmenter(
+            name, lambda: sam3_predictor(model), lambda **kw: sam3_mask_generator(model, **kw)
+        )
     if predictor == "fastsam":
         return Segmenter(
             name,
-            lambda: FastSAMPrompter(model, device),
-            lambda **kw: FastSAMPrompter(model, device),
+            lambda: FastSAMPrompter(model, device, fastsam_rgb),
+            lambda **kw: FastSAMPrompter(model, device, fastsam_rgb),
             thresholds=False,
         )
     # segment-anything, SAM-HQ and MobileSAM share segment_anything's API
@@ -567,13 +584,36 @@ def segmenter_of(name: str, model, device) -> Segmenter:
     )
 
 
+def sam3_predictor(model):
+    """SAM 3's SAM-style predictor (SAM 2's API) around its tracker, told the feature sizes of
+    the model's own input size (the package assumes 1008)."""
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+    predictor, s = SAM3InteractiveImagePredictor(model), model.image_size // model.backbone_stride
+    predictor._bb_feat_sizes = [(4 * s, 4 * s), (2 * s, 2 * s), (s, s)]  # strides 3.5, 7, 14
+    return predictor
+
+
+def sam3_mask_generator(model, **settings):
+    """SAM 2's automatic mask generator prompting SAM 3's predictor (sam3 has none of its own)."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(model, **settings)
+    area = generator.predictor._transforms.max_hole_area  # its min_mask_region_area
+    generator.predictor = sam3_predictor(model)
+    generator.predictor._transforms.max_hole_area = area
+    generator.predictor._transforms.max_sprinkle_area = area
+    return generator
+
+
 # FastSAM as the paper's code runs it: everything mode once per image with these settings (and
 # imgsz = max(H, W)), then each prompt selects from those masks
 FASTSAM_SETTINGS = dict(retina_masks=True, conf=0.4, iou=0.9)
 
 
-def everything_masks(model, image: np.ndarray, device) -> np.ndarray:
-    """FastSAM's everything mode on an (H, W, 3) uint8 RGB image: (N, H, W) bool masks."""
+def everything_masks(model, image: np.ndarray, device, rgb: bool = False) -> np.ndarray:
+    """FastSAM's everything mode on an (H, W, 3) uint8 RGB image: (N, H, W) bool masks. rgb:
+    hand ultralytics the RGB array, as the paper's code did (--fastsam-rgb, for reproduction)."""
     from ultralytics.models.fastsam import FastSAMPredictor
 
     h, w = image.shape[:2]
@@ -582,7 +622,7 @@ def everything_masks(model, image: np.ndarray, device) -> np.ndarray:
     predictor = FastSAMPredictor(overrides=settings)
     predictor.setup_model(model=model, verbose=False)
     # ultralytics reads a numpy array as OpenCV's BGR (the paper's code passed RGB)
-    result = predictor(source=np.ascontiguousarray(image[..., ::-1]))[0]
+    result = predictor(source=np.ascontiguousarray(image if rgb else image[..., ::-1]))[0]
     if result.masks is None:
         return np.zeros((0, h, w), dtype=bool)
     return result.masks.data.cpu().numpy() > 0.5  # (N, H, W) at the image's size (retina masks)
@@ -624,11 +664,11 @@ class FastSAMPrompter:
     generate run everything mode (see FASTSAM_SETTINGS); predict selects with
     select_fastsam_mask and returns no mask (shape (0, H, W)) where that finds none."""
 
-    def __init__(self, model, device):
-        self.model, self.device, self.masks = model, device, None
+    def __init__(self, model, device, rgb: bool = False):
+        self.model, self.device, self.masks, self.rgb = model, device, None, rgb
 
     def set_image(self, image: np.ndarray) -> None:
-        self.masks = everything_masks(self.model, image, self.device)
+        self.masks = everything_masks(self.model, image, self.device, self.rgb)
 
     def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
         point = None if point_coords is None else tuple(int(v) for v in point_coords[0])
@@ -637,7 +677,8 @@ class FastSAMPrompter:
         return masks, None, None
 
     def generate(self, image: np.ndarray) -> List[dict]:
-        return [{"segmentation": m} for m in everything_masks(self.model, image, self.device)]
+        masks = everything_masks(self.model, image, self.device, self.rgb)
+        return [{"segmentation": m} for m in masks]
 
 
 def predict_mask(predictor, prompt: Prompt) -> Optional[np.ndarray]:
@@ -746,7 +787,7 @@ def score_pair(
         except uad.UADError as e:
             raise uad.UADError(f"{pair.clean}: {e}") from None
         seconds["mask_generator"] = time.perf_counter() - started
-    prompts = sample_prompts(objects, pair.clean.stem, args.seed, args.points, args.boxes)
+    prompts = image_prompts(objects, pair.clean.stem, args)
     results = [
         PromptResult(p.object, p.kind, list(p.coords), clean_iou={} if annotated else None)
         for p in prompts
@@ -998,6 +1039,15 @@ def probe_list(text: str) -> List[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+LOG_PROMPTS_HELP = (
+    "for reproduction: score the prompts the authors' logs hold, DIR = one attack's folder of "
+    "their exp/log/benchmark (UAD, AA; files N_ATTACK.json for sa_N), with --annotations"
+)
+FASTSAM_RGB_HELP = (
+    "for reproduction: give FastSAM RGB, as the paper's code did (ultralytics reads BGR)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = unsegment.cli.Parser(  # every usage error is one line
         prog="eval.py",
@@ -1045,6 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--report", type=Path, metavar="DIR", help="write DIR/index.html and a picture per image")
     bench = "time each model (random weights) on a WxH image (%dx%d) and exit" % BENCH_SIZE
     add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
+    add("--log-prompts", type=Path, metavar="DIR", help=LOG_PROMPTS_HELP)
+    add("--fastsam-rgb", action="store_true", help=FASTSAM_RGB_HELP)
     add("--quiet", action="store_true", help="no progress or warning lines")
     return parser
 
@@ -1060,6 +1112,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--jpeg and --resize are shorthands for one --probes item; use --probes alone")
     if args.probes is None:
         args.probes = [unsegment.probes.probe_name("+".join(shorthand) or "none")]
+    if args.log_prompts is not None and args.annotations is None:
+        parser.error("--log-prompts needs --annotations: its prompts are of their objects")
 
 
 def check_inputs(args) -> Tuple[List[Pair], List[str]]:
@@ -1074,6 +1128,8 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
         raise uad.UADError(f"{args.out}: --out and --csv name the same file")
     if args.annotations is not None and not args.annotations.exists():
         raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
+    if args.log_prompts is not None and not args.log_prompts.is_dir():
+        raise uad.UADError(f"{args.log_prompts}: no such folder of the authors' logs")
     pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels)
     if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
         raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
@@ -1084,7 +1140,8 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
                 args.annotations / f"{pair.clean.stem}.json" if folder else args.annotations
             )
             try:  # read whole, as scoring will: a corrupt file or a wrong size is found now
-                read_annotations(pair.annotations, pair.size, args.max_masks)
+                objects = read_annotations(pair.annotations, pair.size, args.max_masks)
+                image_prompts(objects, pair.clean.stem, args)  # --log-prompts: its log, checked
             except uad.UADError as e:
                 failures.append(f"{e} (for {pair.clean})")
                 pairs.remove(pair)
@@ -1118,7 +1175,9 @@ def run(args) -> int:
     check_models(specs)
 
     try:
-        segmenters = [load_segmenter(name, path, device, args.quiet) for name, path in specs]
+        segmenters = [
+            load_segmenter(name, path, device, args.quiet, args.fastsam_rgb) for name, path in specs
+        ]
     except (torch.OutOfMemoryError, MemoryError):
         raise uad.UADError(f"out of memory on {device} loading {args.models}") from None
     predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]

@@ -33,6 +33,7 @@ from helpers import (
     small_photo,
     two_objects,
     write_annotations,
+    write_authors_log,
 )
 
 # few prompts and a 3x3 generator grid keep one scored image to a few seconds on one core
@@ -1136,3 +1137,92 @@ def test_bench_prints_seconds_per_image_per_model(cli):
     (line,) = [line for line in stdout.splitlines() if line.startswith("vit_b automatic")]
     seconds, masks = re.fullmatch(GENERATOR_LINE, line).groups()
     assert float(seconds) > 0 and 0 <= int(masks) <= 2 * 2 * 3  # 4 points, 3 masks each
+
+
+# -----------------------------------------------------------------------------------------------
+# For reproduction: the authors' logs' prompts, FastSAM's colour order as the paper's code had it
+
+
+def test_log_prompts_scores_exactly_the_prompts_of_the_authors_log(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "sa_7.png", cat), save(tmp_path / "adv.png", noisy(cat, 6))
+    masks = two_objects()
+    write_annotations(tmp_path / "ann" / "sa_7.json", masks)
+    logged = write_authors_log(tmp_path / "logs" / "UAD", 7, "UAD", masks)
+    write_authors_log(tmp_path / "logs" / "UAD", 8, "UAD", masks, seed=1)  # another image's
+    out = tmp_path / "r.json"
+    code, stdout, stderr = cli(
+        *("--clean", clean, "--adv", adv, "--annotations", tmp_path / "ann", "--out", out),
+        *("--models", models(tiny_checkpoints, "vit_b"), "--log-prompts", tmp_path / "logs/UAD"),
+        "--quiet",
+    )
+    assert code == 0, stderr
+    (row,) = json.loads(out.read_text())["images"]
+    assert [(p["object"], p["coords"]) for p in row["prompts"]] == logged  # 16, in their order
+    assert [p["kind"] for p in row["prompts"]] == (["point"] * 5 + ["box"] * 3) * 2
+    # the same prompts drawn by eval.py itself would be others
+    drawn = ev.sample_prompts([ev.RefObject(m, ev.mask_bbox(m)) for m in masks], "sa_7", 0, 5, 3)
+    assert [list(p.coords) for p in drawn] != [c for _, c in logged]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no log", "{tmp}/logs: no log 9_ATTACK.json of sa_9"),
+        ("not sa_N", "photo: not an SA-1B name sa_N"),
+        ("outside", "m0_p0 [500, 3]: annotation 0 is not among the 2 scored (--max-masks) or not"),
+        ("beyond the masks", "m2_p0 [5, 5]: annotation 2 is not among the 2 scored"),
+        ("not a log", "{tmp}/logs/9_UAD.json: not the authors' log of sa_9"),
+    ],
+)
+def test_a_bad_log_is_one_line_before_any_model_loads(cli, tmp_path, no_model, case, message):
+    name = "photo" if case == "not sa_N" else "sa_9"
+    clean = save(tmp_path / f"{name}.png", small_photo((96, 64)))
+    write_annotations(tmp_path / "ann" / f"{name}.json", two_objects())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    evaluations = {"outside": {"m0_p0": {"prompt": [500, 3]}}, "beyond the masks": {}}
+    evaluations["beyond the masks"] = {"m2_p0": {"prompt": [5, 5]}}
+    if case in evaluations:
+        log = {"imgid": 9, "adv_method": "UAD", "evaluations": evaluations[case]}
+        (logs / "9_UAD.json").write_text(json.dumps(log))
+    if case == "not a log":
+        (logs / "9_UAD.json").write_text(json.dumps({"imgid": 10, "evaluations": {}}))
+    code, out, err = cli(
+        *("--clean", clean, "--adv", clean, "--annotations", tmp_path / "ann"),
+        *("--models", "vit_b", "--log-prompts", logs),
+    )
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err, err
+
+
+def test_log_prompts_need_annotations(cli, tmp_path):
+    code, _, stderr = cli(
+        "--clean", "a.png", "--adv", "b.png", "--models", "vit_b", "--log-prompts", tmp_path
+    )
+    assert code == 2 and "--log-prompts needs --annotations" in stderr
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_fastsam_gets_bgr_or_with_fastsam_rgb_the_rgb_array(monkeypatch, rgb):
+    fastsam = pytest.importorskip("ultralytics.models.fastsam")
+
+    given = []
+
+    class Recorder:  # FastSAMPredictor's interface, recording what it is handed
+        def __init__(self, overrides):
+            pass
+
+        def setup_model(self, model, verbose):
+            pass
+
+        def __call__(self, source):
+            given.append(source)
+            return [types.SimpleNamespace(masks=None)]
+
+    monkeypatch.setattr(fastsam, "FastSAMPredictor", Recorder)
+    image = small_photo((96, 64))
+    prompter = ev.segmenter_of("fastsam", None, "cpu", fastsam_rgb=rgb).new_predictor()
+    prompter.set_image(image)
+    assert np.array_equal(given[0], image if rgb else image[..., ::-1])
+    assert prompter.masks.shape == (0, 64, 96)

@@ -185,8 +185,7 @@ def check_surrogates(args, config: UADConfig) -> List[tuple]:
         models.import_family(name)
         uad.check_layers(name, config, *models.encoder_depth(name), cli=True)
         getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
-        if checkpoint is not None:
-            models.check_checkpoint_file(checkpoint)
+        models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
     return specs
 
 
