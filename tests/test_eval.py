@@ -665,6 +665,11 @@ def test_a_mask_drawn_covers_exactly_the_predicted_pixels(tiny_sam, tmp_path):
     assert inside.sum() == 28 * 38  # the 30 x 40 rectangle less its one-pixel outline
     np.testing.assert_array_equal(drawn[inside], (cat[inside].astype(int) + colour + 1) // 2)
     np.testing.assert_array_equal(drawn[~rect], cat[~rect])
+    # the perturbation panel's scale: eps (or the pair's L-inf) is white
+    caption = unsegment.report.perturbation_caption(8 / 255, "eps")
+    assert caption == "|protected - clean| x 31.9: white = 8/255 (eps)"
+    diff = unsegment.report.perturbation(np.zeros((1, 3, 3)), np.full((1, 3, 3), 4 / 255), 8 / 255)
+    assert (diff == 128).all()  # half of eps: half of white
 
 
 class Links(__import__("html.parser").parser.HTMLParser):

@@ -102,7 +102,7 @@ def perturbation(clean: np.ndarray, protected: np.ndarray, scale: float) -> np.n
 
 
 def perturbation_caption(scale: float, what: str) -> str:
-    return f"|protected - clean| x {1 / scale / 255:.3g}: white = {scale * 255:g}/255 ({what})"
+    return f"|protected - clean| x {1 / scale:.3g}: white = {scale * 255:.3g}/255 ({what})"
 
 
 def stack(rows: List[List[Image.Image]], titles: Sequence[str]) -> Image.Image:
