@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -701,7 +702,7 @@ class Links(__import__("html.parser").parser.HTMLParser):
 
 def test_report_has_a_picture_per_image_and_the_jsons_numbers(cli, tiny_checkpoints, tmp_path):
     rect, ell = two_objects()
-    for name, pixels in (("cat", small_photo((96, 64))), ("coffee", photo("coffee.png"))):
+    for name, pixels in (("cat", small_photo((96, 64))), ("coffee #2", photo("coffee.png"))):
         save(tmp_path / "clean" / f"{name}.png", pixels)
         save(tmp_path / "adv" / f"{name}.png", noisy(pixels, 4))
         write_annotations(tmp_path / "ann" / f"{name}.json", [rect, ell])
@@ -713,9 +714,10 @@ def test_report_has_a_picture_per_image_and_the_jsons_numbers(cli, tiny_checkpoi
     page = (tmp_path / "report" / "index.html").read_text()
     links = Links()
     links.feed(page)
-    assert sorted(links.links) == ["images/cat.png.png", "images/coffee.png.png"]
+    # links are URL-encoded: a # in a file name is not a fragment
+    assert sorted(links.links) == ["images/cat.png.png", "images/coffee%20%232.png.png"]
     for link in links.links:
-        with Image.open(tmp_path / "report" / link) as im:
+        with Image.open(tmp_path / "report" / urllib.parse.unquote(link)) as im:
             assert im.format == "PNG" and im.width > 4 * 96
     # the summary table is the JSON's figures, to two decimals
     result = json.loads((tmp_path / "a.json").read_text())
@@ -745,7 +747,7 @@ def test_report_has_a_picture_per_image_and_the_jsons_numbers(cli, tiny_checkpoi
     # the same run again: the same bytes; without --report: the same JSON
     code, _, stderr = cli(*run, "--out", tmp_path / "b.json", "--report", tmp_path / "again")
     assert code == 0, stderr
-    for path in ("index.html", "images/cat.png.png", "images/coffee.png.png"):
+    for path in ("index.html", "images/cat.png.png", "images/coffee #2.png.png"):
         assert (tmp_path / "report" / path).read_bytes() == (tmp_path / "again" / path).read_bytes()
     code, _, stderr = cli(*run, "--out", tmp_path / "c.json")
     assert code == 0, stderr

@@ -11,6 +11,7 @@ import html
 import io
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -279,7 +280,7 @@ def page(results: dict, pictures: Callable[[str], bool]) -> str:
     image_rows = []
     for r in results["images"]:
         link = picture_name(r["name"])
-        shown = f'<a href="{e(link)}">{e(r["name"])}</a>' if pictures(r["name"]) else "-"
+        shown = f'<a href="{e(quote(link))}">{e(r["name"])}</a>' if pictures(r["name"]) else "-"
         row = [e(r["name"]), e(r["reference"]), str(r["objects"]), str(r["linf"])]
         row += [number(r["psnr"]), number(r["ssim"], 4)]
         row += [number(r["metrics"][m]["all"]["miou"]) for m in models] + [shown]
