@@ -29,7 +29,9 @@ import unsegment.authors_logs
 import unsegment.cli
 import unsegment.images
 import unsegment.models
+import unsegment.probes
 import unsegment.progress
+import unsegment.report
 import warp_kernel
 
 PROMPT_KINDS = ("point", "box")
@@ -275,6 +277,20 @@ class PromptResult:
     coords: List[int]  # (x, y) or (x0, y0, x1, y1), pixels of the original image
     iou: Dict[str, float] = dataclasses.field(default_factory=dict)  # model -> IoU of adv
     clean_iou: Optional[Dict[str, float]] = None  # annotation mode: model -> IoU of clean
+    # probe -> "adv" | "clean" (each image through the probe) -> model -> IoU
+    probes: Dict[str, Dict[str, Dict[str, float]]] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class ProbeScores:
+    """One probe's scores of one image pair: the protected and the clean image each through
+    the probe, against the same references."""
+
+    adv: Dict[str, Dict[str, Metrics]]  # model -> prompt type
+    clean: Dict[str, Dict[str, Metrics]]  # model -> prompt type: what the probe alone does
+    linf: int  # Quality's fields: the protected image through the probe against the clean one
+    psnr: Optional[float]
+    ssim: float
 
 
 @dataclass
@@ -293,6 +309,7 @@ class ImageResult:
     metrics: Dict[str, Dict[str, Metrics]]  # model -> prompt type ("point", "box", "all")
     seconds: Dict[str, float]  # model (and "mask_generator") -> seconds
     prompts: List[PromptResult]
+    probes: Dict[str, ProbeScores] = dataclasses.field(default_factory=dict)  # --probes, in order
 
 
 @dataclass
@@ -301,6 +318,13 @@ class QualitySummary:
     psnr_mean: Optional[float]  # identical images left out; None if all are
     ssim_mean: float
     images: int
+
+
+@dataclass
+class ProbeSummary:
+    adv: Dict[str, Dict[str, Metrics]]  # model -> prompt type, pooled over all images
+    clean: Dict[str, Dict[str, Metrics]]
+    quality: QualitySummary
 
 
 @dataclass
@@ -314,6 +338,7 @@ class Results:
     seconds_per_image: Dict[str, float]
     images: List[ImageResult]
     failures: List[str]
+    probes: Dict[str, ProbeSummary] = dataclasses.field(default_factory=dict)  # --probes
 
     @property
     def annotated(self) -> bool:
@@ -372,6 +397,28 @@ def summarise_rows(rows: Sequence[ImageResult], model_names: Sequence[str], anno
     return summary
 
 
+def summarise_probes(rows: Sequence[ImageResult], model_names, probes) -> Dict[str, ProbeSummary]:
+    """Pooled Metrics and quality per probe, of the protected and the clean image through it."""
+    out = {}
+    for probe in probes:
+        pooled = {"adv": {}, "clean": {}}
+        for side, name in ((side, name) for side in pooled for name in model_names):
+            pooled[side][name] = {
+                kind: summarise_ious(
+                    [
+                        p.probes[probe][side][name]
+                        for r in rows
+                        for p in r.prompts
+                        if kind in ("all", p.kind)
+                    ]
+                )
+                for kind in (*PROMPT_KINDS, "all")
+            }
+        quality = summarise_quality([r.probes[probe] for r in rows])
+        out[probe] = ProbeSummary(pooled["adv"], pooled["clean"], quality)
+    return out
+
+
 def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
     """Max L-inf, mean PSNR (identical images left out) and mean SSIM over the rows."""
     psnrs = [r.psnr for r in rows if r.psnr is not None]
@@ -384,7 +431,7 @@ def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
 
 
 # -----------------------------------------------------------------------------------------------
-# Images: pairing the two inputs, reading, publishing probes
+# Images: pairing the two inputs, reading
 
 
 @dataclass
@@ -464,33 +511,6 @@ def read_rgb(
         progress.warn(f"{path}: only the first of its {picture.frames} frames is scored")
     pixels = picture.pixels
     return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
-
-
-def degrade(pixels: np.ndarray, resize: Optional[float] = None, jpeg: Optional[int] = None):
-    """What publishing does to an image, in memory.
-
-    Args:
-      pixels: (H, W, 3) uint8 RGB.
-      resize: downscale factor in (0, 1] (PIL bicubic, antialiased), or None.
-      jpeg: JPEG quality in 1..100, applied after the downscale, or None.
-
-    Returns:
-      (H, W, 3) uint8: scaled back to the original size, so that prompts and reference masks
-      keep the original resolution.
-    """
-    im = Image.fromarray(pixels)
-    size = im.size
-    if resize is not None:
-        im = im.resize(
-            (max(1, round(size[0] * resize)), max(1, round(size[1] * resize))), Image.BICUBIC
-        )
-    if jpeg is not None:
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=jpeg)
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if im.size != size:
-        im = im.resize(size, Image.BICUBIC)
-    return np.asarray(im)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -742,12 +762,19 @@ def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, Li
 def score_pair(
     pair: Pair, segmenters, predictors, args, progress: unsegment.progress.Progress
 ) -> ImageResult:
-    """Scores one image pair with every model (annotation mode when pair.annotations is set)."""
+    """Scores one image pair with every model (annotation mode when pair.annotations is set),
+    through every probe (--probes); the first probe's scores are the row's own; with --report
+    the pair's picture is written."""
     clean = read_rgb(pair.clean, args.max_pixels, progress)
-    adv = read_rgb(pair.adv, args.max_pixels, progress)
-    check_sizes(pair, clean, adv)  # again: a file may have changed since check_pair
-    if args.resize is not None or args.jpeg is not None:
-        adv = degrade(adv, args.resize, args.jpeg)
+    unprobed = read_rgb(pair.adv, args.max_pixels, progress)
+    check_sizes(pair, clean, unprobed)  # again: a file may have changed since check_pair
+    probed = {  # (probe, "adv" | "clean") -> the image through it; "none" gives the image itself
+        (probe, side): unsegment.probes.apply_probe(image, probe, args.seed, pair.clean.stem)
+        for probe in args.probes
+        for side, image in (("adv", unprobed), ("clean", clean))
+    }
+    first = args.probes[0]
+    adv = probed[first, "adv"]  # the row's own scores and quality are the first probe's
     annotated = pair.annotations is not None
     seconds = {}
     started = time.perf_counter()
@@ -765,21 +792,54 @@ def score_pair(
         PromptResult(p.object, p.kind, list(p.coords), clean_iou={} if annotated else None)
         for p in prompts
     ]
+    for result in results:
+        result.probes = {probe: {"adv": {}, "clean": {}} for probe in args.probes}
+    probes = {
+        probe: ProbeScores(
+            {}, {}, **dataclasses.asdict(measure_quality(clean, probed[probe, "adv"]))
+        )
+        for probe in args.probes
+    }
+    picture = None
+    if args.report is not None:
+        picture = unsegment.report.Picture(pair.clean.name, clean, unprobed, adv, first, annotated)
     metrics, references = {}, objects if annotated else None
-    for segmenter, pair_of_predictors in zip(segmenters, predictors):
+    for segmenter, (on_clean, on_probed) in zip(segmenters, predictors):
         started = time.perf_counter()
-        for predictor, image in zip(pair_of_predictors, (clean, adv)):
-            predictor.set_image(image)
-        ious, clean_ious = score_prompts(pair_of_predictors, prompts, references)
+        on_clean.set_image(clean)
+        for (probe, side), image in probed.items():
+            predictor = on_clean  # the probe none leaves the clean image as it is
+            if image is not clean:
+                predictor = on_probed
+                predictor.set_image(image)
+            ious, clean_ious = score_prompts((on_clean, predictor), prompts, references)
+            by_kind = per_kind(prompts, ious)
+            getattr(probes[probe], side)[segmenter.name] = {
+                k: summarise_ious(v) for k, v in by_kind.items()
+            }
+            for result, iou in zip(results, ious):
+                result.probes[probe][side][segmenter.name] = iou
+            if (probe, side) == (first, "adv"):
+                metrics[segmenter.name] = {k: summarise_ious(v) for k, v in by_kind.items()}
+                for i, result in enumerate(results):
+                    result.iou[segmenter.name] = ious[i]
+                    if annotated:
+                        result.clean_iou[segmenter.name] = clean_ious[i]
+                if picture is not None:
+                    picture.add_model(
+                        segmenter.name,
+                        unsegment.report.pick_prompts(prompts, args.report_objects),
+                        references,
+                        lambda p: predict_mask(on_clean, p),
+                        lambda p: predict_mask(predictor, p),
+                        mask_iou,
+                    )
         seconds[segmenter.name] = time.perf_counter() - started
-        metrics[segmenter.name] = {k: summarise_ious(v) for k, v in per_kind(prompts, ious).items()}
-        for i, result in enumerate(results):
-            result.iou[segmenter.name] = ious[i]
-            if annotated:
-                result.clean_iou[segmenter.name] = clean_ious[i]
         if annotated:
             for kind, v in per_kind(prompts, clean_ious).items():
                 metrics[segmenter.name][kind].clean_miou = summarise_ious(v).miou
+    if picture is not None:
+        unsegment.report.write_picture(args.report, pair.clean.name, picture)
     return ImageResult(
         name=pair.clean.name,
         clean=str(pair.clean),
@@ -791,6 +851,7 @@ def score_pair(
         metrics=metrics,
         seconds=seconds,
         prompts=results,
+        probes=probes,
     )
 
 
@@ -824,6 +885,25 @@ def format_table(results: Results) -> str:
     seconds = results.seconds_per_image
     text.append("seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return "\n".join(text)
+
+
+def format_probe_table(results: Results) -> str:
+    """Per probe, model and prompt type: mIoU and ASR@50 of the protected image through the
+    probe, the same of the clean image through it, and the protected image's PSNR."""
+    head = ["probe", "model", "prompts", "mIoU", "ASR@50", "clean mIoU", "clean ASR@50", "PSNR"]
+    lines = [head]
+    for probe, scores in results.probes.items():
+        psnr = format_number(scores.quality.psnr_mean)
+        for name, kinds in scores.adv.items():
+            for kind, m in kinds.items():
+                c = scores.clean[name][kind]
+                numbers = [format_number(v) for v in (m.miou, m.asr50, c.miou, c.asr50)]
+                lines.append([probe, name, kind, *numbers, psnr])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in lines
+    )
 
 
 def format_csv(results: Results) -> str:
@@ -951,6 +1031,14 @@ def image_size(text: str) -> Tuple[int, int]:
     return width, height
 
 
+def probe_list(text: str) -> List[str]:
+    """--probes: the names of its probes (unsegment.probes.parse_probes)."""
+    try:
+        return unsegment.probes.parse_probes(text)
+    except uad.UADError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 LOG_PROMPTS_HELP = (
     "for reproduction: score the prompts the authors' logs hold, DIR = one attack's folder of "
     "their exp/log/benchmark (UAD, AA; files N_ATTACK.json for sa_N), with --annotations"
@@ -981,6 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--points-per-side", at_least_1, 32, "clean-reference generator grid"),
         ("--pred-iou-thresh", threshold, 0.88, "clean-reference, in [0, 1]"),
         ("--stability-score-thresh", threshold, 0.95, "clean-reference, in [0, 1]"),
+        ("--report-objects", at_least_1, 3, "objects per model in each --report picture"),
         (
             "--max-pixels",
             at_least_1,
@@ -993,9 +1082,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (%(default)s)")
     add("--out", type=Path, metavar="FILE", help="write the results as JSON")
     add("--csv", type=Path, metavar="FILE", help="write per-image and summary rows as CSV")
-    add("--jpeg", type=number(int, 1, 100), metavar="Q", help="probe: JPEG at quality Q, 1..100")
-    probe = "probe: downscale by S in (0, 1] and back"
+    probes = (
+        "purification probes, comma-separated, each scored on the protected and the clean image: "
+        "none, jpeg:Q (1..100), resize:S (downscale, (0, 1]), blur:SIGMA (pixels), median:N (odd "
+        "window), noise:STD (1/255, seeded), bits:N (1..8), or steps joined by +, e.g. "
+        "jpeg:75+resize:0.5 (none)"
+    )
+    add("--probes", type=probe_list, metavar="LIST", help=probes)
+    add("--jpeg", type=number(int, 1, 100), metavar="Q", help="--probes jpeg:Q, 1..100")
+    probe = "--probes resize:S, downscale in (0, 1]; with --jpeg: --probes resize:S+jpeg:Q"
     add("--resize", type=number(float, 0.0, 1.0, above=True), metavar="S", help=probe)
+    add("--report", type=Path, metavar="DIR", help="write DIR/index.html and a picture per image")
     bench = "time each model (random weights) on a WxH image (%dx%d) and exit" % BENCH_SIZE
     add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
     add("--log-prompts", type=Path, metavar="DIR", help=LOG_PROMPTS_HELP)
@@ -1010,6 +1107,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--points and --boxes are both 0: nothing to score")
     if args.bench is None and (args.clean is None or args.adv is None):
         parser.error("--clean and --adv are required (unless --bench)")
+    shorthand = [f"{k}:{v}" for k, v in (("resize", args.resize), ("jpeg", args.jpeg)) if v]
+    if shorthand and args.probes is not None:
+        parser.error("--jpeg and --resize are shorthands for one --probes item; use --probes alone")
+    if args.probes is None:
+        args.probes = [unsegment.probes.probe_name("+".join(shorthand) or "none")]
     if args.log_prompts is not None and args.annotations is None:
         parser.error("--log-prompts needs --annotations: its prompts are of their objects")
 
@@ -1049,6 +1151,10 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
     for path in outputs:
         if path.resolve() in inputs:
             raise uad.UADError(f"{path}: is one of the inputs; write the results elsewhere")
+    if args.report is not None:
+        inputs = [p for p in (args.clean, args.adv, args.annotations) if p is not None]
+        folders = [p if p.is_dir() else p.parent for p in inputs]
+        unsegment.report.check_report_folder(args.report, folders)
     return pairs, failures
 
 
@@ -1095,6 +1201,8 @@ def run(args) -> int:
     annotated = args.annotations is not None
     names = [s.name for s in segmenters]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    for flag in ("report", "report_objects"):  # pictures do not change the results
+        del settings[flag]
     settings["models"] = dict(specs)
     results = Results(
         mode="annotations" if annotated else "clean-reference",
@@ -1106,11 +1214,14 @@ def run(args) -> int:
         },
         images=rows,
         failures=failures,
+        probes=summarise_probes(rows, names, args.probes),
     )
     how = "" if annotated else f" (objects from {names[0]}'s automatic masks)"
     counts = f"{len(rows)} image(s) scored, {len(failures)} failed"
     print(f"mode: {results.mode}{how}; {counts}; seed {args.seed}")
     print(format_table(results))
+    if args.probes != ["none"]:
+        print(format_probe_table(results))
     texts = {}  # both files are formatted before either is written
     if args.out is not None:
         texts[args.out] = json.dumps(to_json(results, annotated), indent=1, allow_nan=False) + "\n"
@@ -1118,6 +1229,8 @@ def run(args) -> int:
         texts[args.csv] = format_csv(results)
     for path, text in texts.items():
         write_text(path, text)
+    if args.report is not None:
+        unsegment.report.write_page(args.report, to_json(results, annotated))
     if failures and folders:
         progress.error(f"{len(failures)} image(s) not scored, see above")
     return 1 if failures else 0

@@ -41,6 +41,7 @@ __all__ = [
     "protect", "uint8_pixels", "to_tensor", "to_pixels",  # pixels as tensors and back
     "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "SAM3Surrogate", "Ensemble",
     "encoder_features", "feature_distance", "encoder_passes", "jpeg", "resize_round_trip",
+    "gaussian_blur", "gaussian_noise", "reduce_bits",
 ]  # fmt: skip
 
 
@@ -1183,9 +1184,10 @@ def encoder_passes(config: UADConfig) -> tuple:
 
 
 # -----------------------------------------------------------------------------------------------
-# Publishing, differentiably (--robust): JPEG as PIL's libjpeg-turbo codes it, and PIL's bicubic
-# downscale and upscale. Every rounding to integers is exact in the forward pass and the
-# identity in the backward pass (straight-through), so gradients reach the image.
+# Publishing, differentiably (--robust): JPEG as PIL's libjpeg-turbo codes it, PIL's bicubic
+# downscale and upscale, and three cheap purifiers: Gaussian blur, Gaussian noise, bit-depth
+# reduction. Every rounding to integers is exact in the forward pass and the identity in the
+# backward pass (straight-through), so gradients reach the image.
 
 # ITU-T T.81 Annex K quantisation tables (quality 50), row-major over (vertical, horizontal)
 JPEG_LUMA = (
@@ -1197,7 +1199,10 @@ JPEG_LUMA = (
 JPEG_CHROMA = ((17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99),
                (24, 26, 56, 99, 99, 99, 99, 99), (47, 66, 99, 99, 99, 99, 99, 99),
                *[(99,) * 8] * 4)  # fmt: skip
-ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0)}  # allowed parameter ranges
+# allowed parameter ranges: JPEG quality, downscale factor, blur sigma in pixels, noise std in
+# 1/255, bits per channel; jpeg and bits whole numbers with both ends allowed, the others above 0
+ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0), "blur": (0.0, 20.0),
+                 "noise": (0.0, 64.0), "bits": (1, 8)}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -1211,7 +1216,10 @@ def parse_robust(spec: str) -> tuple:
             items.append(("none", 0.0, 0.0))
             continue
         if kind not in ROBUST_RANGES or not values:
-            raise UADError(f"robust {spec!r}: {item!r} is not jpeg:Q[-Q], resize:S[-S] or none")
+            raise UADError(
+                f"robust {spec!r}: {item!r} is not jpeg:Q[-Q], resize:S[-S], blur:S[-S], "
+                "noise:S[-S], bits:N[-N] or none"
+            )
         try:
             low, _, high = values.partition("-")
             low, high = float(low), float(high or low)
@@ -1220,7 +1228,8 @@ def parse_robust(spec: str) -> tuple:
         if low > high:
             raise UADError(f"robust {spec!r}: {item!r} is reversed; write {kind}:{high:g}-{low:g}")
         bottom, top = ROBUST_RANGES[kind]
-        fits = bottom <= low <= high <= top if kind == "jpeg" else bottom < low <= high <= top
+        whole = kind in ("jpeg", "bits")
+        fits = bottom <= low <= high <= top if whole else bottom < low <= high <= top
         if not fits:
             raise UADError(f"robust {spec!r}: {kind} takes values in {bottom:g}..{top:g}")
         items.append((kind, low, high))
@@ -1238,6 +1247,12 @@ def publish(x: torch.Tensor, kinds: list, gen) -> torch.Tensor:
             image = jpeg(image, round(value))
         elif kind == "resize":
             image = resize_round_trip(image, value)
+        elif kind == "blur":
+            image = gaussian_blur(image, value)
+        elif kind == "noise":
+            image = gaussian_noise(image, value / 255, g)
+        elif kind == "bits":
+            image = reduce_bits(image, round(value))
         out.append(image)
     return torch.cat(out)
 
@@ -1259,6 +1274,32 @@ def resize_round_trip(x: torch.Tensor, scale: float, rounding: bool = True) -> t
     x = r(x.clamp(0, 255))
     x = F.interpolate(x, (h, w), mode="bicubic", antialias=True, align_corners=False)
     return r(x.clamp(0, 255)) / 255
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, rounding: bool = True) -> torch.Tensor:
+    """Gaussian blur of std `sigma` pixels (taps to 3 sigma, edges replicated) to uint8:
+    (B, C, H, W) in [0, 1]. PIL's GaussianBlur approximates the same Gaussian by box blurs."""
+    r, c = math.ceil(3 * sigma), x.shape[1]
+    taps = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(taps**2) / (2 * sigma**2))
+    k = (k / k.sum()).expand(c, 1, -1)  # (C, 1, 2r + 1), one per channel
+    x = F.pad(x * 255, (r, r, r, r), mode="replicate")
+    x = F.conv2d(F.conv2d(x, k[..., None, :], groups=c), k[..., None], groups=c)
+    return (straight_round(x) if rounding else x).clamp(0, 255) / 255
+
+
+def gaussian_noise(x: torch.Tensor, std: float, gen, rounding: bool = True) -> torch.Tensor:
+    """x plus Gaussian noise of std `std` (in [0, 1] units) drawn from the CPU generator gen,
+    to uint8: (B, C, H, W) in [0, 1]."""
+    x = x * 255 + std * 255 * torch.randn(x.shape, generator=gen).to(x)
+    return (straight_round(x) if rounding else x).clamp(0, 255) / 255
+
+
+def reduce_bits(x: torch.Tensor, bits: int, rounding: bool = True) -> torch.Tensor:
+    """Bit-depth reduction as feature squeezing does it (Xu et al. 2018): each value to the
+    nearest of 2^bits levels, written back as uint8: (B, C, H, W) in [0, 1]."""
+    r, levels = (straight_round if rounding else (lambda t: t)), 2**bits - 1
+    return r(r(x * levels) * (255 / levels)) / 255
 
 
 def jpeg_table(base, quality: int, like: torch.Tensor) -> torch.Tensor:

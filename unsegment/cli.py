@@ -37,15 +37,18 @@ from unsegment.images import (
     MAX_PIXELS,
     MODE_NAMES,
     check_destination,
+    check_writable,
     mode_levels,
     on_lattice,
     output_mode,
     psnr,
     read_image,
+    write_atomically,
     write_image,
 )
 from unsegment import cost, models
 from unsegment.progress import Progress
+from unsegment.report import preview
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Job:
     shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
     eps: float = 0.0  # the attack's budget: --eps, less what rounding onto dst's lattice takes
     note: str = ""  # a warning on how src's depth is written, from check_job
+    preview: Optional[Path] = None  # --preview: where its picture goes, from check_previews
 
 
 def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
@@ -120,6 +124,23 @@ def check_job(
     job.frames = picture.frames
     job.shape = (*picture.pixels.shape[:2], picture.pixels.ndim)
     job.eps, job.note = budget(job, picture, eps)
+
+
+def check_previews(jobs: List[Job], path: Path, folder_mode: bool, overwrite: bool) -> None:
+    """--preview: one PNG file for one image, or a folder (made if missing) of one PNG per image
+    named after its output; each writable, new unless --overwrite, and none of the inputs or
+    outputs. Sets each job's preview."""
+    if folder_mode and path.exists() and not path.is_dir():
+        raise UADError(f"{path}: --preview of a folder names a folder, and this is a file")
+    for job in jobs:
+        job.preview = path / f"{job.dst.stem}.png" if folder_mode else path
+        if job.preview.suffix.lower() != ".png":
+            raise UADError(f"{job.preview}: --preview writes PNG; name it .png")
+        if job.preview.resolve() in (job.src.resolve(), job.dst.resolve()):
+            raise UADError(f"{job.preview}: --preview would replace an input or output image")
+        if job.preview.exists() and not overwrite:
+            raise UADError(f"{job.preview}: exists; pass --overwrite to replace it")
+        check_writable(job.preview, new_folder=folder_mode)
 
 
 def budget(job: Job, picture, eps: float) -> tuple:
@@ -250,6 +271,10 @@ def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress
             distance = uad.feature_distance(f(saved), f(image)).clamp_min(0).item()
         ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), image.expand(-1, 3, -1, -1)).item()
         linf = linf_text(job, picture, saved_picture.pixels, config.eps)
+        if job.preview is not None:
+            job.preview.parent.mkdir(parents=True, exist_ok=True)
+            as_array = lambda t: t[0].permute(1, 2, 0).cpu().numpy()  # noqa: E731
+            write_atomically(job.preview, preview(as_array(image), as_array(saved), config.eps))
         results[i] = (
             f"{job.dst}: L-inf {linf}, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
             f"feature distance {distance:.4f}, {seconds} ({args.preset} preset, "
@@ -440,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="PATH",
+        help="also write the original, the protected image and |protected - original| (eps is "
+        "white) side by side as PNG: PATH a .png file, or for a folder a folder of one per image",
+    )
+    p.add_argument(
         "--lossy",
         action="store_true",
         help="allow a lossy output format (JPEG); the file is then not within eps of the input, "
@@ -625,6 +657,8 @@ def main(argv=None) -> int:
                     failures += 1
             if not jobs:
                 raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
+        if args.preview is not None:
+            check_previews(jobs, args.preview, args.input.is_dir(), args.overwrite)
         surrogates = [
             uad.Surrogate.of(models.load_model(name, checkpoint, device, quiet=args.quiet), name)
             for name, checkpoint in specs
