@@ -668,7 +668,7 @@ def main(argv=None) -> int:
         if skipped and share.main:
             progress.warn(skipped)
         if len(all_jobs) == 1 and not share.split:  # fails before any model is loaded
-            if args.resume and done_before(all_jobs[0], args.max_pixels, config.eps):
+            if resumable(all_jobs[0], args, config.eps):
                 resumed = kept(all_jobs[0])
             else:
                 check_job(all_jobs[0], args.overwrite, args.max_pixels, config.eps, args.lossy)
@@ -680,7 +680,7 @@ def main(argv=None) -> int:
     if not jobs and not resumed:
         for job in share.take(all_jobs):  # this process's share, each checked on its own
             try:
-                if args.resume and done_before(job, args.max_pixels, config.eps):
+                if resumable(job, args, config.eps):
                     resumed += kept(job)
                     continue
                 check_job(job, args.overwrite, args.max_pixels, config.eps, args.lossy)
@@ -704,7 +704,7 @@ def main(argv=None) -> int:
         text = header(args, config, device, all_jobs, surrogates)
         if share.split:
             n = share.shard[1] * share.world
-            text += f"\nunsegment: split into {n} shares, image i of the sorted folder to share i mod {n}"
+            text += f"\nunsegment: {n} shares, image i of the sorted folder in share i mod {n}"
         print(text, file=sys.stderr)
     order = {id(job): i for i, job in enumerate(jobs)}
     done, shown, lines = 0, 0, {}  # lines are printed in the jobs' order
@@ -733,13 +733,27 @@ def main(argv=None) -> int:
     # the counts of every process, summed, in one line (under torchrun, rank 0's)
     total, failures, resumed = share.total([len(jobs) + unchecked + resumed, failures, resumed])
     if share.main and (total > 1 or share.split):
+        k, n = share.shard
         print(
-            f"{share.tag() if not share.group else ''}{total - failures} protected, "
-            f"{failures} failed"
-            + (f" ({resumed} of them kept from an earlier run)" * bool(resumed))
+            f"shard {k}/{n}: " * (n > 1)
+            + f"{total - failures} protected, {failures} failed"
+            + f" ({resumed} of them kept from an earlier run)" * bool(resumed)
         )
     share.close()
     return 1 if failures and share.main else 0  # under torchrun, rank 0 says it for all
+
+
+def resumable(job: Job, args, eps: float) -> bool:
+    """--resume: whether job.dst is kept (done_before); with --overwrite as well, a dst that is
+    not a complete output is protected again instead of being an error."""
+    if not args.resume:
+        return False
+    try:
+        return done_before(job, args.max_pixels, eps)
+    except UADError:
+        if args.overwrite:
+            return False
+        raise
 
 
 def kept(job: Job) -> int:
