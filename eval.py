@@ -1091,7 +1091,8 @@ def run(args) -> int:
             failures.append(f"{pair.clean}: out of memory on {device}; try a smaller image")
             progress.error(failures[-1])
     progress.end()
-    # every rank's rows and failures, in the order one process finds them (by clean file)
+    # every rank's rows, in the order of the clean files as one process has them, and failures
+    # sorted, so that the files are the same however the work was split
     ranks = share.collect((rows, failures))
     share.close()
     if not share.main:
