@@ -15,6 +15,7 @@ the one summary. The group runs gloo whatever the device: it carries a few Pytho
 per run, and a rank may wait hours there for a slower one, which NCCL's watchdog would abort.
 """
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -33,8 +34,6 @@ WAIT = datetime.timedelta(days=7)
 
 def shard(text: str) -> Tuple[int, int]:
     """--shard K/N: this process takes images K, K + N, K + 2N, ... (0 <= K < N)."""
-    import argparse
-
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:
