@@ -33,6 +33,7 @@ import unsegment.probes
 import unsegment.progress
 import unsegment.report
 import warp_kernel
+from unsegment import distributed
 
 PROMPT_KINDS = ("point", "box")
 BOX_JITTER = (0.9, 1.1)  # range of the factor on the bbox's width and height
@@ -466,8 +467,11 @@ def check_pair(pair: Pair, max_pixels: Optional[int]) -> None:
     pair.size = clean.shape[:2]
 
 
-def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS):
-    """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem).
+def pair_inputs(
+    clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS, take=list
+):
+    """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem);
+    take: this process's share of the sorted clean images (unsegment.distributed.Share.take).
 
     Returns the good pairs and one error line per clean image that cannot be scored.
     """
@@ -478,10 +482,10 @@ def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.im
         raise uad.UADError(f"--clean {clean} and --adv {adv} must be two files or two folders")
     candidates, errors = [], []
     if not clean.is_dir():
-        candidates.append(Pair(clean, adv))
+        candidates += take([Pair(clean, adv)])
     else:
-        adv_files = image_files(adv)
-        for c in image_files(clean):
+        adv_files, clean_files = image_files(adv), image_files(clean)
+        for c in take(clean_files):
             same_stem = [a for a in adv_files if a.stem == c.stem]
             twin = [a for a in same_stem if a.name == c.name] or same_stem
             if len(twin) == 1:
@@ -490,7 +494,7 @@ def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.im
                 errors.append(f"{c}: no adversarial twin {c.stem}.* in {adv}")
             else:
                 errors.append(f"{c}: several adversarial twins in {adv}: {[a.name for a in twin]}")
-        if not candidates and not errors:
+        if not clean_files:
             raise uad.UADError(f"{clean}: no image files")
     pairs = []
     for pair in candidates:
@@ -855,6 +859,55 @@ def score_pair(
     )
 
 
+def record_path(pair: Pair, args) -> Path:
+    return args.records / f"{pair.clean.name}.json"
+
+
+def record_key(pair: Pair, args, specs) -> dict:
+    """What a pair's scores depend on (--records): its files, the models, the scoring flags."""
+    files = [pair.clean, pair.adv] + ([pair.annotations] if pair.annotations else [])
+    flags = ("points", "boxes", "max_masks", "seed", "probes", "points_per_side")
+    flags += ("pred_iou_thresh", "stability_score_thresh", "fastsam_rgb")
+    logs = None if args.log_prompts is None else str(args.log_prompts.resolve())
+    return {
+        "files": [[str(p), distributed.file_sha256(p)] for p in files],
+        "models": [[n, None if c is None else str(Path(c).resolve())] for n, c in specs],
+        "checkpoint_bytes": [None if c is None else Path(c).stat().st_size for _, c in specs],
+        **{flag: getattr(args, flag) for flag in flags},
+        "log_prompts": logs,
+    }
+
+
+def record_of(pair: Pair, args, keys) -> Optional[ImageResult]:
+    """The pair's row as --records holds it from a run with the same key, or None."""
+    if args.records is None:
+        return None
+    value = distributed.read_record(record_path(pair, args), keys[id(pair)])
+    if value is None:
+        return None
+    value["metrics"] = {
+        m: {kind: Metrics(**v) for kind, v in kinds.items()}
+        for m, kinds in value["metrics"].items()
+    }
+    value["prompts"] = [PromptResult(**p) for p in value["prompts"]]
+    value["probes"] = {
+        probe: ProbeScores(
+            **{
+                **scores,
+                **{
+                    side: {
+                        m: {k: Metrics(**v) for k, v in kinds.items()} for m, kinds in by.items()
+                    }
+                    for side, by in scores.items()
+                    if side in ("adv", "clean")
+                },
+            }
+        )
+        for probe, scores in value.get("probes", {}).items()
+    }
+    return ImageResult(**value)
+
+
 # -----------------------------------------------------------------------------------------------
 # Output: table, CSV, results files
 
@@ -1098,6 +1151,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-prompts", type=Path, metavar="DIR", help=LOG_PROMPTS_HELP)
     add("--fastsam-rgb", action="store_true", help=FASTSAM_RGB_HELP)
     add("--quiet", action="store_true", help="no progress or warning lines")
+    add(
+        "--records",
+        type=Path,
+        metavar="DIR",
+        help="keep each image's scores in DIR/NAME.json; a rerun scores only the rest",
+    )
+    add(
+        "--shard",
+        type=distributed.shard,
+        metavar="K/N",
+        help="score clean images K, K+N, ... into --records only; the same command without "
+        "--shard then writes the summary (torchrun needs none: docs/scale.md)",
+    )
     return parser
 
 
@@ -1116,7 +1182,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--log-prompts needs --annotations: its prompts are of their objects")
 
 
-def check_inputs(args) -> Tuple[List[Pair], List[str]]:
+def check_inputs(args, take=list) -> Tuple[List[Pair], List[str]]:
     """Everything about the images, annotations and outputs that can be known before any model
     loads: every image decoded, every annotation file read and checked against its image's size.
     Returns the pairs to score and an error line per image that cannot be; raises UADError for a
@@ -1130,7 +1196,13 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
         raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
     if args.log_prompts is not None and not args.log_prompts.is_dir():
         raise uad.UADError(f"{args.log_prompts}: no such folder of the authors' logs")
-    pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels)
+    if args.shard is not None and args.records is None:
+        raise uad.UADError(
+            "--shard needs --records DIR: where the run without --shard finds its scores"
+        )
+    if args.records is not None:
+        unsegment.images.check_writable(args.records / "record.json", new_folder=True)
+    pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels, take)
     if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
         raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
     if args.annotations is not None:
@@ -1160,32 +1232,47 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
 
 def run(args) -> int:
     specs = parse_models(args.models)
-    device = unsegment.models.resolve_device(args.device)
+    share = distributed.share_of(args.shard)
+    device = unsegment.models.resolve_device(distributed.device_name(share, args.device))
     if args.bench is not None:
         return run_benchmark(args, specs, device)
-    pairs, failures = check_inputs(args)
+    pairs, failures = check_inputs(args, share.take)
     progress = unsegment.progress.Progress(args.quiet)
     for message in failures:
         progress.error(message)
     folders = args.clean.is_dir()
-    if not pairs:
+    if not pairs and not share.split:  # a share of a split run may hold none
         if folders:
             progress.error(f"no image pair left to score in {args.clean}")
         return 1
     check_models(specs)
+    distributed.start(share, device)
 
-    try:
+    keys = {id(p): record_key(p, args, specs) for p in pairs} if args.records else {}
+    recorded = {id(p): record_of(p, args, keys) for p in pairs}
+    if args.report is not None:  # a recorded pair is scored again for a picture it lacks
+        recorded = {
+            k: r if r and (args.report / unsegment.report.picture_name(r.name)).is_file() else None
+            for k, r in recorded.items()
+        }
+    todo = [p for p in pairs if recorded[id(p)] is None]
+    try:  # none when every pair is recorded
         segmenters = [
-            load_segmenter(name, path, device, args.quiet, args.fastsam_rgb) for name, path in specs
+            load_segmenter(n, path, device, args.quiet, args.fastsam_rgb)
+            for n, path in specs
+            if todo
         ]
     except (torch.OutOfMemoryError, MemoryError):
         raise uad.UADError(f"out of memory on {device} loading {args.models}") from None
     predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]
-    rows = []
-    for i, pair in enumerate(pairs):
-        progress.item(i, len(pairs), pair.clean.name)
+    rows = [recorded[id(p)] for p in pairs if recorded[id(p)] is not None]
+    for i, pair in enumerate(todo):
+        progress.item(i, len(todo), pair.clean.name)
         try:
             rows.append(score_pair(pair, segmenters, predictors, args, progress))
+            if args.records is not None:
+                value = to_json(rows[-1], annotated=True)
+                distributed.write_record(record_path(pair, args), keys[id(pair)], value)
         except uad.UADError as e:
             progress.error(str(e))
             failures.append(str(e))
@@ -1193,15 +1280,31 @@ def run(args) -> int:
             failures.append(f"{pair.clean}: out of memory on {device}; try a smaller image")
             progress.error(failures[-1])
     progress.end()
+    # every rank's rows, in the order of the clean files as one process has them, and failures
+    # sorted, so that the files are the same however the work was split
+    ranks = share.collect((rows, failures))
+    share.close()
+    if not share.main:
+        return 0  # rank 0 counts this rank's failures
+    rows = sorted((r for rank in ranks for r in rank[0]), key=lambda r: Path(r.clean))
+    failures = sorted(f for rank in ranks for f in rank[1])
+    if share.shard[1] > 1:
+        print(
+            f"shard {share.shard[0]}/{share.shard[1]}: {len(rows)} image(s) scored into "
+            f"{args.records}, {len(failures)} failed; once every shard is done, the same "
+            "command without --shard writes the summary"
+        )
+        return 1 if failures else 0
     if not rows:
         if folders:
             progress.error(f"none of the {len(pairs)} image pair(s) could be scored")
         return 1
 
     annotated = args.annotations is not None
-    names = [s.name for s in segmenters]
+    names = [name for name, _ in specs]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    for flag in ("report", "report_objects"):  # pictures do not change the results
+    # pictures do not change the results, nor how the work was split
+    for flag in ("report", "report_objects", "shard", "records"):
         del settings[flag]
     settings["models"] = dict(specs)
     results = Results(

@@ -71,7 +71,7 @@ import unsegment.cli
 import unsegment.images
 import unsegment.models
 import unsegment.progress
-from unsegment import authors, authors_logs
+from unsegment import authors, authors_logs, distributed
 
 ATTACKS = (*uad.PRESETS, *uad.PRESET_ALIASES, "authors")
 CLEAN = "clean"  # the clean images, scored like an attack
@@ -886,7 +886,7 @@ def table_csv(data: dict) -> str:
 
 def say(run: Run, line: str) -> None:
     if not run.args.quiet:
-        print(line, file=sys.stderr, flush=True)
+        print(unsegment.progress.process_tag() + line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -997,6 +997,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-prompts", type=Path, metavar="DIR", help=reproduction + LOG_PROMPTS_HELP)
     add("--fastsam-rgb", action="store_true", help=ev.FASTSAM_RGB_HELP)
     add("--quiet", action="store_true", help="no progress lines")
+    add(
+        "--shard",
+        type=distributed.shard,
+        metavar="K/N",
+        help="protect and score images K, K+N, ... only; once every shard is done, the same "
+        "command without --shard builds the table (torchrun needs none: docs/scale.md)",
+    )
     return p
 
 
@@ -1048,10 +1055,24 @@ def prepare(args, items: List[Item], targets_needed: bool):
     return device, items, failures
 
 
-def execute(run: Run, failures: List[str]) -> int:
-    """The three stages; prints the table and writes table.json and table.csv."""
-    protect_stage(run, failures)
-    score_stage(run, failures)
+def execute(run: Run, failures: List[str], share=distributed.Share()) -> int:
+    """The three stages; prints the table and writes table.json and table.csv. A share of a
+    split run protects and scores its images; rank 0 builds the table from every rank's records
+    once all are done, a --shard run leaves that to a run without --shard."""
+    everything, run.items, mine = run.items, share.take(run.items), []
+    protect_stage(run, mine)
+    score_stage(run, mine)
+    run.items, ranks = everything, share.collect(mine)
+    share.close()
+    if not share.main:
+        return 0  # rank 0 counts this rank's failures
+    failures = failures + sorted(f for rank in ranks for f in rank)
+    if share.shard[1] > 1:
+        print(
+            f"shard {share.shard[0]}/{share.shard[1]} done, {len(failures)} failure(s); once "
+            "every shard is done, the same command without --shard builds the table"
+        )
+        return 1 if failures else 0
     table = build_table(run)
     if table is None:
         print(
@@ -1086,11 +1107,14 @@ def main(argv=None) -> int:
     try:
         if args.cost is not None:
             return run_cost(args)
-        progress = unsegment.progress.Progress(quiet=args.quiet)
+        share = distributed.share_of(args.shard)
+        args.device = distributed.device_name(share, args.device)
+        progress = unsegment.progress.Progress(quiet=args.quiet or not share.main)
         items = sa1b_images(args.sa1b, args.images, progress)
         device, items, failures = prepare(args, items, True)
-        for line in failures:
+        for line in failures if share.main else []:  # every rank checks every image
             print(f"error: {line}", file=sys.stderr)
+        distributed.start(share, device)
         run = Run(args, items, choose_targets(items, args.seed) if len(items) > 1 else {}, device)
         say(
             run,
@@ -1099,7 +1123,7 @@ def main(argv=None) -> int:
             + f", attacks {','.join(run.attacks)}, models {','.join(m for m, _ in run.models)}, "
             f"surrogate {args.surrogate}, seed {args.seed}, {device} -> {args.out}",
         )
-        return execute(run, failures)
+        return execute(run, failures, share)
     except uad.UADError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
