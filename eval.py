@@ -3,7 +3,7 @@
     python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
 models: vit_b, vit_l, vit_h, sam_vit, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam,
-sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, fastsam
+sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, sam3, fastsam
 (docs/models.md).
 The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
@@ -26,11 +26,15 @@ import torch
 from PIL import Image
 
 import uad
+import unsegment.authors_logs
 import unsegment.cli
 import unsegment.images
 import unsegment.models
+import unsegment.probes
 import unsegment.progress
+import unsegment.report
 import warp_kernel
+from unsegment import distributed
 
 PROMPT_KINDS = ("point", "box")
 BOX_JITTER = (0.9, 1.1)  # range of the factor on the bbox's width and height
@@ -253,6 +257,16 @@ def sample_prompts(objects: Sequence[RefObject], name: str, seed: int, n_points:
     return prompts
 
 
+def image_prompts(objects: Sequence[RefObject], name: str, args) -> List[Prompt]:
+    """The prompts of image `name`: those the authors' logs in args.log_prompts hold for it (see
+    unsegment.authors_logs), else sample_prompts' draw."""
+    if getattr(args, "log_prompts", None) is None:
+        return sample_prompts(objects, name, args.seed, args.points, args.boxes)
+    size = objects[0].mask.shape if objects else (0, 0)
+    found = unsegment.authors_logs.read_prompts(args.log_prompts, name, len(objects), size)
+    return [Prompt(*p) for p in found]
+
+
 # -----------------------------------------------------------------------------------------------
 # Metrics and result rows (the JSON output is these dataclasses, see to_json)
 
@@ -284,6 +298,20 @@ class PromptResult:
     coords: List[int]  # (x, y) or (x0, y0, x1, y1), pixels of the original image
     iou: Dict[str, float] = dataclasses.field(default_factory=dict)  # model -> IoU of adv
     clean_iou: Optional[Dict[str, float]] = None  # annotation mode: model -> IoU of clean
+    # probe -> "adv" | "clean" (each image through the probe) -> model -> IoU
+    probes: Dict[str, Dict[str, Dict[str, float]]] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class ProbeScores:
+    """One probe's scores of one image pair: the protected and the clean image each through
+    the probe, against the same references."""
+
+    adv: Dict[str, Dict[str, Metrics]]  # model -> prompt type
+    clean: Dict[str, Dict[str, Metrics]]  # model -> prompt type: what the probe alone does
+    linf: int  # Quality's fields: the protected image through the probe against the clean one
+    psnr: Optional[float]
+    ssim: float
 
 
 @dataclass
@@ -302,6 +330,7 @@ class ImageResult:
     metrics: Dict[str, Dict[str, Metrics]]  # model -> prompt type ("point", "box", "all")
     seconds: Dict[str, float]  # model (and "mask_generator") -> seconds
     prompts: List[PromptResult]
+    probes: Dict[str, ProbeScores] = dataclasses.field(default_factory=dict)  # --probes, in order
 
 
 @dataclass
@@ -310,6 +339,13 @@ class QualitySummary:
     psnr_mean: Optional[float]  # identical images left out; None if all are
     ssim_mean: float
     images: int
+
+
+@dataclass
+class ProbeSummary:
+    adv: Dict[str, Dict[str, Metrics]]  # model -> prompt type, pooled over all images
+    clean: Dict[str, Dict[str, Metrics]]
+    quality: QualitySummary
 
 
 @dataclass
@@ -323,6 +359,7 @@ class Results:
     seconds_per_image: Dict[str, float]
     images: List[ImageResult]
     failures: List[str]
+    probes: Dict[str, ProbeSummary] = dataclasses.field(default_factory=dict)  # --probes
 
     @property
     def annotated(self) -> bool:
@@ -381,6 +418,28 @@ def summarise_rows(rows: Sequence[ImageResult], model_names: Sequence[str], anno
     return summary
 
 
+def summarise_probes(rows: Sequence[ImageResult], model_names, probes) -> Dict[str, ProbeSummary]:
+    """Pooled Metrics and quality per probe, of the protected and the clean image through it."""
+    out = {}
+    for probe in probes:
+        pooled = {"adv": {}, "clean": {}}
+        for side, name in ((side, name) for side in pooled for name in model_names):
+            pooled[side][name] = {
+                kind: summarise_ious(
+                    [
+                        p.probes[probe][side][name]
+                        for r in rows
+                        for p in r.prompts
+                        if kind in ("all", p.kind)
+                    ]
+                )
+                for kind in (*PROMPT_KINDS, "all")
+            }
+        quality = summarise_quality([r.probes[probe] for r in rows])
+        out[probe] = ProbeSummary(pooled["adv"], pooled["clean"], quality)
+    return out
+
+
 def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
     """Max L-inf, mean PSNR (identical images left out) and mean SSIM over the rows."""
     psnrs = [r.psnr for r in rows if r.psnr is not None]
@@ -393,7 +452,7 @@ def summarise_quality(rows: Sequence[ImageResult]) -> QualitySummary:
 
 
 # -----------------------------------------------------------------------------------------------
-# Images: pairing the two inputs, reading, publishing probes
+# Images: pairing the two inputs, reading
 
 
 @dataclass
@@ -428,8 +487,11 @@ def check_pair(pair: Pair, max_pixels: Optional[int]) -> None:
     pair.size = clean.shape[:2]
 
 
-def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS):
-    """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem).
+def pair_inputs(
+    clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.images.MAX_PIXELS, take=list
+):
+    """Pairs CLEAN and ADV (two files, or two folders matched by file name, else by stem);
+    take: this process's share of the sorted clean images (unsegment.distributed.Share.take).
 
     Returns the good pairs and one error line per clean image that cannot be scored.
     """
@@ -440,10 +502,10 @@ def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.im
         raise uad.UADError(f"--clean {clean} and --adv {adv} must be two files or two folders")
     candidates, errors = [], []
     if not clean.is_dir():
-        candidates.append(Pair(clean, adv))
+        candidates += take([Pair(clean, adv)])
     else:
-        adv_files = image_files(adv)
-        for c in image_files(clean):
+        adv_files, clean_files = image_files(adv), image_files(clean)
+        for c in take(clean_files):
             same_stem = [a for a in adv_files if a.stem == c.stem]
             twin = [a for a in same_stem if a.name == c.name] or same_stem
             if len(twin) == 1:
@@ -452,7 +514,7 @@ def pair_inputs(clean: Path, adv: Path, max_pixels: Optional[int] = unsegment.im
                 errors.append(f"{c}: no adversarial twin {c.stem}.* in {adv}")
             else:
                 errors.append(f"{c}: several adversarial twins in {adv}: {[a.name for a in twin]}")
-        if not candidates and not errors:
+        if not clean_files:
             raise uad.UADError(f"{clean}: no image files")
     pairs = []
     for pair in candidates:
@@ -473,33 +535,6 @@ def read_rgb(
         progress.warn(f"{path}: only the first of its {picture.frames} frames is scored")
     pixels = picture.pixels
     return np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
-
-
-def degrade(pixels: np.ndarray, resize: Optional[float] = None, jpeg: Optional[int] = None):
-    """What publishing does to an image, in memory.
-
-    Args:
-      pixels: (H, W, 3) uint8 RGB.
-      resize: downscale factor in (0, 1] (PIL bicubic, antialiased), or None.
-      jpeg: JPEG quality in 1..100, applied after the downscale, or None.
-
-    Returns:
-      (H, W, 3) uint8: scaled back to the original size, so that prompts and reference masks
-      keep the original resolution.
-    """
-    im = Image.fromarray(pixels)
-    size = im.size
-    if resize is not None:
-        im = im.resize(
-            (max(1, round(size[0] * resize)), max(1, round(size[1] * resize))), Image.BICUBIC
-        )
-    if jpeg is not None:
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=jpeg)
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if im.size != size:
-        im = im.resize(size, Image.BICUBIC)
-    return np.asarray(im)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -529,17 +564,19 @@ def check_models(specs: Sequence[Tuple[str, Optional[str]]]) -> None:
     """What can be known of the models before any loads: their packages and checkpoint files."""
     for name, checkpoint in specs:
         unsegment.models.import_family(name)
-        if checkpoint is not None:
-            unsegment.models.check_model_checkpoint(name, checkpoint)
+        unsegment.models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
 
 
-def load_segmenter(name: str, checkpoint: Optional[str], device, quiet: bool = False) -> Segmenter:
+def load_segmenter(
+    name: str, checkpoint: Optional[str], device, quiet: bool = False, fastsam_rgb: bool = False
+) -> Segmenter:
     """Loads model `name` (a key of unsegment.models.MODELS, through its load_model), ready to
-    predict."""
-    return segmenter_of(name, unsegment.models.load_model(name, checkpoint, device, quiet), device)
+    predict (fastsam_rgb: see everything_masks)."""
+    model = unsegment.models.load_model(name, checkpoint, device, quiet)
+    return segmenter_of(name, model, device, fastsam_rgb)
 
 
-def segmenter_of(name: str, model, device) -> Segmenter:
+def segmenter_of(name: str, model, device, fastsam_rgb: bool = False) -> Segmenter:
     """The predictors and mask generators of model `name`'s package around a loaded `model`."""
     predictor = unsegment.models.MODELS[name].info.predictor
     if predictor == "sam2":
@@ -551,11 +588,15 @@ def segmenter_of(name: str, model, device) -> Segmenter:
             lambda: SAM2ImagePredictor(model),
             lambda **kw: SAM2AutomaticMaskGenerator(model, **kw),
         )
+    if predictor == "sam3":
+        return Segmenter(
+            name, lambda: sam3_predictor(model), lambda **kw: sam3_mask_generator(model, **kw)
+        )
     if predictor == "fastsam":
         return Segmenter(
             name,
-            lambda: FastSAMPrompter(model, device),
-            lambda **kw: FastSAMPrompter(model, device),
+            lambda: FastSAMPrompter(model, device, fastsam_rgb),
+            lambda **kw: FastSAMPrompter(model, device, fastsam_rgb),
             thresholds=False,
         )
     # segment-anything, SAM-HQ and MobileSAM share segment_anything's API
@@ -567,13 +608,36 @@ def segmenter_of(name: str, model, device) -> Segmenter:
     )
 
 
+def sam3_predictor(model):
+    """SAM 3's SAM-style predictor (SAM 2's API) around its tracker, told the feature sizes of
+    the model's own input size (the package assumes 1008)."""
+    from sam3.model.sam1_task_predictor import SAM3InteractiveImagePredictor
+
+    predictor, s = SAM3InteractiveImagePredictor(model), model.image_size // model.backbone_stride
+    predictor._bb_feat_sizes = [(4 * s, 4 * s), (2 * s, 2 * s), (s, s)]  # strides 3.5, 7, 14
+    return predictor
+
+
+def sam3_mask_generator(model, **settings):
+    """SAM 2's automatic mask generator prompting SAM 3's predictor (sam3 has none of its own)."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(model, **settings)
+    area = generator.predictor._transforms.max_hole_area  # its min_mask_region_area
+    generator.predictor = sam3_predictor(model)
+    generator.predictor._transforms.max_hole_area = area
+    generator.predictor._transforms.max_sprinkle_area = area
+    return generator
+
+
 # FastSAM as the paper's code runs it: everything mode once per image with these settings (and
 # imgsz = max(H, W)), then each prompt selects from those masks
 FASTSAM_SETTINGS = dict(retina_masks=True, conf=0.4, iou=0.9)
 
 
-def everything_masks(model, image: np.ndarray, device) -> np.ndarray:
-    """FastSAM's everything mode on an (H, W, 3) uint8 RGB image: (N, H, W) bool masks."""
+def everything_masks(model, image: np.ndarray, device, rgb: bool = False) -> np.ndarray:
+    """FastSAM's everything mode on an (H, W, 3) uint8 RGB image: (N, H, W) bool masks. rgb:
+    hand ultralytics the RGB array, as the paper's code did (--fastsam-rgb, for reproduction)."""
     from ultralytics.models.fastsam import FastSAMPredictor
 
     h, w = image.shape[:2]
@@ -582,7 +646,7 @@ def everything_masks(model, image: np.ndarray, device) -> np.ndarray:
     predictor = FastSAMPredictor(overrides=settings)
     predictor.setup_model(model=model, verbose=False)
     # ultralytics reads a numpy array as OpenCV's BGR (the paper's code passed RGB)
-    result = predictor(source=np.ascontiguousarray(image[..., ::-1]))[0]
+    result = predictor(source=np.ascontiguousarray(image if rgb else image[..., ::-1]))[0]
     if result.masks is None:
         return np.zeros((0, h, w), dtype=bool)
     return result.masks.data.cpu().numpy() > 0.5  # (N, H, W) at the image's size (retina masks)
@@ -624,11 +688,11 @@ class FastSAMPrompter:
     generate run everything mode (see FASTSAM_SETTINGS); predict selects with
     select_fastsam_mask and returns no mask (shape (0, H, W)) where that finds none."""
 
-    def __init__(self, model, device):
-        self.model, self.device, self.masks = model, device, None
+    def __init__(self, model, device, rgb: bool = False):
+        self.model, self.device, self.masks, self.rgb = model, device, None, rgb
 
     def set_image(self, image: np.ndarray) -> None:
-        self.masks = everything_masks(self.model, image, self.device)
+        self.masks = everything_masks(self.model, image, self.device, self.rgb)
 
     def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
         point = None if point_coords is None else tuple(int(v) for v in point_coords[0])
@@ -637,7 +701,8 @@ class FastSAMPrompter:
         return masks, None, None
 
     def generate(self, image: np.ndarray) -> List[dict]:
-        return [{"segmentation": m} for m in everything_masks(self.model, image, self.device)]
+        masks = everything_masks(self.model, image, self.device, self.rgb)
+        return [{"segmentation": m} for m in masks]
 
 
 def predict_mask(predictor, prompt: Prompt) -> Optional[np.ndarray]:
@@ -721,12 +786,19 @@ def per_kind(prompts: Sequence[Prompt], values: Sequence[float]) -> Dict[str, Li
 def score_pair(
     pair: Pair, segmenters, predictors, args, progress: unsegment.progress.Progress
 ) -> ImageResult:
-    """Scores one image pair with every model (annotation mode when pair.annotations is set)."""
+    """Scores one image pair with every model (annotation mode when pair.annotations is set),
+    through every probe (--probes); the first probe's scores are the row's own; with --report
+    the pair's picture is written."""
     clean = read_rgb(pair.clean, args.max_pixels, progress)
-    adv = read_rgb(pair.adv, args.max_pixels, progress)
-    check_sizes(pair, clean, adv)  # again: a file may have changed since check_pair
-    if args.resize is not None or args.jpeg is not None:
-        adv = degrade(adv, args.resize, args.jpeg)
+    unprobed = read_rgb(pair.adv, args.max_pixels, progress)
+    check_sizes(pair, clean, unprobed)  # again: a file may have changed since check_pair
+    probed = {  # (probe, "adv" | "clean") -> the image through it; "none" gives the image itself
+        (probe, side): unsegment.probes.apply_probe(image, probe, args.seed, pair.clean.stem)
+        for probe in args.probes
+        for side, image in (("adv", unprobed), ("clean", clean))
+    }
+    first = args.probes[0]
+    adv = probed[first, "adv"]  # the row's own scores and quality are the first probe's
     annotated = pair.annotations is not None
     seconds = {}
     started = time.perf_counter()
@@ -739,26 +811,59 @@ def score_pair(
         except uad.UADError as e:
             raise uad.UADError(f"{pair.clean}: {e}") from None
         seconds["mask_generator"] = time.perf_counter() - started
-    prompts = sample_prompts(objects, pair.clean.stem, args.seed, args.points, args.boxes)
+    prompts = image_prompts(objects, pair.clean.stem, args)
     results = [
         PromptResult(p.object, p.kind, list(p.coords), clean_iou={} if annotated else None)
         for p in prompts
     ]
+    for result in results:
+        result.probes = {probe: {"adv": {}, "clean": {}} for probe in args.probes}
+    probes = {
+        probe: ProbeScores(
+            {}, {}, **dataclasses.asdict(measure_quality(clean, probed[probe, "adv"]))
+        )
+        for probe in args.probes
+    }
+    picture = None
+    if args.report is not None:
+        picture = unsegment.report.Picture(pair.clean.name, clean, unprobed, adv, first, annotated)
     metrics, references = {}, objects if annotated else None
-    for segmenter, pair_of_predictors in zip(segmenters, predictors):
+    for segmenter, (on_clean, on_probed) in zip(segmenters, predictors):
         started = time.perf_counter()
-        for predictor, image in zip(pair_of_predictors, (clean, adv)):
-            predictor.set_image(image)
-        ious, clean_ious = score_prompts(pair_of_predictors, prompts, references)
+        on_clean.set_image(clean)
+        for (probe, side), image in probed.items():
+            predictor = on_clean  # the probe none leaves the clean image as it is
+            if image is not clean:
+                predictor = on_probed
+                predictor.set_image(image)
+            ious, clean_ious = score_prompts((on_clean, predictor), prompts, references)
+            by_kind = per_kind(prompts, ious)
+            getattr(probes[probe], side)[segmenter.name] = {
+                k: summarise_ious(v) for k, v in by_kind.items()
+            }
+            for result, iou in zip(results, ious):
+                result.probes[probe][side][segmenter.name] = iou
+            if (probe, side) == (first, "adv"):
+                metrics[segmenter.name] = {k: summarise_ious(v) for k, v in by_kind.items()}
+                for i, result in enumerate(results):
+                    result.iou[segmenter.name] = ious[i]
+                    if annotated:
+                        result.clean_iou[segmenter.name] = clean_ious[i]
+                if picture is not None:
+                    picture.add_model(
+                        segmenter.name,
+                        unsegment.report.pick_prompts(prompts, args.report_objects),
+                        references,
+                        lambda p: predict_mask(on_clean, p),
+                        lambda p: predict_mask(predictor, p),
+                        mask_iou,
+                    )
         seconds[segmenter.name] = time.perf_counter() - started
-        metrics[segmenter.name] = {k: summarise_ious(v) for k, v in per_kind(prompts, ious).items()}
-        for i, result in enumerate(results):
-            result.iou[segmenter.name] = ious[i]
-            if annotated:
-                result.clean_iou[segmenter.name] = clean_ious[i]
         if annotated:
             for kind, v in per_kind(prompts, clean_ious).items():
                 metrics[segmenter.name][kind].clean_miou = summarise_ious(v).miou
+    if picture is not None:
+        unsegment.report.write_picture(args.report, pair.clean.name, picture)
     return ImageResult(
         name=pair.clean.name,
         clean=str(pair.clean),
@@ -770,7 +875,57 @@ def score_pair(
         metrics=metrics,
         seconds=seconds,
         prompts=results,
+        probes=probes,
     )
+
+
+def record_path(pair: Pair, args) -> Path:
+    return args.records / f"{pair.clean.name}.json"
+
+
+def record_key(pair: Pair, args, specs) -> dict:
+    """What a pair's scores depend on (--records): its files, the models, the scoring flags."""
+    files = [pair.clean, pair.adv] + ([pair.annotations] if pair.annotations else [])
+    flags = ("points", "boxes", "max_masks", "seed", "probes", "points_per_side")
+    flags += ("pred_iou_thresh", "stability_score_thresh", "fastsam_rgb")
+    logs = None if args.log_prompts is None else str(args.log_prompts.resolve())
+    return {
+        "files": [[str(p), distributed.file_sha256(p)] for p in files],
+        "models": [[n, None if c is None else str(Path(c).resolve())] for n, c in specs],
+        "checkpoint_bytes": [None if c is None else Path(c).stat().st_size for _, c in specs],
+        **{flag: getattr(args, flag) for flag in flags},
+        "log_prompts": logs,
+    }
+
+
+def record_of(pair: Pair, args, keys) -> Optional[ImageResult]:
+    """The pair's row as --records holds it from a run with the same key, or None."""
+    if args.records is None:
+        return None
+    value = distributed.read_record(record_path(pair, args), keys[id(pair)])
+    if value is None:
+        return None
+    value["metrics"] = {
+        m: {kind: Metrics(**v) for kind, v in kinds.items()}
+        for m, kinds in value["metrics"].items()
+    }
+    value["prompts"] = [PromptResult(**p) for p in value["prompts"]]
+    value["probes"] = {
+        probe: ProbeScores(
+            **{
+                **scores,
+                **{
+                    side: {
+                        m: {k: Metrics(**v) for k, v in kinds.items()} for m, kinds in by.items()
+                    }
+                    for side, by in scores.items()
+                    if side in ("adv", "clean")
+                },
+            }
+        )
+        for probe, scores in value.get("probes", {}).items()
+    }
+    return ImageResult(**value)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -803,6 +958,25 @@ def format_table(results: Results) -> str:
     seconds = results.seconds_per_image
     text.append("seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return "\n".join(text)
+
+
+def format_probe_table(results: Results) -> str:
+    """Per probe, model and prompt type: mIoU and ASR@50 of the protected image through the
+    probe, the same of the clean image through it, and the protected image's PSNR."""
+    head = ["probe", "model", "prompts", "mIoU", "ASR@50", "clean mIoU", "clean ASR@50", "PSNR"]
+    lines = [head]
+    for probe, scores in results.probes.items():
+        psnr = format_number(scores.quality.psnr_mean)
+        for name, kinds in scores.adv.items():
+            for kind, m in kinds.items():
+                c = scores.clean[name][kind]
+                numbers = [format_number(v) for v in (m.miou, m.asr50, c.miou, c.asr50)]
+                lines.append([probe, name, kind, *numbers, psnr])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in lines
+    )
 
 
 def format_csv(results: Results) -> str:
@@ -930,6 +1104,23 @@ def image_size(text: str) -> Tuple[int, int]:
     return width, height
 
 
+def probe_list(text: str) -> List[str]:
+    """--probes: the names of its probes (unsegment.probes.parse_probes)."""
+    try:
+        return unsegment.probes.parse_probes(text)
+    except uad.UADError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+LOG_PROMPTS_HELP = (
+    "for reproduction: score the prompts the authors' logs hold, DIR = one attack's folder of "
+    "their exp/log/benchmark (UAD, AA; files N_ATTACK.json for sa_N), with --annotations"
+)
+FASTSAM_RGB_HELP = (
+    "for reproduction: give FastSAM RGB, as the paper's code did (ultralytics reads BGR)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = unsegment.cli.Parser(  # every usage error is one line
         prog="eval.py",
@@ -951,6 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--points-per-side", at_least_1, 32, "clean-reference generator grid"),
         ("--pred-iou-thresh", threshold, 0.88, "clean-reference, in [0, 1]"),
         ("--stability-score-thresh", threshold, 0.95, "clean-reference, in [0, 1]"),
+        ("--report-objects", at_least_1, 3, "objects per model in each --report picture"),
         (
             "--max-pixels",
             at_least_1,
@@ -963,12 +1155,35 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (%(default)s)")
     add("--out", type=Path, metavar="FILE", help="write the results as JSON")
     add("--csv", type=Path, metavar="FILE", help="write per-image and summary rows as CSV")
-    add("--jpeg", type=number(int, 1, 100), metavar="Q", help="probe: JPEG at quality Q, 1..100")
-    probe = "probe: downscale by S in (0, 1] and back"
+    probes = (
+        "purification probes, comma-separated, each scored on the protected and the clean image: "
+        "none, jpeg:Q (1..100), resize:S (downscale, (0, 1]), blur:SIGMA (pixels), median:N (odd "
+        "window), noise:STD (1/255, seeded), bits:N (1..8), or steps joined by +, e.g. "
+        "jpeg:75+resize:0.5 (none)"
+    )
+    add("--probes", type=probe_list, metavar="LIST", help=probes)
+    add("--jpeg", type=number(int, 1, 100), metavar="Q", help="--probes jpeg:Q, 1..100")
+    probe = "--probes resize:S, downscale in (0, 1]; with --jpeg: --probes resize:S+jpeg:Q"
     add("--resize", type=number(float, 0.0, 1.0, above=True), metavar="S", help=probe)
+    add("--report", type=Path, metavar="DIR", help="write DIR/index.html and a picture per image")
     bench = "time each model (random weights) on a WxH image (%dx%d) and exit" % BENCH_SIZE
     add("--bench", nargs="?", type=image_size, const=BENCH_SIZE, metavar="WxH", help=bench)
+    add("--log-prompts", type=Path, metavar="DIR", help=LOG_PROMPTS_HELP)
+    add("--fastsam-rgb", action="store_true", help=FASTSAM_RGB_HELP)
     add("--quiet", action="store_true", help="no progress or warning lines")
+    add(
+        "--records",
+        type=Path,
+        metavar="DIR",
+        help="keep each image's scores in DIR/NAME.json; a rerun scores only the rest",
+    )
+    add(
+        "--shard",
+        type=distributed.shard,
+        metavar="K/N",
+        help="score clean images K, K+N, ... into --records only; the same command without "
+        "--shard then writes the summary (torchrun needs none: docs/scale.md)",
+    )
     return parser
 
 
@@ -978,9 +1193,16 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--points and --boxes are both 0: nothing to score")
     if args.bench is None and (args.clean is None or args.adv is None):
         parser.error("--clean and --adv are required (unless --bench)")
+    shorthand = [f"{k}:{v}" for k, v in (("resize", args.resize), ("jpeg", args.jpeg)) if v]
+    if shorthand and args.probes is not None:
+        parser.error("--jpeg and --resize are shorthands for one --probes item; use --probes alone")
+    if args.probes is None:
+        args.probes = [unsegment.probes.probe_name("+".join(shorthand) or "none")]
+    if args.log_prompts is not None and args.annotations is None:
+        parser.error("--log-prompts needs --annotations: its prompts are of their objects")
 
 
-def check_inputs(args) -> Tuple[List[Pair], List[str]]:
+def check_inputs(args, take=list) -> Tuple[List[Pair], List[str]]:
     """Everything about the images, annotations and outputs that can be known before any model
     loads: every image decoded, every annotation file read and checked against its image's size.
     Returns the pairs to score and an error line per image that cannot be; raises UADError for a
@@ -992,7 +1214,15 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
         raise uad.UADError(f"{args.out}: --out and --csv name the same file")
     if args.annotations is not None and not args.annotations.exists():
         raise uad.UADError(f"{args.annotations}: no such annotation folder or file")
-    pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels)
+    if args.log_prompts is not None and not args.log_prompts.is_dir():
+        raise uad.UADError(f"{args.log_prompts}: no such folder of the authors' logs")
+    if args.shard is not None and args.records is None:
+        raise uad.UADError(
+            "--shard needs --records DIR: where the run without --shard finds its scores"
+        )
+    if args.records is not None:
+        unsegment.images.check_writable(args.records / "record.json", new_folder=True)
+    pairs, failures = pair_inputs(args.clean, args.adv, args.max_pixels, take)
     if args.annotations is not None and args.annotations.is_file() and len(pairs) > 1:
         raise uad.UADError(f"{args.annotations}: one annotation file for {len(pairs)} images")
     if args.annotations is not None:
@@ -1002,7 +1232,8 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
                 args.annotations / f"{pair.clean.stem}.json" if folder else args.annotations
             )
             try:  # read whole, as scoring will: a corrupt file or a wrong size is found now
-                read_annotations(pair.annotations, pair.size, args.max_masks)
+                objects = read_annotations(pair.annotations, pair.size, args.max_masks)
+                image_prompts(objects, pair.clean.stem, args)  # --log-prompts: its log, checked
             except uad.UADError as e:
                 failures.append(f"{e} (for {pair.clean})")
                 pairs.remove(pair)
@@ -1012,35 +1243,56 @@ def check_inputs(args) -> Tuple[List[Pair], List[str]]:
     for path in outputs:
         if path.resolve() in inputs:
             raise uad.UADError(f"{path}: is one of the inputs; write the results elsewhere")
+    if args.report is not None:
+        inputs = [p for p in (args.clean, args.adv, args.annotations) if p is not None]
+        folders = [p if p.is_dir() else p.parent for p in inputs]
+        unsegment.report.check_report_folder(args.report, folders)
     return pairs, failures
 
 
 def run(args) -> int:
     specs = parse_models(args.models)
-    device = unsegment.models.resolve_device(args.device)
+    share = distributed.share_of(args.shard)
+    device = unsegment.models.resolve_device(distributed.device_name(share, args.device))
     if args.bench is not None:
         return run_benchmark(args, specs, device)
-    pairs, failures = check_inputs(args)
+    pairs, failures = check_inputs(args, share.take)
     progress = unsegment.progress.Progress(args.quiet)
     for message in failures:
         progress.error(message)
     folders = args.clean.is_dir()
-    if not pairs:
+    if not pairs and not share.split:  # a share of a split run may hold none
         if folders:
             progress.error(f"no image pair left to score in {args.clean}")
         return 1
     check_models(specs)
+    distributed.start(share, device)
 
-    try:
-        segmenters = [load_segmenter(name, path, device, args.quiet) for name, path in specs]
+    keys = {id(p): record_key(p, args, specs) for p in pairs} if args.records else {}
+    recorded = {id(p): record_of(p, args, keys) for p in pairs}
+    if args.report is not None:  # a recorded pair is scored again for a picture it lacks
+        recorded = {
+            k: r if r and (args.report / unsegment.report.picture_name(r.name)).is_file() else None
+            for k, r in recorded.items()
+        }
+    todo = [p for p in pairs if recorded[id(p)] is None]
+    try:  # none when every pair is recorded
+        segmenters = [
+            load_segmenter(n, path, device, args.quiet, args.fastsam_rgb)
+            for n, path in specs
+            if todo
+        ]
     except (torch.OutOfMemoryError, MemoryError):
         raise uad.UADError(f"out of memory on {device} loading {args.models}") from None
     predictors = [(s.new_predictor(), s.new_predictor()) for s in segmenters]
-    rows = []
-    for i, pair in enumerate(pairs):
-        progress.item(i, len(pairs), pair.clean.name)
+    rows = [recorded[id(p)] for p in pairs if recorded[id(p)] is not None]
+    for i, pair in enumerate(todo):
+        progress.item(i, len(todo), pair.clean.name)
         try:
             rows.append(score_pair(pair, segmenters, predictors, args, progress))
+            if args.records is not None:
+                value = to_json(rows[-1], annotated=True)
+                distributed.write_record(record_path(pair, args), keys[id(pair)], value)
         except uad.UADError as e:
             progress.error(str(e))
             failures.append(str(e))
@@ -1048,14 +1300,32 @@ def run(args) -> int:
             failures.append(f"{pair.clean}: out of memory on {device}; try a smaller image")
             progress.error(failures[-1])
     progress.end()
+    # every rank's rows, in the order of the clean files as one process has them, and failures
+    # sorted, so that the files are the same however the work was split
+    ranks = share.collect((rows, failures))
+    share.close()
+    if not share.main:
+        return 0  # rank 0 counts this rank's failures
+    rows = sorted((r for rank in ranks for r in rank[0]), key=lambda r: Path(r.clean))
+    failures = sorted(f for rank in ranks for f in rank[1])
+    if share.shard[1] > 1:
+        print(
+            f"shard {share.shard[0]}/{share.shard[1]}: {len(rows)} image(s) scored into "
+            f"{args.records}, {len(failures)} failed; once every shard is done, the same "
+            "command without --shard writes the summary"
+        )
+        return 1 if failures else 0
     if not rows:
         if folders:
             progress.error(f"none of the {len(pairs)} image pair(s) could be scored")
         return 1
 
     annotated = args.annotations is not None
-    names = [s.name for s in segmenters]
+    names = [name for name, _ in specs]
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    # pictures do not change the results, nor how the work was split
+    for flag in ("report", "report_objects", "shard", "records"):
+        del settings[flag]
     settings["models"] = dict(specs)
     results = Results(
         mode="annotations" if annotated else "clean-reference",
@@ -1067,11 +1337,14 @@ def run(args) -> int:
         },
         images=rows,
         failures=failures,
+        probes=summarise_probes(rows, names, args.probes),
     )
     how = "" if annotated else f" (objects from {names[0]}'s automatic masks)"
     counts = f"{len(rows)} image(s) scored, {len(failures)} failed"
     print(f"mode: {results.mode}{how}; {counts}; seed {args.seed}")
     print(format_table(results))
+    if args.probes != ["none"]:
+        print(format_probe_table(results))
     texts = {}  # both files are formatted before either is written
     if args.out is not None:
         texts[args.out] = json.dumps(to_json(results, annotated), indent=1, allow_nan=False) + "\n"
@@ -1079,6 +1352,8 @@ def run(args) -> int:
         texts[args.csv] = format_csv(results)
     for path, text in texts.items():
         write_text(path, text)
+    if args.report is not None:
+        unsegment.report.write_page(args.report, to_json(results, annotated))
     if failures and folders:
         progress.error(f"{len(failures)} image(s) not scored, see above")
     return 1 if failures else 0

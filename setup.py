@@ -25,13 +25,18 @@ setup(
         # the model families eval.py scores beyond segment-anything (see README.md's model table):
         # SAM 2 / 2.1, SAM-HQ and MobileSAM (both import timm without declaring it), FastSAM
         # (ultralytics, AGPL-3.0, imported only when asked for). sam2 compiles from source: set
-        # SAM2_BUILD_CUDA=0 to skip its optional CUDA extension.
+        # SAM2_BUILD_CUDA=0 to skip its optional CUDA extension. SAM 3 (SAM License) imports psutil
+        # and triton without declaring them (triton comes with torch's Linux CUDA wheels) and
+        # fills mask holes with scikit-image on the CPU; none of them pins torch.
         "variants": [
             "sam2>=1.1.0",
             "segment-anything-hq>=0.3",
             "mobilesam-mirror>=1.0.0",
             "timm",
             "ultralytics>=8.4.190",
+            "sam3>=0.1.4",
+            "psutil",
+            "scikit-image",
         ],
     },
     entry_points={"console_scripts": ["unsegment=unsegment.cli:run", "unsegment-eval=eval:main"]},

@@ -39,8 +39,9 @@ __all__ = [
     "UADConfig", "UADError", "PRESETS", "preset_config",  # configuration
     "deform", "simulate", "project", "attack", "add_noise", "AttackResult", "Stats", "quantize",
     "protect", "uint8_pixels", "to_tensor", "to_pixels",  # pixels as tensors and back
-    "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "Ensemble",
+    "Surrogate", "ViTSurrogate", "HieraSurrogate", "TinyViTSurrogate", "SAM3Surrogate", "Ensemble",
     "encoder_features", "feature_distance", "encoder_passes", "jpeg", "resize_round_trip",
+    "gaussian_blur", "gaussian_noise", "reduce_bits",
 ]  # fmt: skip
 
 
@@ -456,8 +457,8 @@ def attack(
 ) -> AttackResult:
     """Both stages on a batch of images (B, C, H, W) in [0, 1]; everything returned detached.
 
-    sam is the surrogate: a SAM-family model (SAM, SAM-HQ, MobileSAM, SAM 2), a Surrogate, or a
-    list of them, an ensemble whose feature distances both stages average (see Surrogate).
+    sam is the surrogate: a SAM-family model (SAM, SAM-HQ, MobileSAM, SAM 2, SAM 3), a Surrogate,
+    or a list of them, an ensemble whose feature distances both stages average (see Surrogate).
     config.method "aa" needs target_image, (1 or B, C, H', W') in [0, 1]: stage 2 then pulls
     towards its features instead of a deformed target's; "noise" draws uniform noise only.
     progress, if given, is called as progress(stage, step, total, loss): with step 0 (and no
@@ -720,16 +721,17 @@ def sam_input(x: torch.Tensor, sam) -> torch.Tensor:
     return F.pad(x, (0, size - nw, 0, size - nh))
 
 
-def sam2_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """SAM 2's preprocessing, differentiable: SAM2Transforms as SAM2ImagePredictor applies it.
+def sam2_input(x: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """SAM 2's preprocessing, differentiable: SAM2Transforms as SAM2ImagePredictor applies it
+    (SAM 3's predictor too, with mean and std 0.5).
 
     Resizes to a size x size square, not keeping the aspect ratio (bilinear and antialiased, as
-    torchvision's Resize does to a tensor), and normalises by ImageNet's mean and std on the
-    [0, 1] scale. Nothing is padded or rounded.
+    torchvision's Resize does to a tensor), and normalises by `mean` and `std` on the [0, 1]
+    scale. Nothing is padded or rounded.
 
     Args:
       x: (B, C, H, W) float in [0, 1], C = 3 (RGB) or 1 (grey, replicated to RGB).
-      size: the model's image_size (1024 for every released SAM 2 and 2.1).
+      size: the model's image_size (1024 for every released SAM 2 and 2.1, 1008 for SAM 3).
 
     Returns:
       (B, 3, size, size) float.
@@ -737,14 +739,15 @@ def sam2_input(x: torch.Tensor, size: int) -> torch.Tensor:
     x = F.interpolate(
         x.expand(-1, 3, -1, -1), (size, size), mode="bilinear", align_corners=False, antialias=True
     )
-    mean, std = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1), x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = x.new_tensor(mean).view(3, 1, 1), x.new_tensor(std).view(3, 1, 1)
     return (x - mean) / std
 
 
 def encoder_features(
-    sam, x: torch.Tensor, layers: Sequence[int], dtype: str = "float32", attention: str = "sam"
+    sam, x, layers: Sequence[int], dtype="float32", attention="sam", preprocessed=False
 ):
-    """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1].
+    """Outputs of the encoder blocks `layers` for images x (B, C, H, W) in [0, 1] (preprocessed:
+    x is sam_input's (B, 3, S, S) already, as the authors' PGD perturbs it).
 
     Runs patch_embed, pos_embed and blocks[0 : max(layers) + 1] only: the later blocks and the
     neck do not influence the features and are never run. attention: see `run_block`. Returns a
@@ -752,7 +755,7 @@ def encoder_features(
     """
     enc = sam.image_encoder
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        h = enc.patch_embed(sam_input(x, sam))  # (B, 64, 64, width)
+        h = enc.patch_embed(x if preprocessed else sam_input(x, sam))  # (B, 64, 64, width)
         if enc.pos_embed is not None:
             h = h + enc.pos_embed
         feats = []
@@ -880,6 +883,28 @@ def tinyvit_features(sam, x: torch.Tensor, blocks: Sequence[int], dtype: str = "
     return feats
 
 
+def sam3_features(model, x: torch.Tensor, blocks: Sequence[int], dtype: str = "float32"):
+    """Outputs of SAM 3's ViT blocks `blocks` for images x (B, C, H, W) in [0, 1].
+
+    Runs what the package's ViT.forward runs before its blocks (patch_embed, the tiled absolute
+    positions, ln_pre) and blocks[0 : max(blocks) + 1] only: the later blocks and the necks are
+    never run. Returns a list of (B, S / 14, S / 14, width), S = model.image_size.
+    """
+    from sam3.model.vitdet import get_abs_pos
+
+    vit = model.backbone.vision_backbone.trunk
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        h = vit.patch_embed(sam2_input(x, model.image_size, (0.5,) * 3, (0.5,) * 3))
+        cls = vit.pretrain_use_cls_token, vit.retain_cls_token  # SAM 3: True, False
+        h = h + get_abs_pos(vit.pos_embed, cls[0], h.shape[1:3], cls[1], tiling=vit.tile_abs_pos)
+        h, feats = vit.ln_pre(h), []  # (B, S/14, S/14, width)
+        for i, block in enumerate(vit.blocks[: max(blocks) + 1]):
+            h = block(h)
+            if i in blocks:
+                feats.append(h.float())
+    return feats
+
+
 def feature_distance(fa: list, fb: list) -> torch.Tensor:
     """d = 1 - cosine similarity of each image's flattened features, averaged over layers: (B,).
 
@@ -927,7 +952,7 @@ class Surrogate:
 
     Args:
       model: the model, in eval mode: a segment_anything (or segment_anything_hq) Sam, a
-        mobile_sam Sam, or a sam2 SAM2Base.
+        mobile_sam Sam, a sam2 SAM2Base, or a sam3 Sam3TrackerPredictor.
       name: how lines and errors name it (default: the family).
     """
 
@@ -946,13 +971,13 @@ class Surrogate:
         """The Surrogate of `model`'s family (a Surrogate is returned as it is)."""
         if isinstance(model, Surrogate):
             return model
-        encoder = getattr(model, "image_encoder", None)
+        encoder = getattr(model, "image_encoder", getattr(model, "backbone", None))  # SAM 3's
         for family in Surrogate.__subclasses__():  # every class below, each its own family
             if family.fits(encoder):
                 return family(model, name)
         raise UADError(
             f"cannot use a {type(model).__name__} as a surrogate: expected a Segment Anything "
-            "model (SAM, SAM-HQ, MobileSAM or SAM 2)"
+            "model (SAM, SAM-HQ, MobileSAM, SAM 2 or SAM 3)"
         )
 
     @classmethod
@@ -1072,6 +1097,32 @@ class TinyViTSurrogate(Surrogate):
         return tinyvit_features(self.model, x, self.blocks(config), config.dtype)
 
 
+class SAM3Surrogate(Surrogate):
+    """SAM 3 (its tracker, whose encoder is also its detector's): a plain ViT at patch 14 of 32
+    blocks (24 x 24 windows, global attention in blocks 7, 15, 23, 31, 2-D rotary positions).
+    Input: sam2_input with mean and std 0.5 (a square resize to image_size, 1008). f: the
+    outputs of blocks config.layers, as for SAM v1's ViTs, each (B, 72, 72, 1024).
+
+    Why those: its encoder has ViT-H's depth and global blocks, so --layers means the same blocks
+    for both; the default, 3..6 (the paper's blocks 4-7), is the early stretch before the first
+    global block and runs 7 of the 32 blocks (docs/models.md). --layers chooses others.
+    """
+
+    family = "SAM 3 ViT"
+    encoder_has = "vision_backbone"
+
+    @property
+    def input_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.backbone.vision_backbone.trunk.blocks)
+
+    def features(self, x, config):
+        return sam3_features(self.model, x, self.blocks(config), config.dtype)
+
+
 def surrogates_of(sam) -> List[Surrogate]:
     """A model, a Surrogate, or a list of either, as a list of Surrogates on one device."""
     surrogates = [Surrogate.of(m) for m in (sam if isinstance(sam, (list, tuple)) else [sam])]
@@ -1133,9 +1184,10 @@ def encoder_passes(config: UADConfig) -> tuple:
 
 
 # -----------------------------------------------------------------------------------------------
-# Publishing, differentiably (--robust): JPEG as PIL's libjpeg-turbo codes it, and PIL's bicubic
-# downscale and upscale. Every rounding to integers is exact in the forward pass and the
-# identity in the backward pass (straight-through), so gradients reach the image.
+# Publishing, differentiably (--robust): JPEG as PIL's libjpeg-turbo codes it, PIL's bicubic
+# downscale and upscale, and three cheap purifiers: Gaussian blur, Gaussian noise, bit-depth
+# reduction. Every rounding to integers is exact in the forward pass and the identity in the
+# backward pass (straight-through), so gradients reach the image.
 
 # ITU-T T.81 Annex K quantisation tables (quality 50), row-major over (vertical, horizontal)
 JPEG_LUMA = (
@@ -1147,7 +1199,10 @@ JPEG_LUMA = (
 JPEG_CHROMA = ((17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99),
                (24, 26, 56, 99, 99, 99, 99, 99), (47, 66, 99, 99, 99, 99, 99, 99),
                *[(99,) * 8] * 4)  # fmt: skip
-ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0)}  # allowed parameter ranges
+# allowed parameter ranges: JPEG quality, downscale factor, blur sigma in pixels, noise std in
+# 1/255, bits per channel; jpeg and bits whole numbers with both ends allowed, the others above 0
+ROBUST_RANGES = {"jpeg": (1, 100), "resize": (0.0, 1.0), "blur": (0.0, 20.0),
+                 "noise": (0.0, 64.0), "bits": (1, 8)}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -1161,7 +1216,10 @@ def parse_robust(spec: str) -> tuple:
             items.append(("none", 0.0, 0.0))
             continue
         if kind not in ROBUST_RANGES or not values:
-            raise UADError(f"robust {spec!r}: {item!r} is not jpeg:Q[-Q], resize:S[-S] or none")
+            raise UADError(
+                f"robust {spec!r}: {item!r} is not jpeg:Q[-Q], resize:S[-S], blur:S[-S], "
+                "noise:S[-S], bits:N[-N] or none"
+            )
         try:
             low, _, high = values.partition("-")
             low, high = float(low), float(high or low)
@@ -1170,7 +1228,8 @@ def parse_robust(spec: str) -> tuple:
         if low > high:
             raise UADError(f"robust {spec!r}: {item!r} is reversed; write {kind}:{high:g}-{low:g}")
         bottom, top = ROBUST_RANGES[kind]
-        fits = bottom <= low <= high <= top if kind == "jpeg" else bottom < low <= high <= top
+        whole = kind in ("jpeg", "bits")
+        fits = bottom <= low <= high <= top if whole else bottom < low <= high <= top
         if not fits:
             raise UADError(f"robust {spec!r}: {kind} takes values in {bottom:g}..{top:g}")
         items.append((kind, low, high))
@@ -1188,6 +1247,12 @@ def publish(x: torch.Tensor, kinds: list, gen) -> torch.Tensor:
             image = jpeg(image, round(value))
         elif kind == "resize":
             image = resize_round_trip(image, value)
+        elif kind == "blur":
+            image = gaussian_blur(image, value)
+        elif kind == "noise":
+            image = gaussian_noise(image, value / 255, g)
+        elif kind == "bits":
+            image = reduce_bits(image, round(value))
         out.append(image)
     return torch.cat(out)
 
@@ -1209,6 +1274,32 @@ def resize_round_trip(x: torch.Tensor, scale: float, rounding: bool = True) -> t
     x = r(x.clamp(0, 255))
     x = F.interpolate(x, (h, w), mode="bicubic", antialias=True, align_corners=False)
     return r(x.clamp(0, 255)) / 255
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, rounding: bool = True) -> torch.Tensor:
+    """Gaussian blur of std `sigma` pixels (taps to 3 sigma, edges replicated) to uint8:
+    (B, C, H, W) in [0, 1]. PIL's GaussianBlur approximates the same Gaussian by box blurs."""
+    r, c = math.ceil(3 * sigma), x.shape[1]
+    taps = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(taps**2) / (2 * sigma**2))
+    k = (k / k.sum()).expand(c, 1, -1)  # (C, 1, 2r + 1), one per channel
+    x = F.pad(x * 255, (r, r, r, r), mode="replicate")
+    x = F.conv2d(F.conv2d(x, k[..., None, :], groups=c), k[..., None], groups=c)
+    return (straight_round(x) if rounding else x).clamp(0, 255) / 255
+
+
+def gaussian_noise(x: torch.Tensor, std: float, gen, rounding: bool = True) -> torch.Tensor:
+    """x plus Gaussian noise of std `std` (in [0, 1] units) drawn from the CPU generator gen,
+    to uint8: (B, C, H, W) in [0, 1]."""
+    x = x * 255 + std * 255 * torch.randn(x.shape, generator=gen).to(x)
+    return (straight_round(x) if rounding else x).clamp(0, 255) / 255
+
+
+def reduce_bits(x: torch.Tensor, bits: int, rounding: bool = True) -> torch.Tensor:
+    """Bit-depth reduction as feature squeezing does it (Xu et al. 2018): each value to the
+    nearest of 2^bits levels, written back as uint8: (B, C, H, W) in [0, 1]."""
+    r, levels = (straight_round if rounding else (lambda t: t)), 2**bits - 1
+    return r(r(x * levels) * (255 / levels)) / 255
 
 
 def jpeg_table(base, quality: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,30 @@
 """What stage 1 makes of the example photos: how far the target is from the photo, and how
 smooth the flow that warps it is.
 
-    python benchmarks/deformation.py [--preset no-fidelity] [--seed 0] [PHOTO ...]
+    python benchmarks/deformation.py [--preset no-fidelity] [--seed 0] [--size WxH] [PHOTO ...]
 
 Runs the deformation (stage 1) of the preset on each photo at its own resolution and prints
 SSIM(target, photo), and of the applied flow (the mosaic of the K fields, seams included, in
 the units of L_C): its total variation per control-grid block, its variance, and the largest
 jump between neighbouring pixels in pixels at SAM's 1024 scale. Without the fidelity term no
 encoder is needed; with it (--preset paper) a random-init ViT-B stands in for the surrogate.
+
+--size WxH (2250x1500: SA-1B's size) first resizes each photo to WxH with PIL's bicubic filter,
+and the table says so (the example photos are 640 px or less, so this upscales them): L_D's SSIM
+runs at the image's resolution while L_C is in 1024-scale units, so this shows whether their
+balance holds at SA-1B's size.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+import eval as ev
 import uad
 import unsegment.images
 import unsegment.models
@@ -28,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="no-fidelity", choices=list(uad.PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--size", type=ev.image_size, metavar="WxH", help="resize each photo first")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     photos = args.photos or sorted((ROOT / "examples").glob("*.[jp][pn]g"))
@@ -37,15 +46,21 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         sam = unsegment.models.build_sam("vit_b").requires_grad_(False)
         surrogate = uad.Ensemble([uad.Surrogate.of(sam)], config, uad.Stats())
-    print(f"preset {args.preset}, seed {args.seed}, {args.threads} thread(s)")
+    resized = "" if args.size is None else ", each photo resized (bicubic) to %dx%d" % args.size
+    print(f"preset {args.preset}, seed {args.seed}, {args.threads} thread(s){resized}")
     print("| photo | size | target SSIM | flow TV | flow variance | largest jump (px at 1024) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path in photos:
         try:
-            image = uad.to_tensor(unsegment.images.read_image(path).pixels)
+            pixels = unsegment.images.read_image(path).pixels
         except uad.UADError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        name = path.name
+        if args.size is not None and pixels.shape[1::-1] != args.size:
+            name += " (from %dx%d)" % pixels.shape[1::-1]
+            pixels = np.asarray(Image.fromarray(pixels).resize(args.size, Image.BICUBIC))
+        image = uad.to_tensor(pixels)
         f_image = None
         if sam is not None:
             with torch.no_grad():
@@ -58,9 +73,7 @@ def main(argv=None) -> int:
         var = u.flatten(2).var(-1).sum().item()
         jump = max(flow.diff(dim=-2).abs().max().item(), flow.diff(dim=-1).abs().max().item())
         h, w = image.shape[-2:]
-        print(
-            f"| {path.name} | {w}x{h} | {ssim.item():.3f} | {tv:.3f} | {var:.4f} | {jump:.1f} " "|"
-        )
+        print(f"| {name} | {w}x{h} | {ssim.item():.3f} | {tv:.3f} | {var:.4f} | {jump:.1f} " "|")
     return 0
 
 

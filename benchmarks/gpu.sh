@@ -8,6 +8,8 @@
 #      images per minute, and the two runs' files compared byte for byte;
 #   4. attack_cost.py --compile: whether torch.compile pays for a 40-step stage 2 on the GPU,
 #      compile time included (COMPILE=0 leaves it out).
+#   5. with several GPUs, benchmarks/folder.py --nproc: uad.py on a folder in one process on one
+#      GPU against torchrun with one process per GPU, images per minute (docs/scale.md).
 # Without a GPU it says so in one line and exits 2; otherwise it exits 1 if any step failed.
 #
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu.txt          # BATCH=8 bash benchmarks/gpu.sh
@@ -31,5 +33,10 @@ step python benchmarks/folder.py --device cuda --batch "$BATCH" --images "$BATCH
   --preset paper -- --attention sdpa --dtype bfloat16
 if [ "${COMPILE:-1}" != 0 ]; then
   step python benchmarks/attack_cost.py --device cuda --attention sdpa --dtype bfloat16 --compile
+fi
+GPUS="$(python -c "import torch; print(torch.cuda.device_count())")"
+if [ "$GPUS" -gt 1 ]; then
+  step python benchmarks/folder.py --device cuda --nproc "$GPUS" --images "$((2 * GPUS))" \
+    --preset no-fidelity -- --attention sdpa --dtype bfloat16
 fi
 exit "$status"

@@ -14,7 +14,7 @@ paper's are sa_1 to sa_1000 of sa_000000.tar), or all of them if it holds fewer.
    (checked on the file as saved), with one surrogate loaded once if an attack needs it (the
    noise baseline does not). Attacks: uad.py's presets
    (paper, no-fidelity or its old name reference, the baselines aa and noise) and `authors`
-   (benchmarks/authors.py). The aa baseline's target is another image of the set, drawn from
+   (unsegment/authors.py). The aa baseline's target is another image of the set, drawn from
    the seed and the image's name (so a different --images draws other targets).
 2. score: every model, loaded once, scores the clean image and each protected one in eval.py's
    annotation mode: the first --max-masks (10) annotations, --points (5) points and --boxes (3)
@@ -31,6 +31,12 @@ redoes the rest (a protected image deleted or changed, or a new attack, model or
 image (it does not decode, its annotation file is missing or corrupt) is one line and is left
 out.
 
+For reproduction only (docs/reproduce.md, "Like with like"; the table's footer says which apply):
+--release authors releases as the authors' code does (PGD on SAM's padded, normalised input,
+truncated to uint8 there and resized back), NOT within eps, the table's L-inf column saying how
+far; --log-prompts DIR scores the prompts of the authors' logs (their exp/log/benchmark);
+--fastsam-rgb gives FastSAM RGB as their code did; --aa-distance l2 is their AA's distance.
+
 --cost runs the same pipeline on one synthetic SA-1B-sized image with random-init weights (the
 arithmetic does not depend on them) and prints the seconds per image of each stage.
 """
@@ -40,6 +46,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import math
@@ -64,7 +71,7 @@ import unsegment.cli
 import unsegment.images
 import unsegment.models
 import unsegment.progress
-from unsegment import authors
+from unsegment import authors, authors_logs, distributed
 
 ATTACKS = (*uad.PRESETS, *uad.PRESET_ALIASES, "authors")
 CLEAN = "clean"  # the clean images, scored like an attack
@@ -156,13 +163,16 @@ def sa1b_images(folder: Path, count: int, progress=None) -> List[Item]:
     return [Item(path, path.with_suffix(".json")) for _, path in sorted(numbered)[:count]]
 
 
-def check_items(items: List[Item], max_pixels: int):
-    """The items whose image decodes and whose annotation file exists; one line per other."""
+def check_items(items: List[Item], max_pixels: int, log_folders=()):
+    """The items whose image decodes and whose annotation file (and log in each of the authors'
+    log_folders) exists; one line per other."""
     good, failures = [], []
     for item in items:
         try:
             unsegment.images.read_image(item.image, max_pixels)
             ev.check_annotation_file(item.annotations)
+            for folder in log_folders:
+                authors_logs.log_file(folder, item.name)
             item.sha256 = file_sha256(item.image)
             item.annotations_sha256 = file_sha256(item.annotations)
             good.append(item)
@@ -215,7 +225,13 @@ def needs_surrogate(config: uad.UADConfig) -> bool:
     return config.method != "noise"
 
 
-def run_attack(name: str, x, sam, config, progress, target=None) -> uad.AttackResult:
+def run_attack(name: str, x, sam, config, progress, target=None, args=None) -> uad.AttackResult:
+    padded = args is not None and args.release == "authors" and needs_surrogate(config)
+    l2 = args is not None and args.aa_distance == "l2" and config.method == "aa"
+    if padded or l2:  # for reproduction: the authors' release, their AA's distance
+        distance = "l2" if l2 else "cosine"
+        stage1 = "authors" if name == "authors" else "uad"
+        return authors.reproduction_attack(x, sam, config, target, stage1, distance, padded)
     if name == "authors":
         return authors.attack(x, sam, config, progress)
     if not needs_surrogate(config):
@@ -231,10 +247,10 @@ def attack_passes(name: str, config) -> tuple:
     return uad.encoder_passes(config) if needs_surrogate(config) else (0, 0)
 
 
-def load_model(name: str, checkpoint: Optional[str], device, quiet: bool):
+def load_model(name: str, checkpoint: Optional[str], device, quiet: bool, fastsam_rgb=False):
     """An eval.py model (ev.Segmenter), loaded once per run."""
     try:
-        return ev.load_segmenter(name, checkpoint, device, quiet)
+        return ev.load_segmenter(name, checkpoint, device, quiet, fastsam_rgb)
     except (torch.OutOfMemoryError, MemoryError):
         raise uad.UADError(f"out of memory on {device} loading {name}") from None
 
@@ -301,6 +317,20 @@ class Run:
         }
         self.prompts = dict(seed=args.seed, points=args.points, boxes=args.boxes)
         self.prompts["max_masks"] = args.max_masks
+        if args.log_prompts is not None:  # the authors' logs' prompts instead of drawn ones
+            self.prompts["log_prompts"] = str(args.log_prompts.resolve())
+        if args.fastsam_rgb:
+            self.prompts["fastsam_rgb"] = True
+
+    def released(self, attack: str) -> bool:
+        """Whether `attack` is released as the authors' code releases (--release authors)."""
+        return self.args.release == "authors" and needs_surrogate(self.configs[attack])
+
+    def log_folder(self, variant: str) -> Path:
+        """The folder of the authors' logs whose prompts `variant` is scored on: AA's for the aa
+        baseline, UAD's for every other attack and the clean images."""
+        row = "aa" if variant != CLEAN and self.configs[variant].method == "aa" else "uad"
+        return self.args.log_prompts / authors_logs.FOLDERS[row]
 
     def protected_path(self, attack: str, item: Item) -> Path:
         return self.out / attack / f"{item.name}.png"
@@ -315,6 +345,13 @@ class Run:
                 "image": item.sha256,
                 "target": (
                     None if target is None else {"name": target.name, "sha256": target.sha256}
+                ),
+                # for reproduction, named only when asked for (earlier records stay valid)
+                **({"release": "authors"} if self.released(attack) else {}),
+                **(
+                    {"distance": "l2"}
+                    if target is not None and self.args.aa_distance == "l2"
+                    else {}
                 ),
             }
         )
@@ -374,16 +411,28 @@ def protect_one(
     if config.method == "aa":
         other = unsegment.images.read_image(run.targets[item.name].image, run.args.max_pixels)
         target = uad.to_tensor(other.pixels, device).expand(-1, 3, -1, -1)
-    result = run_attack(attack, x, sam, config, progress, target)
-    pixels = uad.to_pixels(uad.quantize(result.adv, x, config.eps))
+    released = run.released(attack)
+    if released and picture.pixels.dtype != np.uint8:
+        raise uad.UADError(f"{item.image}: --release authors takes 8-bit images, as their code")
+    if released and picture.pixels.ndim == 2:  # their release is RGB, as their cv2 reading
+        picture = dataclasses.replace(picture, pixels=np.repeat(picture.pixels[..., None], 3, 2))
+    result = run_attack(attack, x, sam, config, progress, target, run.args)
+    if released:  # NOT within eps: truncated at SAM's scale and resized back, as theirs
+        pixels = authors.release(result.adv, sam, picture.pixels.shape[:2])
+    else:
+        pixels = uad.to_pixels(uad.quantize(result.adv, x, config.eps))
     path = run.protected_path(attack, item)
     saved = unsegment.images.write_image(
         path, dataclasses.replace(picture, pixels=pixels), True, True
     )
-    # the promise, on the file as saved and re-read
+    # the promise, on the file as saved and re-read; released as theirs, the file holds what
+    # their release gives, and its L-inf is reported (a column of the table)
     linf = int(np.abs(saved.pixels.astype(np.int16) - picture.pixels.astype(np.int16)).max())
     budget = math.floor(config.eps * 255 + 1e-6)
-    if linf > budget:
+    if released and not np.array_equal(saved.pixels, pixels):
+        path.unlink()
+        raise uad.UADError(f"{path}: the file read back differs from the release; removed")
+    if linf > budget and not released:
         path.unlink()
         raise uad.UADError(f"{path}: L-inf {linf}/255 is over the budget {budget}/255; removed")
     rgb = lambda p: np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p  # noqa: E731
@@ -477,7 +526,7 @@ def score_stage(run: Run, failures: List[str]) -> None:
         if not mine:
             continue
         started = time.monotonic()
-        segmenter = load_model(model, checkpoint, run.device, run.args.quiet)
+        segmenter = load_model(model, checkpoint, run.device, run.args.quiet, run.args.fastsam_rgb)
         predictor = segmenter.new_predictor()
         progress.items_started += time.monotonic() - started  # the pace is of scoring alone
         for _, _, item, variants in mine:
@@ -506,9 +555,19 @@ def score_item(run: Run, model, checkpoint, item: Item, variants, predictor, pro
     args = run.args
     clean = ev.read_rgb(item.image, args.max_pixels, progress)
     objects = ev.read_annotations(item.annotations, clean.shape[:2], args.max_masks)
-    prompts = ev.sample_prompts(objects, item.name, args.seed, args.points, args.boxes)
+
+    def prompts_of(variant):  # drawn, or read from the authors' logs of the variant's row
+        if args.log_prompts is None:
+            return ev.sample_prompts(objects, item.name, args.seed, args.points, args.boxes)
+        found = authors_logs.read_prompts(
+            run.log_folder(variant), item.name, len(objects), clean.shape[:2]
+        )
+        return [ev.Prompt(*p) for p in found]
+
+    clean_prompts = prompts_of(CLEAN)
     means = []
     for variant in variants:
+        prompts = prompts_of(variant)
         if variant == CLEAN:
             path, rgb = item.image, clean
         else:
@@ -524,6 +583,8 @@ def score_item(run: Run, model, checkpoint, item: Item, variants, predictor, pro
             "iou": ious,
             "seconds": time.perf_counter() - started,
         }
+        if prompts != clean_prompts:  # the aa row on AA's logged prompts: the clean image too
+            record["clean_iou"] = score_image(predictor, clean, prompts, objects)
         write_record(run.scored_path(model, variant, item), record)
         means.append(f"{variant} {np.mean(ious):.2f}")
     return f"scored {model}/{item.name}: mIoU " + ", ".join(means)
@@ -560,15 +621,20 @@ def build_table(run: Run) -> Optional[Table]:
         images.append(item.name)
         reference = scores[(names[0], CLEAN)]
         for variant in run.variants():
+            # each variant's own prompts (the aa row's differ with --log-prompts), and the clean
+            # image's IoU on them
+            clean_ious = {
+                m: scores[(m, variant)].get("clean_iou", scores[(m, CLEAN)]["iou"]) for m in names
+            }
             prompts = []
-            for j, (obj, kind, coords) in enumerate(reference["prompts"]):
+            for j, (obj, kind, coords) in enumerate(scores[(names[0], variant)]["prompts"]):
                 prompts.append(
                     ev.PromptResult(
                         obj,
                         kind,
                         coords,
                         iou={m: scores[(m, variant)]["iou"][j] for m in names},
-                        clean_iou={m: scores[(m, CLEAN)]["iou"][j] for m in names},
+                        clean_iou={m: clean_ious[m][j] for m in names},
                     )
                 )
             quality = protected.get(variant) or {"linf": 0, "psnr": None, "ssim": 1.0}
@@ -618,23 +684,54 @@ def cell(value, paper=None) -> str:
     return text if paper is None else f"{text} ({paper:.2f})"
 
 
+def differences(args) -> List[str]:
+    """What differs from the paper's evaluation, with this run's settings: the table's note."""
+    release = (
+        "the authors' for every attack but noise (--release authors: PGD on the padded 1024 "
+        "input, truncated to uint8 there and resized back bilinearly): NOT within eps, see L-inf"
+        if args.release == "authors"
+        else "ours, exactly the optimised perturbation within eps (theirs: PGD on the padded "
+        "1024 input, truncated to uint8 there and resized back, not within eps; --release authors)"
+    )
+    prompts = (
+        f"their logs' ({args.log_prompts}; UAD's for every row but aa, AA's for aa)"
+        if args.log_prompts is not None
+        else "drawn from --seed, not theirs: about +/-0.8 mIoU of sampling noise at 1000 images "
+        "(--log-prompts)"
+    )
+    fastsam = "RGB as the paper's code" if args.fastsam_rgb else "BGR (--fastsam-rgb: theirs, RGB)"
+    return [
+        "what differs from the paper's evaluation (docs/reproduce.md#like-with-like):",
+        f"- release: {release};",
+        f"- prompts: {prompts};",
+        f"- FastSAM: {fastsam} into ultralytics; its current predictor replaces a near-full-image "
+        "box after cropping that box's mask, theirs (8.0.120) before, keeping the mask uncropped;",
+        f"- aa: {'L2, as theirs' if args.aa_distance == 'l2' else '1 - cosine (theirs: L2; --aa-distance l2)'}"
+        " towards another image of the set (theirs: any of sa_1..sa_1000, unseeded, maybe itself).",
+    ]
+
+
 def format_table(run: Run, table: Table) -> str:
     head = ["attack", "model"] + [f"{m} {k}" for m in ("mIoU", "ASR@50") for k in KINDS]
+    head.append("L-inf")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for variant in run.variants():
+        linf = table.quality[variant].linf_max if variant in table.quality else 0
         for model, kinds in table.summary[variant].items():
             mious, asrs = [], []
             for kind in KINDS:
                 paper_miou, paper_asr = paper_numbers(variant, model, kind)
                 mious.append(cell(kinds[kind].miou, paper_miou))
                 asrs.append(cell(kinds[kind].asr50, paper_asr))
-            lines.append("| " + " | ".join([variant, model, *mious, *asrs]) + " |")
+            row = [variant, model, *mious, *asrs, f"{linf}/255"]
+            lines.append("| " + " | ".join(row) + " |")
     clean = table.summary[CLEAN]
     counts = {k: next(iter(clean.values()))[k].count for k in KINDS}
     lines += [
         f"{len(table.images)} image(s), {counts['point']} point and {counts['box']} box prompts "
         "per attack and model; in brackets the paper's numbers (1000 SA-1B images, from the "
-        "authors' logs; docs/reproduce.md)",
+        "authors' logs; docs/reproduce.md); L-inf: the largest distance of a file to its image",
+        *differences(run.args),
         "clean mIoU: " + ", ".join(f"{m} {k['all'].miou:.2f}" for m, k in clean.items()),
         "image quality: "
         + "; ".join(
@@ -722,6 +819,7 @@ def table_json(run: Run, table: Table, failures: List[str]) -> dict:
                         "clean_miou": m.clean_miou,
                         "paper_miou": paper_miou,
                         "paper_asr50": paper_asr,
+                        "linf_max": table.quality[variant].linf_max if variant != CLEAN else 0,
                     }
                 )
     return {
@@ -734,6 +832,8 @@ def table_json(run: Run, table: Table, failures: List[str]) -> dict:
             "prompts": run.prompts,
             "max_pixels": args.max_pixels,
             "seed": args.seed,
+            "release": args.release,
+            "aa_distance": args.aa_distance,
         },
         "versions": package_versions(),
         "commit": source_commit(),
@@ -767,6 +867,7 @@ def table_csv(data: dict) -> str:
             "surrogate": settings["surrogate"]["model"] if config else None,
             "checkpoint": settings["models"][c["model"]]["path"],
             "seed": settings["seed"],
+            "release": settings["release"],
             "device": data["device"].get("gpu", data["device"]["device"]),
             "torch": versions.get("torch"),
             "segment_anything": versions.get("segment-anything"),
@@ -785,7 +886,7 @@ def table_csv(data: dict) -> str:
 
 def say(run: Run, line: str) -> None:
     if not run.args.quiet:
-        print(line, file=sys.stderr, flush=True)
+        print(unsegment.progress.process_tag() + line, file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -877,8 +978,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WxH",
         help="time the pipeline on one synthetic %dx%d image, random-init weights" % ev.BENCH_SIZE,
     )
+    reproduction = "for reproduction: "
+    add(
+        "--release",
+        choices=("exact", "authors"),
+        default="exact",
+        help="exact: within eps, as uad.py (%(default)s); authors: "
+        + "as the authors' code releases, BREAKING THE EPS PROMISE, "
+        + reproduction
+        + "PGD on SAM's padded, normalised 1024 input, truncated to uint8 there, resized back "
+        + "bilinearly (every attack but noise; needs opencv-python)",
+    )
+    add(
+        "--aa-distance",
+        choices=authors.DISTANCES,
+        default="cosine",
+        help=reproduction + "the aa baseline's feature distance; l2: their AA's (%(default)s)",
+    )
+    add("--log-prompts", type=Path, metavar="DIR", help=reproduction + LOG_PROMPTS_HELP)
+    add("--fastsam-rgb", action="store_true", help=ev.FASTSAM_RGB_HELP)
     add("--quiet", action="store_true", help="no progress lines")
+    add(
+        "--shard",
+        type=distributed.shard,
+        metavar="K/N",
+        help="protect and score images K, K+N, ... only; once every shard is done, the same "
+        "command without --shard builds the table (torchrun needs none: docs/scale.md)",
+    )
     return p
+
+
+LOG_PROMPTS_HELP = (
+    "score the prompts the authors' logs hold, DIR = their exp/log/benchmark (UAD/ for every "
+    "row but aa, AA/ for aa; files N_ATTACK.json for sa_N)"
+)
 
 
 def check_args(parser, args) -> None:
@@ -905,7 +1038,18 @@ def prepare(args, items: List[Item], targets_needed: bool):
     models = ev.parse_models(args.models)
     ev.check_models(models)
     unsegment.images.check_writable(args.out / "table.json", new_folder=True)
-    items, failures = check_items(items, args.max_pixels)
+    if args.release == "authors" and importlib.util.find_spec("cv2") is None:
+        raise uad.UADError(
+            "--release authors resizes with OpenCV, as their code: pip install opencv-python"
+        )
+    folders = []  # the authors' log folders whose prompts are scored
+    if args.log_prompts is not None:
+        rows = {"aa" if a == "aa" else "uad" for a in args.attacks} | {"uad"}
+        folders = [args.log_prompts / authors_logs.FOLDERS[row] for row in sorted(rows)]
+        for folder in folders:
+            if not folder.is_dir():
+                raise uad.UADError(f"{folder}: no such folder of the authors' logs")
+    items, failures = check_items(items, args.max_pixels, folders)
     if not items:
         raise uad.UADError(f"none of the {len(failures)} image(s) can be used")
     if targets_needed and len(items) < 2 and "aa" in args.attacks:
@@ -913,10 +1057,24 @@ def prepare(args, items: List[Item], targets_needed: bool):
     return device, items, failures
 
 
-def execute(run: Run, failures: List[str]) -> int:
-    """The three stages; prints the table and writes table.json and table.csv."""
-    protect_stage(run, failures)
-    score_stage(run, failures)
+def execute(run: Run, failures: List[str], share=distributed.Share()) -> int:
+    """The three stages; prints the table and writes table.json and table.csv. A share of a
+    split run protects and scores its images; rank 0 builds the table from every rank's records
+    once all are done, a --shard run leaves that to a run without --shard."""
+    everything, run.items, mine = run.items, share.take(run.items), []
+    protect_stage(run, mine)
+    score_stage(run, mine)
+    run.items, ranks = everything, share.collect(mine)
+    share.close()
+    if not share.main:
+        return 0  # rank 0 counts this rank's failures
+    failures = failures + sorted(f for rank in ranks for f in rank)
+    if share.shard[1] > 1:
+        print(
+            f"shard {share.shard[0]}/{share.shard[1]} done, {len(failures)} failure(s); once "
+            "every shard is done, the same command without --shard builds the table"
+        )
+        return 1 if failures else 0
     table = build_table(run)
     if table is None:
         print(
@@ -951,11 +1109,14 @@ def main(argv=None) -> int:
     try:
         if args.cost is not None:
             return run_cost(args)
-        progress = unsegment.progress.Progress(quiet=args.quiet)
+        share = distributed.share_of(args.shard)
+        args.device = distributed.device_name(share, args.device)
+        progress = unsegment.progress.Progress(quiet=args.quiet or not share.main)
         items = sa1b_images(args.sa1b, args.images, progress)
         device, items, failures = prepare(args, items, True)
-        for line in failures:
+        for line in failures if share.main else []:  # every rank checks every image
             print(f"error: {line}", file=sys.stderr)
+        distributed.start(share, device)
         run = Run(args, items, choose_targets(items, args.seed) if len(items) > 1 else {}, device)
         say(
             run,
@@ -964,7 +1125,7 @@ def main(argv=None) -> int:
             + f", attacks {','.join(run.attacks)}, models {','.join(m for m, _ in run.models)}, "
             f"surrogate {args.surrogate}, seed {args.seed}, {device} -> {args.out}",
         )
-        return execute(run, failures)
+        return execute(run, failures, share)
     except uad.UADError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -194,3 +194,69 @@ def parse_table(stdout: str) -> dict:
             break
         table[(cells[0], cells[1])] = [float(c) for c in cells[2:]]
     return table
+
+
+# SAM 3 at 112 x 112 (8 x 8 patches of 14) with an 8-block ViT of width 32, global attention in
+# blocks 3 and 7 and 4 x 4 windows (its real shape: 1008, 32 blocks of width 1024, 7, 15, 23, 31,
+# 24 x 24); the necks and heads keep theirs
+TINY_SAM3_SIZE = 112
+TINY_SAM3_VIT = dict(embed_dim=32, depth=8, num_heads=2, global_att_blocks=(3, 7), window_size=4)
+
+
+def shrink_sam3(mp) -> None:
+    """Makes sam3's own build_tracker (unsegment.models' SAM 3 builder) build TINY_SAM3_VIT at
+    TINY_SAM3_SIZE, through monkeypatch `mp`."""
+    import sam3.model_builder as builder
+    from sam3.model.vitdet import ViT
+
+    real_tracker = builder.Sam3TrackerPredictor
+
+    def tiny_vit(compile_mode=None):  # _create_vit_backbone's other settings
+        settings = dict(
+            img_size=TINY_SAM3_SIZE, pretrain_img_size=56, patch_size=14, mlp_ratio=4.625,
+            qkv_bias=True, use_abs_pos=True, tile_abs_pos=True, rel_pos_blocks=(), use_rope=True,
+            use_interp_rope=True, pretrain_use_cls_token=True, retain_cls_token=False,
+            ln_pre=True, ln_post=False, bias_patch_embed=False, drop_path_rate=0.1,
+        )  # fmt: skip
+        return ViT(**settings, **TINY_SAM3_VIT)
+
+    mp.setattr(builder, "_create_vit_backbone", tiny_vit)
+    mp.setattr(
+        builder,
+        "Sam3TrackerPredictor",
+        lambda **kw: real_tracker(**{**kw, "image_size": TINY_SAM3_SIZE}),
+    )
+
+
+def write_authors_log(folder: Path, number: int, attack: str, masks, seed: int = 0) -> list:
+    """The authors' result log of image sa_`number` and `attack`, as their benchmark writes it
+    (exp/benchmark.py: utils.py's OutputLogger into folder/N_ATTACK.json): each mask's 5 points
+    drawn as their sample_pixel_in_mask draws them and 3 boxes jittered as attack/eval.py does,
+    with made-up IoUs per model. Returns the prompts, [(mask index, coordinates)], in order."""
+    rng = np.random.RandomState(seed)
+    prompts, evaluations = [], {}
+    for i, mask in enumerate(masks):
+        inside = np.flip(np.argwhere(mask), axis=1)  # (x, y)
+        drawn = [p.tolist() for p in inside[rng.choice(len(inside), 5, replace=False)]]
+        x, y, w, h = ev.mask_bbox(mask)
+        cx, cy = x + w / 2, y + h / 2
+        for _ in range(3):
+            bw, bh = rng.randint(int(0.9 * w), int(1.1 * w)), rng.randint(
+                int(0.9 * h), int(1.1 * h)
+            )
+            drawn.append(
+                [
+                    max(int(cx - bw / 2), 0),
+                    max(int(cy - bh / 2), 0),
+                    min(int(cx + bw / 2), mask.shape[1] - 1),
+                    min(int(cy + bh / 2), mask.shape[0] - 1),
+                ]
+            )
+        for j, coords in enumerate(drawn):
+            scores = {m: float(rng.uniform(0, 100)) for m in ("fastsam", "samb", "saml", "samh")}
+            evaluations[f"m{i}_p{j}"] = {"prompt": coords, **scores}
+            prompts.append((i, coords))
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"imgid": number, "adv_method": attack, "evaluations": evaluations}
+    (folder / f"{number}_{attack}.json").write_text(json.dumps(record, indent=4))
+    return prompts

@@ -421,3 +421,77 @@ def test_the_target_matches_an_independent_implementation_of_their_formulas(tiny
     assert np.abs(warped[0] - warped[1]).max() > 0.1
     assert torch.allclose(result.dest[0].double(), torch.tensor(np.stack(dests)), atol=1e-4)
     assert np.abs(result.target[0].double().numpy() - expected).max() < 1e-4
+
+
+# -----------------------------------------------------------------------------------------------
+# For reproduction: their release (PGD on SAM's padded, normalised input, truncation at 1024,
+# bilinear resize back) and their AA's L2 distance
+
+
+def normalised(sam, pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, 1024, 1024): 0..255 values (1, 3, h, w) normalised as SAM does and padded."""
+    z = (pixels - sam.pixel_mean) / sam.pixel_std
+    return torch.nn.functional.pad(z, (0, 1024 - z.shape[-1], 0, 1024 - z.shape[-2]))
+
+
+def test_their_release_truncates_at_1024_and_keeps_nothing_of_the_padding(tiny_sam):
+    gen = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 255, (1, 3, 683, 1024), generator=gen).float()
+    z = normalised(tiny_sam, levels + 0.9)  # 0.9 of a level above each: truncated, not rounded
+    z[..., 683:, :] = 5.0  # the padding, perturbed: thrown away
+    released = authors.release(z, tiny_sam, (683, 1024))  # a 3:2 image already at 1024
+    assert released.dtype == np.uint8 and released.shape == (683, 1024, 3)
+    assert np.array_equal(released, levels[0].permute(1, 2, 0).numpy().astype(np.uint8))
+
+
+def test_their_release_resizes_back_bilinearly_to_the_original_size(tiny_sam):
+    # a horizontal ramp at 1024 x 683 (whole levels), released at 96 x 64: each pixel takes the
+    # linear interpolation at its centre's position, (i + 0.5) * 1024 / 96 - 0.5
+    ramp = torch.arange(1024).float() * 250 / 1023
+    levels = ramp.floor().expand(1, 3, 683, 1024)
+    released = authors.release(normalised(tiny_sam, levels + 0.5), tiny_sam, (64, 96))
+    assert released.shape == (64, 96, 3)
+    x = (np.arange(96) + 0.5) * 1024 / 96 - 0.5
+    expected = np.interp(x, np.arange(1024), levels[0, 0, 0].numpy())
+    assert np.abs(released[32, :, 1].astype(float) - expected).max() <= 1
+    assert (released == released[:1]).all()  # every row alike
+
+
+def test_their_pgd_keeps_eps_per_channel_in_the_normalised_space_padding_included(tiny_sam):
+    image = uad.to_tensor(small_photo())  # 96 x 64: 1024 x 683 at SAM's scale
+    # 3 steps of 2/255 within 4/255: most values end on the budget's edge
+    config = authors.authors_config(steps=3, eps=4 / 255, deform_steps=2, layers=(0,), seed=1)
+    result = authors.reproduction_attack(image, tiny_sam, config, padded=True)
+    z, start = result.adv, uad.sam_input(image, tiny_sam)
+    assert z.shape == (1, 3, 1024, 1024)
+    budget = config.eps * 255 / tiny_sam.pixel_std  # (3, 1, 1)
+    assert ((z - start).abs() <= budget + 1e-5).all()
+    assert ((z - start).abs() >= budget - 1e-5).float().mean() > 0.5  # signed steps hit it
+    low, high = (
+        -tiny_sam.pixel_mean / tiny_sam.pixel_std,
+        (255 - tiny_sam.pixel_mean) / tiny_sam.pixel_std,
+    )
+    assert (z >= low - 1e-6).all() and (z <= high + 1e-6).all()
+    assert (z[..., 683:, :] != 0).any()  # the padding is perturbed, as theirs
+    assert result.stats.forwards == 2 + config.steps and result.stats.backwards == config.steps
+    released = authors.release(z, tiny_sam, (64, 96))
+    assert released.shape == (64, 96, 3) and (released != small_photo()).any()
+
+
+def test_their_aa_distance_is_the_l2_norm_over_all_blocks():
+    a = [torch.ones(2, 4, 4, 3), torch.zeros(2, 4, 4, 3)]
+    b = [torch.zeros(2, 4, 4, 3), torch.full((2, 4, 4, 3), 2.0)]
+    # 48 differences of 1 and 48 of 2 per image: sqrt(48 + 4 * 48)
+    assert torch.allclose(authors.l2_distance(a, b), torch.full((2,), math.sqrt(240.0)))
+    assert torch.allclose(authors.l2_distance([a, a], [b, a]), torch.full((2,), math.sqrt(60.0)))
+
+
+def test_the_aa_baseline_with_their_distance_is_within_eps_and_pulls_towards_the_target(tiny_sam):
+    image, other = uad.to_tensor(small_photo()), uad.to_tensor(small_photo()).flip(-1)
+    config = uad.preset_config("aa", steps=3, layers=(0,))
+    f = lambda x: [uad.encoder_features(tiny_sam, x, (0,))]  # noqa: E731
+    result = authors.reproduction_attack(image, tiny_sam, config, other, distance="l2")
+    assert (result.adv - image).abs().max() <= config.eps + 1e-6
+    assert authors.l2_distance(f(result.adv), f(other)) < authors.l2_distance(f(image), f(other))
+    cosine = authors.reproduction_attack(image, tiny_sam, config, other)
+    assert not torch.equal(cosine.adv, result.adv)

@@ -102,6 +102,38 @@ def test_folder_mode_protects_every_image_and_survives_a_bad_one(cli, tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "c.png"]
 
 
+def test_preview_shows_the_original_the_file_saved_and_the_perturbation(cli, tmp_path):
+    import unsegment.report as report
+
+    photo = small_photo()  # 96 x 64
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    out, preview = tmp_path / "out.png", tmp_path / "preview.png"
+    code, _, err = cli(tmp_path / "in.png", out, "--preview", preview, *FAST)
+    assert code == 0, err
+    saved = unsegment.images.read_image(out).pixels
+    with Image.open(preview) as im:
+        assert im.format == "PNG"
+        shown = np.asarray(im.convert("RGB"))
+    top, left = report.GAP + report.LINE, report.GAP  # under the (empty) title line
+    panels = [shown[top : top + 64, left : left + 96]]
+    for _ in range(2):  # each panel is at least as wide as its caption
+        left += max(96, int(report.FONT.getlength("original")) + 4) + report.GAP
+        panels.append(shown[top : top + 64, left : left + 96])
+    np.testing.assert_array_equal(panels[0], photo)
+    np.testing.assert_array_equal(panels[1], saved)
+    diff = np.abs(saved.astype(int) - photo)  # at most 8: eps (8/255) is white
+    assert 0 < diff.max() <= 8
+    np.testing.assert_array_equal(panels[2], np.rint(diff * 255 / 8).astype(np.uint8))
+    # folder mode: one picture per image, in the folder --preview names (made if missing)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(photo).save(folder / f"{name}.png")
+    code, _, err = cli(folder, tmp_path / "out", "--preview", tmp_path / "out" / "previews", *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out" / "previews").iterdir()) == ["a.png", "b.png"]
+
+
 def test_cli_reports_which_preset_ran(cli, tmp_path):
     Image.fromarray(small_photo()).save(tmp_path / "in.png")
     args = [tmp_path / "in.png", tmp_path / "out.png", "--steps", "1", "--deform-steps", "1"]
@@ -628,6 +660,16 @@ def early_bad_inputs(tmp_path: Path) -> dict:
             "a .pfm file holds float grey images, not grey",
         ),
         "fifo": ([tmp_path / "fifo.png", o], "fifo.png: not a regular file (a FIFO)"),
+        "preview not png": ([good, o, "--preview", tmp_path / "p.jpg"], "--preview writes PNG"),
+        "preview is the input": (
+            [good, o, "--preview", good],
+            "good.png: --preview would replace an input or output image",
+        ),
+        "preview exists": ([good, o, "--preview", grey], "grey.png: exists; pass --overwrite"),
+        "preview folder is a file": (
+            [tmp_path / "images", tmp_path / "out", "--preview", good],
+            "--preview of a folder names a folder, and this is a file",
+        ),
     }
 
 
@@ -676,6 +718,10 @@ EARLY_CASES = [
     "grey to pbm",
     "grey to pfm",
     "fifo",
+    "preview not png",
+    "preview is the input",
+    "preview exists",
+    "preview folder is a file",
 ]
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from PIL import Image
 import eval as ev
 import uad
 import unsegment.models
+import unsegment.probes
 import unsegment.progress
+import unsegment.report
 from helpers import (
     EXAMPLES,
     ROOT,
@@ -31,6 +34,7 @@ from helpers import (
     small_photo,
     two_objects,
     write_annotations,
+    write_authors_log,
 )
 
 # few prompts and a 3x3 generator grid keep one scored image to a few seconds on one core
@@ -330,13 +334,47 @@ def test_image_quality_figures():
     assert q.ssim < 1
 
 
-def test_publishing_probes_keep_the_size_and_change_the_pixels():
+def test_probes_keep_the_size_and_change_the_pixels():
     pixels = small_photo((96, 64))
-    np.testing.assert_array_equal(ev.degrade(pixels), pixels)
-    for kw in ({"jpeg": 30}, {"resize": 0.5}, {"resize": 0.5, "jpeg": 30}):
-        out = ev.degrade(pixels, **kw)
+    assert unsegment.probes.apply_probe(pixels, "none") is pixels
+    probes = "jpeg:30,resize:0.5,blur:1,median:3,noise:4,bits:3,resize:0.5+jpeg:30,jpeg:30+blur:2"
+    outputs = {}
+    for probe in unsegment.probes.parse_probes(probes):
+        out = unsegment.probes.apply_probe(pixels, probe, seed=0, key="cat")
         assert out.shape == pixels.shape and out.dtype == np.uint8
-        assert 0 < np.abs(out.astype(int) - pixels).max() < 255
+        assert 0 < np.abs(out.astype(int) - pixels).max() < 255, probe
+        outputs[probe] = out
+    # a combination is its steps in order, back to the original size at the end
+    small = Image.fromarray(pixels).resize((48, 32), Image.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=30)
+    want = np.asarray(Image.open(buf).convert("RGB").resize((96, 64), Image.BICUBIC))
+    np.testing.assert_array_equal(outputs["resize:0.5+jpeg:30"], want)
+    blurred = unsegment.probes.apply_probe(outputs["jpeg:30"], "blur:2")
+    np.testing.assert_array_equal(outputs["jpeg:30+blur:2"], blurred)
+    # bits: every value on the 2^N-level lattice; median: an outlier pixel is removed
+    assert set(np.unique(outputs["bits:3"])) <= {round(k * 255 / 7) for k in range(8)}
+    spot = np.full((9, 9, 3), 100, np.uint8)
+    spot[4, 4] = 255
+    assert (unsegment.probes.apply_probe(spot, "median:3") == 100).all()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("jpeg:0", "jpeg takes 1..100 (quality), not 0"),
+        ("median:4", "median takes odd, 3..15"),
+        ("blur:-1", "blur takes (0, 20] (sigma in pixels)"),
+        ("noise:x", "noise takes a number (std in 1/255), not 'x'"),
+        ("bits:9", "bits takes 1..8 (bits per channel)"),
+        ("sharpen:2", "'sharpen:2' is not none, jpeg:N, resize:S"),
+        ("blur:1,blur:1.0", "blur:1 is listed twice"),
+        (",", "no probe"),
+    ],
+)
+def test_bad_probes_name_the_problem(text, message):
+    with pytest.raises(uad.UADError, match=re.escape(message)):
+        unsegment.probes.parse_probes(text)
 
 
 def test_clean_reference_objects_largest_first_with_an_unfiltered_fallback():
@@ -508,6 +546,16 @@ def test_annotation_mode_on_a_hand_made_sa1b_json(cli, tiny_checkpoints, tmp_pat
     assert ious["vit_b"] != ious["vit_l"]
 
 
+def scores(metrics: dict) -> dict:
+    """A JSON's {model: {prompt type: Metrics}} without the clean image's mIoU."""
+    return {
+        model: {
+            kind: {k: v for k, v in m.items() if k != "clean_miou"} for kind, m in kinds.items()
+        }
+        for model, kinds in metrics.items()
+    }
+
+
 def test_probes_degrade_the_adversarial_image_before_scoring(cli, tiny_checkpoints, tmp_path):
     cat = small_photo((96, 64))
     clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", cat)
@@ -523,9 +571,236 @@ def test_probes_degrade_the_adversarial_image_before_scoring(cli, tiny_checkpoin
     (row,) = result["images"]
     assert row["linf"] > 10 and row["psnr"] is not None and row["ssim"] < 1
     assert result["settings"]["jpeg"] == 20 and result["settings"]["resize"] == 0.5
+    assert result["settings"]["probes"] == ["resize:0.5+jpeg:20"]  # the shorthand's probe
     assert row["metrics"]["vit_b"]["all"]["count"] == 3
+    assert scores(row["probes"]["resize:0.5+jpeg:20"]["adv"]) == scores(row["metrics"])
     # without --quiet, a progress line naming the image (stderr is not a terminal here)
     assert "cat.png" in stderr.splitlines()
+
+
+def test_every_probe_is_scored_on_both_images_with_the_same_noise(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", noisy(cat, 6))
+    rect, ell = two_objects()
+    ann = write_annotations(tmp_path / "cat.json", [rect, ell])
+    out = tmp_path / "r.json"
+    probes = "none,jpeg:50,blur:1,median:3,noise:4,bits:3,resize:0.5+jpeg:75"
+    pair = ["--clean", clean, "--adv", adv, "--annotations", ann, "--out", out]
+    code, stdout, stderr = cli(
+        *pair, "--probes", probes, "--models", models(tiny_checkpoints, "vit_b"), *FAST
+    )
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    names = probes.split(",")
+    assert list(result["probes"]) == names and result["settings"]["probes"] == names
+    (row,) = result["images"]
+    assert list(row["probes"]) == names
+    # the first probe's scores are the row's own; the clean image through none is the clean one
+    assert scores(row["probes"]["none"]["adv"]) == scores(row["metrics"])
+    assert row["probes"]["none"]["linf"] == row["linf"] > 0
+    for p in row["prompts"]:
+        assert p["probes"]["none"]["adv"] == p["iou"]
+        assert p["probes"]["none"]["clean"] == p["clean_iou"]
+    # the pooled summary of each probe is the mean over its prompts
+    for name in names:
+        for side in ("adv", "clean"):
+            ious = [p["probes"][name][side]["vit_b"] for p in row["prompts"]]
+            pooled = result["probes"][name][side]["vit_b"]["all"]
+            assert pooled["miou"] == pytest.approx(np.mean(ious)) and pooled["count"] == len(ious)
+        assert result["probes"][name]["quality"]["linf_max"] == row["probes"][name]["linf"]
+    # the printed probe table has every probe, model and prompt type
+    lines = stdout.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("probe ")))
+    probe_rows = [line.split() for line in lines[head + 1 :]]
+    assert [(r[0], r[2]) for r in probe_rows] == [(n, k) for n in names for k in KINDS]
+    noise = result["probes"]["noise:4"]["adv"]["vit_b"]["all"]
+    assert [float(v) for v in probe_rows[3 * names.index("noise:4") + 2][3:5]] == [
+        round(noise["miou"], 2),
+        round(noise["asr50"], 2),
+    ]
+
+    # the protected image scored as the clean one: through each probe, noise included, both
+    # images become the same, so every probe scores them alike
+    save(adv, cat)
+    code, _, stderr = cli(
+        *pair, "--probes", probes, "--models", models(tiny_checkpoints, "vit_b"), *FAST
+    )
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    for name in names:
+        assert result["probes"][name]["adv"] == result["probes"][name]["clean"], name
+        assert (result["probes"][name]["quality"]["linf_max"] > 0) == (name != "none")
+
+
+KINDS = ("point", "box", "all")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--probes", "median:4"], "median takes odd, 3..15"),
+        (["--probes", "none", "--jpeg", "50"], "--jpeg and --resize are shorthands"),
+        (["--report-objects", "0"], "argument --report-objects: 0: must be at least 1"),
+    ],
+)
+def test_bad_probe_and_report_flags_are_one_line(cli, tiny_checkpoints, tmp_path, flags, message):
+    cat = save(tmp_path / "cat.png", small_photo())
+    code, stdout, stderr = cli("--clean", cat, "--adv", cat, "--models", "vit_b", *flags)
+    assert code == 2 and stdout == "" and message in stderr and len(stderr.splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# --report
+
+
+def test_a_mask_drawn_covers_exactly_the_predicted_pixels(tiny_sam, tmp_path):
+    from segment_anything import SamPredictor
+
+    cat = small_photo((96, 64)) // 2  # values 0..127: none is within a grey level of the colour
+    predictor = SamPredictor(tiny_sam)
+    predictor.set_image(cat)
+    mask = ev.predict_mask(predictor, ev.Prompt(0, "box", (10, 8, 70, 50)))
+    assert 0 < mask.sum() < mask.size
+    colour = (230, 25, 175)
+    picture = unsegment.report.panel(cat, mask, colour, caption="vit_b: IoU 12.5")
+    path = tmp_path / "panel.png"
+    path.write_bytes(unsegment.report.png_bytes(picture))
+    with Image.open(path) as im:
+        drawn = np.asarray(im.convert("RGB"))[:64, :96]  # the image; the caption is below it
+    changed = (drawn != cat).any(axis=2)
+    np.testing.assert_array_equal(changed, mask)
+    outline = unsegment.report.boundary(mask)
+    assert (drawn[outline] == colour).all()
+    # a mask with an inside (random weights predict speckles): half colour inside the outline
+    rect, _ = two_objects()
+    drawn = unsegment.report.overlay(cat, rect, colour)
+    inside = rect & ~unsegment.report.boundary(rect)
+    assert inside.sum() == 28 * 38  # the 30 x 40 rectangle less its one-pixel outline
+    np.testing.assert_array_equal(drawn[inside], (cat[inside].astype(int) + colour + 1) // 2)
+    np.testing.assert_array_equal(drawn[~rect], cat[~rect])
+    # the perturbation panel's scale: eps (or the pair's L-inf) is white
+    caption = unsegment.report.perturbation_caption(8 / 255, "eps")
+    assert caption == "|protected - clean| x 31.9: white = 8/255 (eps)"
+    diff = unsegment.report.perturbation(np.zeros((1, 3, 3)), np.full((1, 3, 3), 4 / 255), 8 / 255)
+    assert (diff == 128).all()  # half of eps: half of white
+
+
+class Links(__import__("html.parser").parser.HTMLParser):
+    """The href and src attributes of a page, and the cells of each table by its id."""
+
+    def __init__(self):
+        super().__init__()
+        self.links, self.tables, self.table, self.cell = [], {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [attrs[k] for k in ("href", "src") if k in attrs]
+        if tag == "table":
+            self.table = self.tables.setdefault(attrs["id"], [])
+        elif tag == "tr":
+            self.table.append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.table[-1].append(self.cell)
+            self.cell = None
+
+
+def test_report_has_a_picture_per_image_and_the_jsons_numbers(cli, tiny_checkpoints, tmp_path):
+    rect, ell = two_objects()
+    for name, pixels in (("cat", small_photo((96, 64))), ("coffee #2", photo("coffee.png"))):
+        save(tmp_path / "clean" / f"{name}.png", pixels)
+        save(tmp_path / "adv" / f"{name}.png", noisy(pixels, 4))
+        write_annotations(tmp_path / "ann" / f"{name}.json", [rect, ell])
+    pair = ["--clean", tmp_path / "clean", "--adv", tmp_path / "adv"]
+    run = [*pair, "--annotations", tmp_path / "ann", "--probes", "none,noise:4"]
+    run += ["--models", models(tiny_checkpoints, "vit_b"), *FAST]
+    code, _, stderr = cli(*run, "--out", tmp_path / "a.json", "--report", tmp_path / "report")
+    assert code == 0, stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    links = Links()
+    links.feed(page)
+    # links are URL-encoded: a # in a file name is not a fragment
+    assert sorted(links.links) == ["images/cat.png.png", "images/coffee%20%232.png.png"]
+    for link in links.links:
+        with Image.open(tmp_path / "report" / urllib.parse.unquote(link)) as im:
+            assert im.format == "PNG" and im.width > 4 * 96
+    # the summary table is the JSON's figures, to two decimals
+    result = json.loads((tmp_path / "a.json").read_text())
+    head, *rows = links.tables["summary"]
+    assert len(rows) == 2 * 3  # probes x prompt types
+    for cells in rows:
+        row = dict(zip(head, cells))
+        scores = result["probes"][row["probe"]]
+        adv, clean = (scores[s][row["model"]][row["prompts"]] for s in ("adv", "clean"))
+        assert int(row["count"]) == adv["count"]
+        for column, value in [
+            ("mIoU", adv["miou"]),
+            ("ASR@50", adv["asr50"]),
+            ("ASR@10", adv["asr10"]),
+            ("clean mIoU", result["summary"][row["model"]][row["prompts"]]["clean_miou"]),
+            ("probed clean mIoU", clean["miou"]),
+            ("probed clean ASR@50", clean["asr50"]),
+            ("PSNR mean", scores["quality"]["psnr_mean"]),
+        ]:
+            assert row[column] == f"{value:.2f}", (row, column)
+        assert int(row["L-inf max"]) == scores["quality"]["linf_max"]
+    head, *rows = links.tables["images"]
+    assert [dict(zip(head, r))["vit_b mIoU"] for r in rows] == [
+        f"{r['metrics']['vit_b']['all']['miou']:.2f}" for r in result["images"]
+    ]
+
+    # the same run again: the same bytes; without --report: the same JSON
+    code, _, stderr = cli(*run, "--out", tmp_path / "b.json", "--report", tmp_path / "again")
+    assert code == 0, stderr
+    for path in ("index.html", "images/cat.png.png", "images/coffee #2.png.png"):
+        assert (tmp_path / "report" / path).read_bytes() == (tmp_path / "again" / path).read_bytes()
+    code, _, stderr = cli(*run, "--out", tmp_path / "c.json")
+    assert code == 0, stderr
+    for other in ("b.json", "c.json"):
+        again = json.loads((tmp_path / other).read_text().replace(other, "a.json"))
+        assert untimed(again) == untimed(result)
+
+
+def untimed(result: dict) -> dict:
+    """A results JSON without its seconds, which vary from run to run."""
+    images = [{k: v for k, v in r.items() if k != "seconds"} for r in result["images"]]
+    return {**{k: v for k, v in result.items() if k != "seconds_per_image"}, "images": images}
+
+
+def test_report_in_clean_reference_mode_says_what_the_reference_is(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "cat.png", cat), save(tmp_path / "adv.png", noisy(cat, 4))
+    code, _, stderr = cli(
+        "--clean", clean, "--adv", adv, "--models", models(tiny_checkpoints, "vit_b"), *FAST,
+        *OPEN_GENERATOR, "--report", tmp_path / "report", "--report-objects", "1",
+    )  # fmt: skip
+    assert code == 0, stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "clean-reference mode: each model&#x27;s reference is its own mask" in page
+    with Image.open(tmp_path / "report" / "images" / "cat.png.png") as im:
+        # one object: the header row, then one row of four panels
+        assert im.height < 2 * (64 + 2 * unsegment.report.LINE + 2 * unsegment.report.GAP) + 20
+
+
+def test_report_folder_problems_come_before_any_model_loads(cli, tmp_path, no_model):
+    cat = save(tmp_path / "cat.png", small_photo())
+    pair = ["--clean", cat, "--adv", cat, "--models", "vit_b"]
+    (tmp_path / "file").write_text("")
+    for report, message in [
+        (tmp_path / "file", "--report names a folder, and this is a file"),
+        (tmp_path / "no" / "such", "its parent folder"),
+        (tmp_path, "is one of the inputs"),
+    ]:
+        code, stdout, stderr = cli(*pair, "--report", report)
+        assert code == 1 and stdout == "" and message in stderr, stderr
+        assert len(stderr.splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------------------------
@@ -881,3 +1156,92 @@ def test_bench_prints_seconds_per_image_per_model(cli):
     (line,) = [line for line in stdout.splitlines() if line.startswith("vit_b automatic")]
     seconds, masks = re.fullmatch(GENERATOR_LINE, line).groups()
     assert float(seconds) > 0 and 0 <= int(masks) <= 2 * 2 * 3  # 4 points, 3 masks each
+
+
+# -----------------------------------------------------------------------------------------------
+# For reproduction: the authors' logs' prompts, FastSAM's colour order as the paper's code had it
+
+
+def test_log_prompts_scores_exactly_the_prompts_of_the_authors_log(cli, tiny_checkpoints, tmp_path):
+    cat = small_photo((96, 64))
+    clean, adv = save(tmp_path / "sa_7.png", cat), save(tmp_path / "adv.png", noisy(cat, 6))
+    masks = two_objects()
+    write_annotations(tmp_path / "ann" / "sa_7.json", masks)
+    logged = write_authors_log(tmp_path / "logs" / "UAD", 7, "UAD", masks)
+    write_authors_log(tmp_path / "logs" / "UAD", 8, "UAD", masks, seed=1)  # another image's
+    out = tmp_path / "r.json"
+    code, stdout, stderr = cli(
+        *("--clean", clean, "--adv", adv, "--annotations", tmp_path / "ann", "--out", out),
+        *("--models", models(tiny_checkpoints, "vit_b"), "--log-prompts", tmp_path / "logs/UAD"),
+        "--quiet",
+    )
+    assert code == 0, stderr
+    (row,) = json.loads(out.read_text())["images"]
+    assert [(p["object"], p["coords"]) for p in row["prompts"]] == logged  # 16, in their order
+    assert [p["kind"] for p in row["prompts"]] == (["point"] * 5 + ["box"] * 3) * 2
+    # the same prompts drawn by eval.py itself would be others
+    drawn = ev.sample_prompts([ev.RefObject(m, ev.mask_bbox(m)) for m in masks], "sa_7", 0, 5, 3)
+    assert [list(p.coords) for p in drawn] != [c for _, c in logged]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no log", "{tmp}/logs: no log 9_ATTACK.json of sa_9"),
+        ("not sa_N", "photo: not an SA-1B name sa_N"),
+        ("outside", "m0_p0 [500, 3]: annotation 0 is not among the 2 scored (--max-masks) or not"),
+        ("beyond the masks", "m2_p0 [5, 5]: annotation 2 is not among the 2 scored"),
+        ("not a log", "{tmp}/logs/9_UAD.json: not the authors' log of sa_9"),
+    ],
+)
+def test_a_bad_log_is_one_line_before_any_model_loads(cli, tmp_path, no_model, case, message):
+    name = "photo" if case == "not sa_N" else "sa_9"
+    clean = save(tmp_path / f"{name}.png", small_photo((96, 64)))
+    write_annotations(tmp_path / "ann" / f"{name}.json", two_objects())
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    evaluations = {"outside": {"m0_p0": {"prompt": [500, 3]}}, "beyond the masks": {}}
+    evaluations["beyond the masks"] = {"m2_p0": {"prompt": [5, 5]}}
+    if case in evaluations:
+        log = {"imgid": 9, "adv_method": "UAD", "evaluations": evaluations[case]}
+        (logs / "9_UAD.json").write_text(json.dumps(log))
+    if case == "not a log":
+        (logs / "9_UAD.json").write_text(json.dumps({"imgid": 10, "evaluations": {}}))
+    code, out, err = cli(
+        *("--clean", clean, "--adv", clean, "--annotations", tmp_path / "ann"),
+        *("--models", "vit_b", "--log-prompts", logs),
+    )
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err, err
+
+
+def test_log_prompts_need_annotations(cli, tmp_path):
+    code, _, stderr = cli(
+        "--clean", "a.png", "--adv", "b.png", "--models", "vit_b", "--log-prompts", tmp_path
+    )
+    assert code == 2 and "--log-prompts needs --annotations" in stderr
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_fastsam_gets_bgr_or_with_fastsam_rgb_the_rgb_array(monkeypatch, rgb):
+    fastsam = pytest.importorskip("ultralytics.models.fastsam")
+
+    given = []
+
+    class Recorder:  # FastSAMPredictor's interface, recording what it is handed
+        def __init__(self, overrides):
+            pass
+
+        def setup_model(self, model, verbose):
+            pass
+
+        def __call__(self, source):
+            given.append(source)
+            return [types.SimpleNamespace(masks=None)]
+
+    monkeypatch.setattr(fastsam, "FastSAMPredictor", Recorder)
+    image = small_photo((96, 64))
+    prompter = ev.segmenter_of("fastsam", None, "cpu", fastsam_rgb=rgb).new_predictor()
+    prompter.set_image(image)
+    assert np.array_equal(given[0], image if rgb else image[..., ::-1])
+    assert prompter.masks.shape == (0, 64, 96)

@@ -24,7 +24,16 @@ from PIL import Image
 
 import unsegment.images
 import unsegment.models
-from helpers import EXAMPLES, ROOT, TINY_ARCHS, annotation, build_tiny_sam, load_script, two_objects
+from helpers import (
+    EXAMPLES,
+    ROOT,
+    TINY_ARCHS,
+    annotation,
+    build_tiny_sam,
+    load_script,
+    two_objects,
+    write_authors_log,
+)
 
 SCRIPT = "benchmarks/reproduce.py"
 reproduce = load_script(SCRIPT)
@@ -331,3 +340,79 @@ def test_cost_mode_prints_the_seconds_per_image_of_each_stage():
     assert "seconds per image, protect: aa " in stdout
     assert "seconds per image, score: vit_b " in stdout and "(clean " in stdout
     assert "seconds per image, whole pipeline: " in stdout
+
+
+# -----------------------------------------------------------------------------------------------
+# For reproduction: the authors' release, their AA's distance, their logs' prompts
+
+
+@pytest.fixture(scope="module")
+def authors_run(inputs, tmp_path_factory):
+    """authors and aa released as the authors' code releases, aa with their L2 distance, scored
+    on the prompts of a log folder in their format (UAD/ and AA/ of exp/log/benchmark): (run
+    folder, log folder, exit code, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("authors_run")
+    logs = root / "benchmark"
+    for n in (1, 2, 10, 11):
+        for seed, attack in enumerate(("UAD", "AA")):
+            write_authors_log(logs / attack, n, attack, two_objects()[:1], seed=seed)
+    out = root / "run"
+    extra = ["--release", "authors", "--aa-distance", "l2", "--log-prompts", logs]
+    return (out, logs, *run(command(inputs, out, ("authors", "aa"), ("vit_b",), extra)))
+
+
+def test_the_authors_release_is_reported_with_its_l_inf(authors_run, inputs):
+    out, _, code, stdout, stderr = authors_run
+    assert code == 1, stderr  # sa_2 and sa_10 are corrupt, as in every run here
+    for attack in ("authors", "aa"):
+        record = json.loads((out / "records" / "protect" / attack / "sa_1.json").read_text())
+        assert record["key"]["release"] == "authors"
+        clean = unsegment.images.read_image(inputs["sa1b"] / "sa_1.jpg").pixels.astype(int)
+        saved = unsegment.images.read_image(out / attack / "sa_1.png").pixels.astype(int)
+        linf = int(np.abs(saved - clean).max())
+        assert saved.shape == clean.shape and record["linf"] == linf > 0
+        row = next(r for r in stdout.splitlines() if r.startswith(f"| {attack} | vit_b | "))
+        assert row.endswith(f" | {cells(out)[(attack, 'vit_b', 'all')]['linf_max']}/255 |")
+    assert (
+        json.loads((out / "records" / "protect" / "aa" / "sa_1.json").read_text())["key"][
+            "distance"
+        ]
+        == "l2"
+    )
+    assert "release: the authors' for every attack but noise (--release" in stdout
+    assert "NOT within eps" in stdout
+    assert "aa: L2, as theirs" in stdout and "prompts: their logs' (" in stdout
+
+
+def test_each_row_is_scored_on_its_logs_prompts(authors_run):
+    out, logs, code, stdout, stderr = authors_run
+    scored = out / "records" / "score" / "vit_b"
+    for variant, attack in (("clean", "UAD"), ("authors", "UAD"), ("aa", "AA")):
+        record = json.loads((scored / variant / "sa_1.json").read_text())
+        logged = json.loads((logs / attack / f"1_{attack}.json").read_text())["evaluations"]
+        assert [c for _, _, c in record["prompts"]] == [e["prompt"] for e in logged.values()]
+        # the aa row's prompts are not the clean image's: it was scored on them too
+        assert ("clean_iou" in record) == (variant == "aa")
+    table = cells(out)
+    assert table[("aa", "vit_b", "all")]["count"] == table[("clean", "vit_b", "all")]["count"] == 8
+
+
+def test_the_footer_says_what_differs_from_the_papers_evaluation(first_run):
+    stdout = first_run[2]
+    notes = stdout[stdout.index("what differs from the paper's evaluation") :]
+    for text in (
+        "release: ours,",
+        "--release authors",
+        "prompts: drawn from --seed",
+        "--log-prompts",
+    ):
+        assert text in notes
+    assert "FastSAM: BGR (--fastsam-rgb" in notes and "aa: 1 - cosine (theirs: L2" in notes
+
+
+def test_a_missing_log_folder_is_one_line_before_any_model_loads(inputs, tmp_path):
+    (tmp_path / "logs" / "UAD").mkdir(parents=True)
+    extra = ["--log-prompts", tmp_path / "logs"]
+    code, stdout, stderr = run(command(inputs, tmp_path / "run", ("authors", "aa"), extra=extra))
+    assert code == 1 and stdout == "" and not (tmp_path / "run").exists()
+    assert stderr == f"error: {tmp_path / 'logs' / 'AA'}: no such folder of the authors' logs\n"

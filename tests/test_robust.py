@@ -11,6 +11,7 @@ from PIL import Image
 import uad
 import unsegment.cli
 import unsegment.images
+import unsegment.probes
 from helpers import EXAMPLES, small_photo
 
 
@@ -63,11 +64,51 @@ def test_resize_round_trip_matches_pil_bicubic(scale):
     assert diff.mean() < 0.4 and diff.max() <= 2
 
 
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5])
+def test_gaussian_blur_matches_pils_within_half_a_grey_level_on_average(sigma):
+    pixels = photo("coffee.png")
+    ours = uad.to_pixels(uad.gaussian_blur(uad.to_tensor(pixels), sigma)).astype(int)
+    theirs = unsegment.probes.apply_probe(pixels, f"blur:{sigma}").astype(int)  # PIL's
+    diff = np.abs(ours - theirs)
+    # PIL approximates the Gaussian by three box blurs; ours is the Gaussian itself
+    assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 2 and diff.max() <= 10
+    assert diff.mean() < np.abs(theirs - pixels).mean() / 3  # far less than the blur itself
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 7, 8])
+def test_reduce_bits_equals_the_numpy_probe_exactly(bits):
+    pixels = photo("chelsea.png")
+    ours = uad.to_pixels(uad.reduce_bits(uad.to_tensor(pixels), bits))
+    theirs = unsegment.probes.apply_probe(pixels, f"bits:{bits}")
+    np.testing.assert_array_equal(ours, theirs)
+    assert len(np.unique(ours)) <= 2 ** bits and (bits < 8 or np.array_equal(ours, pixels))
+
+
+def test_gaussian_noise_has_the_probes_std_and_is_seeded():
+    pixels = uad.to_pixels(0.3 + 0.4 * uad.to_tensor(photo("chelsea.png")))  # no clipping
+    x = uad.to_tensor(pixels)
+    draw = lambda seed: uad.gaussian_noise(x, 4 / 255, torch.Generator().manual_seed(seed))
+    ours = (uad.to_pixels(draw(0)).astype(float) - pixels).ravel()
+    theirs = (
+        unsegment.probes.apply_probe(pixels, "noise:4", 0, "a").astype(float) - pixels
+    ).ravel()
+    for d in (ours, theirs):  # std 4 grey levels, rounded: sqrt(16 + 1/12)
+        assert abs(d.std() - np.sqrt(16 + 1 / 12)) < 0.05 and abs(d.mean()) < 0.05
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    again = unsegment.probes.apply_probe(pixels, "noise:4", 0, "a")
+    assert np.array_equal(again, unsegment.probes.apply_probe(pixels, "noise:4", 0, "a"))
+    assert not np.array_equal(again, unsegment.probes.apply_probe(pixels, "noise:4", 0, "b"))
+
+
 def test_gradients_of_the_smooth_pipelines_pass_gradcheck():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 19, 21, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: uad.jpeg(t, 60, rounding=False), (x,))
     assert torch.autograd.gradcheck(lambda t: uad.resize_round_trip(t, 0.6, False), (x,))
+    assert torch.autograd.gradcheck(lambda t: uad.gaussian_blur(t, 1.3, False), (x,))
+    noisy = lambda t: uad.gaussian_noise(t, 0.02, torch.Generator().manual_seed(0), False)
+    assert torch.autograd.gradcheck(noisy, (x,))
+    assert torch.autograd.gradcheck(lambda t: uad.reduce_bits(t, 3, False), (x,))
     grey = torch.rand(1, 1, 17, 9, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: uad.jpeg(t, 90, rounding=False), (grey,))
 
@@ -77,7 +118,13 @@ def test_rounding_passes_the_smooth_gradient_straight_through():
     # a photo squeezed into mid-grey: no value reaches a clamp at 0 or 255 either way
     x = 0.3 + 0.4 * uad.to_tensor(small_photo((40, 32))).double()
     weights = torch.randn(1, 3, 32, 40, dtype=torch.float64, generator=gen)
-    for fn in (lambda t, r: uad.jpeg(t, 75, r), lambda t, r: uad.resize_round_trip(t, 0.5, r)):
+    for fn in (
+        lambda t, r: uad.jpeg(t, 75, r),
+        lambda t, r: uad.resize_round_trip(t, 0.5, r),
+        lambda t, r: uad.gaussian_blur(t, 1.5, r),
+        lambda t, r: uad.gaussian_noise(t, 0.01, torch.Generator().manual_seed(2), r),
+        lambda t, r: uad.reduce_bits(t, 4, r),
+    ):
         grads = []
         for rounding in (True, False):
             t = x.clone().requires_grad_(True)
@@ -93,7 +140,10 @@ def test_rounding_passes_the_smooth_gradient_straight_through():
         ("jpeg:0-50", "jpeg takes values in 1..100"),
         ("resize:0-1", "resize takes values in 0..1"),
         ("resize:0.9-0.5", "'resize:0.9-0.5' is reversed; write resize:0.5-0.9"),
-        ("blur:3", "'blur:3' is not"),
+        ("sharpen:3", "'sharpen:3' is not"),
+        ("blur:0-1", "blur takes values in 0..20"),
+        ("bits:0-4", "bits takes values in 1..8"),
+        ("noise:2-100", "noise takes values in 0..64"),
         ("jpeg:a-b", "has no number range"),
     ],
 )
@@ -104,7 +154,7 @@ def test_bad_robust_specs_are_one_line(spec, message):
 
 def test_publish_draws_each_images_transformation_from_the_seed():
     x = uad.to_tensor(small_photo()).repeat(3, 1, 1, 1)
-    kinds = uad.parse_robust("jpeg:50-95,resize:0.5-1,none")
+    kinds = uad.parse_robust("jpeg:50-95,resize:0.5-1,blur:0.5-2,noise:2-8,bits:3-6,none")
     a = uad.publish(x, kinds, torch.Generator().manual_seed(3))
     b = uad.publish(x, kinds, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == x.shape

@@ -28,6 +28,7 @@ from helpers import (
     noisy,
     parse_table,
     save,
+    shrink_sam3,
     small_photo,
     two_objects,
     write_annotations,
@@ -51,6 +52,7 @@ MODULES = {
     "mobile_sam": ("mobile_sam", "timm"),
     "sam2": ("sam2",),
     "fastsam": ("ultralytics",),
+    "sam3": ("sam3", "psutil"),
 }
 # one model of each family scores in both modes; the others are built, saved and loaded
 SCORED = ("hq_vit_b", "hq_vit_tiny", "mobile_sam", "sam2_t", "sam2.1_t", "fastsam")
@@ -79,6 +81,8 @@ def tiny_variants():
                 mp.setitem(
                     unsegment.models.MODELS, name, dataclasses.replace(spec, overrides=TINY_HIERA)
                 )
+        if installed("sam3"):
+            shrink_sam3(mp)
         yield
 
 
@@ -394,7 +398,13 @@ def installed(module: str) -> bool:
 
 @pytest.mark.parametrize(
     "first, second",
-    [("hq_vit_b", None), ("mobile_sam", None), ("sam2_t", "sam2.1_t"), ("fastsam", None)],
+    [
+        ("hq_vit_b", None),
+        ("mobile_sam", None),
+        ("sam2_t", "sam2.1_t"),
+        ("fastsam", None),
+        ("sam3", None),
+    ],
 )
 def test_every_family_finds_its_own_objects_in_clean_reference_mode(
     cli, checkpoints, pair, tmp_path, first, second

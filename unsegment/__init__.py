@@ -6,6 +6,8 @@
     unsegment.cost       the CPU time estimate of an attack
     unsegment.cli        uad.py's command line (the `unsegment` console script)
     unsegment.authors    the `authors` attack: the authors' target construction + UAD's stage 2
+    unsegment.probes     eval.py's purification probes (JPEG, resize, blur, median, noise, bits)
+    unsegment.report     pictures: eval.py --report's HTML page, uad.py --preview
 
 The method itself, config to `protect`, is uad.py; the evaluation is eval.py.
 """

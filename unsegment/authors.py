@@ -43,6 +43,7 @@ import dataclasses
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -322,5 +323,116 @@ def attack(image: torch.Tensor, sam, config=None, progress=None) -> uad.AttackRe
     stats.forwards -= 1  # the final measurement is not part of the attack
     stats.target_ssim = target_ssim.tolist()
     stats.feature_distance = distance.tolist()
+    stats.seconds = time.monotonic() - start
+    return uad.AttackResult(adv, target, stats)
+
+
+# -----------------------------------------------------------------------------------------------
+# For reproduction only (benchmarks/reproduce.py): their AA's distance, and their release, which
+# breaks the eps promise: PGD on SAM's padded, normalised input, truncated to uint8 at that scale
+# and resized back (attack/attacker.py's PGD loops and get_cv2_from_torch)
+
+DISTANCES = ("cosine", "l2")  # stage 2's 1 - cosine; their AA's L2 norm of the difference
+
+
+def l2_distance(fa: list, fb: list) -> torch.Tensor:
+    """Their AA's distance: the L2 norm of the difference of all the blocks' features of each
+    image, as torch.norm over the stacked blocks: (B,); an ensemble's, the mean over it."""
+    if isinstance(fa[0], list):
+        return torch.stack([l2_distance(a, b) for a, b in zip(fa, fb)]).mean(0)
+    return torch.stack([(a - b).flatten(1).pow(2).sum(1) for a, b in zip(fa, fb)]).sum(0).sqrt()
+
+
+def simulate(image, f_target, f_image, sam, surrogate, config, distance="cosine", padded=False):
+    """Stage 2 with the authors' choices: `distance` (see DISTANCES) in the objective, and with
+    `padded` PGD on SAM's padded, normalised input as theirs runs it: steps of alpha and the
+    budget eps per channel in that space (x 255 / pixel_std), clamped to the values a pixel can
+    take, the padding perturbed too.
+
+    Args:
+      image: (B, C, H, W) in [0, 1]; f_target, f_image: the surrogate's features (f_image None:
+        the aa baseline, towards f_target only).
+      sam: the SAM (ViT) model; surrogate: a uad.Ensemble of it, which counts the passes.
+
+    Returns:
+      padded: (B, 3, S, S), the input the encoder sees (see `release`); else (B, C, H, W) in
+      [0, 1] within eps of the image, as uad.simulate.
+    """
+    measure = uad.feature_distance if distance == "cosine" else l2_distance
+    if padded:
+        mean, std = sam.pixel_mean, sam.pixel_std  # (3, 1, 1), on the 0..255 scale
+        start = uad.sam_input(image, sam).detach()  # (B, 3, S, S)
+        low = torch.max(start - config.eps * 255 / std, -mean / std)
+        high = torch.min(start + config.eps * 255 / std, (255 - mean) / std)
+        step = config.alpha * 255 / std
+        blocks = uad.Surrogate.of(sam).blocks(config)
+
+        def features(z):
+            surrogate.stats.forwards += 1
+            surrogate.stats.backwards += 1
+            args = (blocks, config.dtype, config.attention)
+            return [uad.encoder_features(sam, z, *args, preprocessed=True)]
+
+    else:
+        start, step = image, config.alpha
+        low, high = (image - config.eps).clamp(0, 1), (image + config.eps).clamp(0, 1)
+        features = lambda x: surrogate(x, backward_passes=1)  # noqa: E731
+    x, momentum = start.clone(), torch.zeros_like(start)
+    for _ in range(config.steps):
+        x.requires_grad_(True)
+        f_x = features(x)
+        loss = measure(f_x, f_target)
+        if f_image is not None:
+            loss = loss - measure(f_x, f_image)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        if config.momentum > 0:  # MI-FGSM, as uad.pgd_step
+            norm = grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            grad = momentum.mul_(config.momentum).add_(grad / norm)
+        x = torch.min(torch.max(x.detach() - step * grad.sign(), low), high)
+    return x
+
+
+def release(z: torch.Tensor, sam, size) -> np.ndarray:
+    """Their release of the padded, normalised input z (1, 3, S, S) (get_cv2_from_torch): the
+    resized image cropped out of the padding, the normalisation undone, truncated to uint8 and
+    resized back to size (H, W) by OpenCV's bilinear resize. (H, W, 3) uint8, NOT within eps."""
+    import cv2  # opencv-python: what their code resizes with
+
+    h, w = size
+    scale = sam.image_encoder.img_size / max(h, w)
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)  # as uad.sam_input
+    pixels = (z[0, :, :nh, :nw] * sam.pixel_std + sam.pixel_mean).clamp(0, 255)
+    pixels = pixels.permute(1, 2, 0).detach().cpu().numpy().astype(np.uint8)  # truncation
+    return cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def reproduction_attack(
+    image, sam, config, target_image=None, stage1="authors", distance="cosine", padded=False
+) -> uad.AttackResult:
+    """An attack with the authors' choices, for reproduction: the target (the aa baseline's
+    target image, else stage 1: their `deform` with stage1 "authors", uad.deform otherwise), then
+    `simulate` with `distance` and `padded`. AttackResult.adv is what `simulate` returns: with
+    padded, the padded, normalised input, for `release`."""
+    vit = uad.Surrogate.of(sam)
+    if not isinstance(vit, uad.ViTSurrogate):
+        raise uad.UADError("the authors' release takes a SAM (ViT) surrogate, as their code does")
+    vit.check(config)
+    stats, start = uad.Stats(), time.monotonic()
+    surrogate = uad.Ensemble([vit], config, stats)
+    gen = uad.generators(image, config.seed)
+    with torch.no_grad():
+        f_image = surrogate(image)
+    if config.method == "aa":
+        target = target_image.to(image)
+    elif stage1 == "authors":
+        target = deform(image, sam, config, gen).target
+    else:
+        target = uad.deform(image, f_image, surrogate, config, gen).target
+    with torch.no_grad():
+        f_target = uad.each_feature(lambda f: f.expand(len(image), *f.shape[1:]), surrogate(target))
+    towards_only = config.method == "aa"
+    adv = simulate(
+        image, f_target, None if towards_only else f_image, sam, surrogate, config, distance, padded
+    )
     stats.seconds = time.monotonic() - start
     return uad.AttackResult(adv, target, stats)

@@ -37,15 +37,20 @@ from unsegment.images import (
     MAX_PIXELS,
     MODE_NAMES,
     check_destination,
+    check_writable,
+    in_layout_of,
     mode_levels,
     on_lattice,
+    output_format,
     output_mode,
     psnr,
     read_image,
+    write_atomically,
     write_image,
 )
-from unsegment import cost, models
+from unsegment import cost, distributed, models
 from unsegment.progress import Progress
+from unsegment.report import preview
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Job:
     shape: tuple = ()  # (height, width, 2 if grey else 3): src's pixels, from check_job
     eps: float = 0.0  # the attack's budget: --eps, less what rounding onto dst's lattice takes
     note: str = ""  # a warning on how src's depth is written, from check_job
+    preview: Optional[Path] = None  # --preview: where its picture goes, from check_previews
 
 
 def jobs_for(src: Path, out) -> Tuple[List[Job], Optional[str]]:
@@ -122,6 +128,59 @@ def check_job(
     job.eps, job.note = budget(job, picture, eps)
 
 
+def check_previews(jobs: List[Job], path: Path, folder_mode: bool, overwrite: bool) -> None:
+    """--preview: one PNG file for one image, or a folder (made if missing) of one PNG per image
+    named after its output; each writable, new unless --overwrite, and none of the inputs or
+    outputs. Sets each job's preview."""
+    if folder_mode and path.exists() and not path.is_dir():
+        raise UADError(f"{path}: --preview of a folder names a folder, and this is a file")
+    for job in jobs:
+        job.preview = path / f"{job.dst.stem}.png" if folder_mode else path
+        if job.preview.suffix.lower() != ".png":
+            raise UADError(f"{job.preview}: --preview writes PNG; name it .png")
+        if job.preview.resolve() in (job.src.resolve(), job.dst.resolve()):
+            raise UADError(f"{job.preview}: --preview would replace an input or output image")
+        if job.preview.exists() and not overwrite:
+            raise UADError(f"{job.preview}: exists; pass --overwrite to replace it")
+        check_writable(job.preview, new_folder=folder_mode)
+
+
+def done_before(job: Job, max_pixels: Optional[int], eps: float) -> bool:
+    """--resume: whether job.dst holds a complete protected copy of job.src, to be kept: it
+    decodes whole, has src's size and alpha, and is within eps of src's own values and not
+    equal to them (a lossy format: decodes, with src's size). False where there is no dst;
+    UADError naming dst where there is one of another kind."""
+    if not job.dst.exists() or job.dst.is_dir():
+        return False
+    picture = read_image(job.src, max_pixels, keep_depth=True)
+    keep = "--resume keeps only complete outputs; pass --overwrite to replace it"
+    try:
+        saved = in_layout_of(read_image(job.dst, None, keep_depth=True), picture)
+    except UADError as e:
+        raise UADError(f"{e}; {keep}") from None
+    problem = None
+    if saved.pixels.shape[:2] != picture.pixels.shape[:2]:
+        (h, w), (H, W) = saved.pixels.shape[:2], picture.pixels.shape[:2]
+        problem = f"is {w}x{h}, its input {job.src} {W}x{H}"
+    elif output_format(job.dst) in LOSSY_FORMATS:
+        return True
+    elif saved.pixels.shape != picture.pixels.shape:
+        problem = f"has other channels than its input {job.src}"
+    elif (saved.alpha is None) != (picture.alpha is None) or (
+        saved.alpha is not None and not np.array_equal(saved.alpha, picture.alpha)
+    ):
+        problem = f"has another alpha channel than its input {job.src}"
+    else:
+        d = pixel_distance(saved.pixels, picture.pixels) + (1 / 257 if picture.high_bytes else 0)
+        if d == 0:
+            problem = f"is its input {job.src} unchanged"
+        elif d > eps + 1e-12:
+            problem = f"is {d * 255:.4g}/255 from its input {job.src}, over the budget"
+    if problem:
+        raise UADError(f"{job.dst}: exists and {problem}; {keep}")
+    return True
+
+
 def budget(job: Job, picture, eps: float) -> tuple:
     """(the attack's eps, a warning or ""): the whole of eps when dst holds src's values as they
     are; one level of dst's lattice less where they are rounded onto it (16-bit or float grey
@@ -162,8 +221,7 @@ def check_surrogates(args, config: UADConfig) -> List[tuple]:
     specs = args.surrogate or [(args.model_type or "vit_b", args.checkpoint)]
     for name, checkpoint in specs:
         models.import_family(name)
-        if checkpoint is not None:
-            models.check_checkpoint_file(checkpoint)
+        models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
         uad.check_layers(name, config, *models.encoder_depth(name, checkpoint), cli=True)
         getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
     return specs
@@ -251,6 +309,10 @@ def protect_files(jobs: List[Job], surrogates, config: UADConfig, args, progress
             distance = uad.feature_distance(f(saved), f(image)).clamp_min(0).item()
         ssim = warp_kernel.ssim(saved.expand(-1, 3, -1, -1), image.expand(-1, 3, -1, -1)).item()
         linf = linf_text(job, picture, saved_picture.pixels, config.eps)
+        if job.preview is not None:
+            job.preview.parent.mkdir(parents=True, exist_ok=True)
+            as_array = lambda t: t[0].permute(1, 2, 0).cpu().numpy()  # noqa: E731
+            write_atomically(job.preview, preview(as_array(image), as_array(saved), config.eps))
         results[i] = (
             f"{job.dst}: L-inf {linf}, PSNR {psnr(saved, image):.2f} dB, SSIM {ssim:.4f}, "
             f"feature distance {distance:.4f}, {seconds} ({args.preset} preset, "
@@ -441,6 +503,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no header, progress or warning lines")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="PATH",
+        help="also write the original, the protected image and |protected - original| (eps is "
+        "white) side by side as PNG: PATH a .png file, or for a folder a folder of one per image",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="folder mode: keep the outputs an earlier run wrote (checked: complete, within eps "
+        "of their input) and protect the rest",
+    )
+    p.add_argument(
+        "--shard",
+        type=distributed.shard,
+        metavar="K/N",
+        help="folder mode: protect images K, K+N, K+2N, ... of the sorted folder, for launchers "
+        "that start no process group (torchrun needs none: docs/scale.md)",
+    )
+    p.add_argument(
         "--lossy",
         action="store_true",
         help="allow a lossy output format (JPEG); the file is then not within eps of the input, "
@@ -606,37 +688,59 @@ def main(argv=None) -> int:
     except SystemExit as e:  # a usage error (already printed as one line), or --help
         return e.code
     progress = Progress(quiet=args.quiet)
+    share, failures, unchecked, resumed, jobs = None, 0, 0, 0, []
     try:
+        share = distributed.share_of(args.shard)
+        progress.tag = share.tag()
         config = config_from_args(args)
-        device = models.resolve_device(args.device)
+        device = models.resolve_device(distributed.device_name(share, args.device))
         specs = check_model(args, config, device)
-        jobs, skipped = jobs_for(args.input, args.output)
-        if skipped:
+        all_jobs, skipped = jobs_for(args.input, args.output)
+        if skipped and share.main:
             progress.warn(skipped)
-        failures = 0
-        if len(jobs) == 1:  # a bad input or output fails before any model is loaded
-            check_job(jobs[0], args.overwrite, args.max_pixels, config.eps, args.lossy)
-        else:
-            for job in list(jobs):
-                try:
-                    check_job(job, args.overwrite, args.max_pixels, config.eps, args.lossy)
-                except UADError as e:
-                    progress.error(str(e))
-                    jobs.remove(job)
-                    failures += 1
-            if not jobs:
-                raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
+        if len(all_jobs) == 1 and not share.split:  # fails before any model is loaded
+            if resumable(all_jobs[0], args, config.eps):
+                resumed = kept(all_jobs[0])
+            else:
+                check_job(all_jobs[0], args.overwrite, args.max_pixels, config.eps, args.lossy)
+                jobs = all_jobs
+    except UADError as e:  # the same on every process: said once
+        if share is None or share.main:
+            progress.error(str(e))
+        return 1
+    if not jobs and not resumed:
+        for job in share.take(all_jobs):  # this process's share, each checked on its own
+            try:
+                if resumable(job, args, config.eps):
+                    resumed += kept(job)
+                    continue
+                check_job(job, args.overwrite, args.max_pixels, config.eps, args.lossy)
+                jobs.append(job)
+            except UADError as e:
+                progress.error(str(e))
+                failures += 1
+    unchecked = failures
+    try:
+        if not (jobs or resumed or share.split):
+            raise UADError(f"{args.input}: none of its {failures} image(s) can be protected")
+        if args.preview is not None:
+            check_previews(jobs, args.preview, args.input.is_dir(), args.overwrite)
+        distributed.start(share, device)
         surrogates = [
             uad.Surrogate.of(models.load_model(name, checkpoint, device, quiet=args.quiet), name)
-            for name, checkpoint in specs
+            for name, checkpoint in (specs if jobs else [])
         ]
     except UADError as e:
         progress.error(str(e))
         return 1
-    if not args.quiet:
-        print(header(args, config, device, jobs, surrogates), file=sys.stderr)
+    if not args.quiet and share.main and surrogates:
+        text = header(args, config, device, all_jobs, surrogates)
+        if share.split:
+            n = share.shard[1] * share.world
+            text += f"\nunsegment: {n} shares, image i of the sorted folder in share i mod {n}"
+        print(text, file=sys.stderr)
     order = {id(job): i for i, job in enumerate(jobs)}
-    unchecked, done, shown, lines = failures, 0, 0, {}  # lines are printed in the jobs' order
+    done, shown, lines = 0, 0, {}  # lines are printed in the jobs' order
     for batch in batches_of(jobs, args.batch):
         progress.item(done, len(jobs), ", ".join(job.src.name for job in batch), len(batch))
         try:
@@ -659,10 +763,36 @@ def main(argv=None) -> int:
             else:
                 print(result, flush=True)
             shown += 1
-    total = len(jobs) + unchecked
-    if total > 1:
-        print(f"{total - failures} protected, {failures} failed")
-    return 1 if failures else 0
+    # the counts of every process, summed, in one line (under torchrun, rank 0's)
+    total, failures, resumed = share.total([len(jobs) + unchecked + resumed, failures, resumed])
+    if share.main and (total > 1 or share.split):
+        k, n = share.shard
+        print(
+            f"shard {k}/{n}: " * (n > 1)
+            + f"{total - failures} protected, {failures} failed"
+            + f" ({resumed} of them kept from an earlier run)" * bool(resumed)
+        )
+    share.close()
+    return 1 if failures and share.main else 0  # under torchrun, rank 0 says it for all
+
+
+def resumable(job: Job, args, eps: float) -> bool:
+    """--resume: whether job.dst is kept (done_before); with --overwrite as well, a dst that is
+    not a complete output is protected again instead of being an error."""
+    if not args.resume:
+        return False
+    try:
+        return done_before(job, args.max_pixels, eps)
+    except UADError:
+        if args.overwrite:
+            return False
+        raise
+
+
+def kept(job: Job) -> int:
+    """--resume: the line of an output kept from an earlier run; 1, to count it."""
+    print(f"{job.dst}: kept, protected by an earlier run (--resume)", flush=True)
+    return 1
 
 
 def run(argv=None) -> int:

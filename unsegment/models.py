@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
+import unsegment.sam3_compat
 from uad import UADError
 
 # encoder width, depth, heads and global-attention blocks, as in segment_anything.build_sam; the
@@ -68,7 +69,7 @@ class Family:
     build: Callable[[ModelSpec], torch.nn.Module]  # a random-init model, on the CPU
     models: Dict[str, ModelSpec] = field(default_factory=dict)
     surrogate: Optional[str] = None  # the uad Surrogate class that attacks its image encoder
-    predictor: str = "sam"  # the API eval.py prompts: "sam" (SamPredictor), "sam2", "fastsam"
+    predictor: str = "sam"  # the API eval.py prompts: "sam" (SamPredictor), "sam2", "sam3", ...
     state_key: Optional[str] = None  # official checkpoints nest the state dict under this key
 
 
@@ -198,6 +199,51 @@ def _build_fastsam(spec: ModelSpec, description=None) -> torch.nn.Module:
     return SegmentationModel(description, verbose=False)
 
 
+def _build_sam3(spec: ModelSpec) -> torch.nn.Module:
+    """SAM 3's tracker with its image encoder: the model behind its SAM-style point and box
+    prompting (SAM3InteractiveImagePredictor), built by its package on the CPU (see sam3_compat)."""
+    from sam3.model_builder import build_tracker
+
+    from unsegment.sam3_compat import building
+
+    with building() as built:
+        built.append(build_tracker(apply_temporal_disambiguation=False, with_backbone=True))
+    return built[0]
+
+
+def sam3_state(state: dict) -> dict:
+    """The tracker's weights in SAM 3's official checkpoint (sam3.pt: the detector's under
+    "detector.", the tracker's under "tracker."): the tracker's, and the detector's image encoder
+    and necks, which the tracker shares; the text encoder and detection heads are left out. A
+    state dict without those prefixes (a saved tracker) is returned as it is."""
+    if not any(k.startswith(("tracker.", "detector.")) for k in state):
+        return state
+    encoder = "detector.backbone.vision_backbone."
+    return {
+        k.removeprefix("detector.").removeprefix("tracker."): v
+        for k, v in state.items()
+        if k.startswith(("tracker.", encoder))
+    }
+
+
+SAM3_HUB = "facebook/sam3"  # gated Hugging Face repository of sam3.pt (SAM License)
+SAM3_DEPTH = 32  # blocks of SAM 3's ViT (global attention at 7, 15, 23, 31)
+
+
+def sam3_cached_checkpoint() -> Path:
+    """sam3.pt in the Hugging Face cache; UADError saying how to get it when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(SAM3_HUB, "sam3.pt")
+    if not isinstance(path, str):
+        raise UADError(
+            f"sam3: no checkpoint given and none in the Hugging Face cache; its weights are gated: "
+            f"request access at https://huggingface.co/{SAM3_HUB}, log in (hf auth login, or set "
+            f"HF_TOKEN), run `hf download {SAM3_HUB} sam3.pt`, or pass its path (sam3=PATH)"
+        )
+    return Path(path)
+
+
 _SAM_PIXELS = (
     "longest side resized to 1024 (bilinear), 0-255 scale normalised by the ImageNet mean and "
     "std times 255, zero-padded to 1024 x 1024"
@@ -291,6 +337,20 @@ MODEL_FAMILIES = {
             for s, size in SAM2_SIZES.items()
         },
     ),
+    # SAM License (not Apache-2.0): never vendored; the gated checkpoint comes from the user's
+    # Hugging Face cache or a path. sam3 imports psutil and triton without declaring them
+    "sam3": Family(
+        "SAM 3",
+        "sam3",
+        "pip install sam3 psutil scikit-image",
+        "resized to 1008 x 1008 (bilinear, aspect ratio not kept), [0, 1] scale normalised by "
+        "mean and std 0.5",
+        build=_build_sam3,
+        surrogate="SAM3Surrogate",
+        predictor="sam3",
+        state_key="model",
+        models={"sam3": ModelSpec("sam3", "sam3")},
+    ),
     # AGPL-3.0: never vendored; imported only when FastSAM is asked for. ultralytics' YOLOv8
     # segmentation model, built from the description its checkpoint carries (yolov8x-seg with
     # one class for FastSAM-x, the default; arch is what a random-init build takes)
@@ -353,6 +413,8 @@ def encoder_depth(name: str, checkpoint=None) -> Tuple[int, Optional[int]]:
     if MODELS[name].arch == ANY_VIT:
         path = checkpoint if checkpoint is not None else find_checkpoint(name)
         return vit_arch(read_checkpoint(path), path)["depth"], None
+    if MODELS[name].family == "sam3":
+        return SAM3_DEPTH, None
     return SAM_ARCHS[MODELS[name].arch]["depth"], None
 
 
@@ -467,7 +529,8 @@ def import_family(name: str):
     module that is really missing (SAM-HQ and MobileSAM import timm without declaring it)."""
     family = MODELS[name].info
     try:
-        module = importlib.import_module(family.module)
+        with unsegment.sam3_compat.keep_backend_flags():  # sam3 turns TF32 on when imported
+            module = importlib.import_module(family.module)
     except ImportError as e:
         missing = (e.name or family.module).split(".")[0]  # the package, not a submodule
         via = "" if missing == family.module else f" (imported by {family.module})"
@@ -594,8 +657,12 @@ def build_model(name: str, description=None) -> torch.nn.Module:
     return spec.info.build(spec)
 
 
-def check_model_checkpoint(name: str, path) -> Path:
-    """`path` as a Path if it can be model `name`'s checkpoint file; UADError if not."""
+def check_model_checkpoint(name: str, path) -> Optional[Path]:
+    """`path` as a Path if it can be model `name`'s checkpoint file; UADError if not. Without a
+    path: SAM 3's from the Hugging Face cache (UADError saying how to get it), None for the
+    others (their official files download on first use)."""
+    if path is None:
+        return sam3_cached_checkpoint() if MODELS[name].family == "sam3" else None
     path = check_checkpoint_file(path)
     if MODELS[name].family == "fastsam" and path.suffix != ".pt":  # ultralytics reads no other
         raise UADError(f"{path}: a FastSAM checkpoint is an ultralytics .pt file")
@@ -649,7 +716,10 @@ def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) ->
         raise UADError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     spec = MODELS[name]
     import_family(name)  # before any download: a missing package is the first thing to say
-    path = Path(checkpoint) if checkpoint is not None else find_checkpoint(name, quiet)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+    else:
+        path = sam3_cached_checkpoint() if spec.family == "sam3" else find_checkpoint(name, quiet)
     if spec.family == "fastsam":
         description, state = read_ultralytics_checkpoint(path)
         model = build_model(name, description)
@@ -660,6 +730,8 @@ def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) ->
             state = state[key]
         if not isinstance(state, dict):
             raise UADError(f"{path}: not a state dict")
+        if spec.family == "sam3":
+            state = sam3_state(state)
         if spec.arch in SAM_ARCHS or spec.arch == ANY_VIT:
             check_vit_arch(state, path, name, prefix="hq_" if spec.family == "sam_hq" else "")
         model = build_sam_vit(vit_arch(state, path)) if spec.arch == ANY_VIT else build_model(name)

@@ -1,6 +1,7 @@
 """Progress: one status line on stderr for both command lines (uad.py and eval.py)."""
 
 import math
+import os
 import sys
 import time
 from typing import Optional
@@ -13,14 +14,22 @@ def format_duration(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
+def process_tag(env=os.environ) -> str:
+    """How status lines name a process that torchrun started among others: "rank 1/4: " (its
+    RANK of WORLD_SIZE); "" in a process on its own."""
+    world = env.get("WORLD_SIZE", "1")
+    return f"rank {env.get('RANK', '0')}/{world}: " if world not in ("", "1") else ""
+
+
 class Progress:
     """Status lines on stderr: redrawn in place on a terminal; in a log file, a line every 10%
     of a stage. `item` names the file being worked on (with an ETA over the files); calling the
     object reports a stage's steps (the attack's progress callback); `error` prints a message
-    without breaking a redrawn line."""
+    without breaking a redrawn line. `tag` starts every status line: which process of a run
+    split over several prints it (process_tag; uad.py's adds its --shard)."""
 
     def __init__(self, quiet: bool = False, stream=None):
-        self.quiet, self.stream = quiet, stream or sys.stderr
+        self.quiet, self.stream, self.tag = quiet, stream or sys.stderr, process_tag()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.prefix, self.open = "", False
         self.stage, self.started, self.shown = None, 0.0, -1
@@ -58,6 +67,7 @@ class Progress:
     def _show(self, line: str, final: bool) -> None:
         if self.quiet:
             return
+        line = self.tag + line
         if self.tty:
             print(f"\r{line[:99]:<99}", end="", file=self.stream, flush=True)
             self.open = True
