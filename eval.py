@@ -2,8 +2,9 @@
 
     python eval.py --clean CLEAN --adv ADV --models vit_b=sam_vit_b.pth [--annotations DIR]
 
-models: vit_b, vit_l, vit_h, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam, sam2_t,
-sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, sam3, fastsam (docs/models.md).
+models: vit_b, vit_l, vit_h, sam_vit, hq_vit_b, hq_vit_l, hq_vit_h, hq_vit_tiny, mobile_sam,
+sam2_t, sam2_s, sam2_b+, sam2_l, sam2.1_t, sam2.1_s, sam2.1_b+, sam2.1_l, sam3, fastsam
+(docs/models.md).
 The protocol (reference masks, prompts, metrics, probes): docs/evaluation.md.
 """
 
@@ -110,6 +111,25 @@ def decode_rle(segmentation: dict) -> np.ndarray:
         raise ValueError(f"RLE runs add up to {runs.sum()} pixels, the size says {h}x{w}={h * w}")
     flat = np.repeat(np.arange(runs.size) % 2 == 1, runs)
     return flat.reshape((h, w), order="F")
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """The compressed COCO RLE of an (H, W) bool mask, as SA-1B stores it (decode_rle's inverse):
+    {"size": [H, W], "counts": str}."""
+    flat = mask.flatten(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    runs = [0] + runs if flat.size and flat[0] else runs  # the first run is background
+    out = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        more = True
+        while more:  # 5-bit groups, least significant first; 0x10 of the last is the sign
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(c + (0x20 if more else 0) + 48))
+    return {"size": list(mask.shape), "counts": "".join(out)}
 
 
 def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:

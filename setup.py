@@ -20,7 +20,8 @@ setup(
     package_data={"warp_kernel": ["csrc/*.h", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.cu"]},
     install_requires=["torch", "torchvision", "segment-anything", "numpy", "pillow", "ninja"],
     extras_require={
-        "test": ["pytest"],
+        # scikit-image and scikit-learn: the photos they ship, for benchmarks/composites.py
+        "test": ["pytest", "scikit-image", "scikit-learn"],
         # the model families eval.py scores beyond segment-anything (see README.md's model table):
         # SAM 2 / 2.1, SAM-HQ and MobileSAM (both import timm without declaring it), FastSAM
         # (ultralytics, AGPL-3.0, imported only when asked for). sam2 compiles from source: set

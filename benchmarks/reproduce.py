@@ -468,7 +468,7 @@ def protect_stage(run: Run, failures: List[str]) -> None:
         return
     args, sam = run.args, None
     if any(needs_surrogate(run.configs[attack]) for attack, _ in todo):  # else: never loaded
-        sam = unsegment.models.load_sam(
+        sam = unsegment.models.load_model(
             args.surrogate, args.surrogate_checkpoint, run.device, quiet=args.quiet
         )
     progress = unsegment.progress.Progress(
@@ -922,9 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--surrogate",
         default="vit_b",
-        type=unsegment.cli.model_type,
-        metavar="{" + ",".join(unsegment.models.SAM_ARCHS) + "}",
-        help="the attacks' SAM (%(default)s)",
+        choices=[*unsegment.models.SAM_ARCHS, "sam_vit"],
+        metavar="{" + ",".join(unsegment.models.SAM_ARCHS) + ",sam_vit}",
+        help="the attacks' SAM (%(default)s); sam_vit: any ViT shape, --surrogate-checkpoint "
+        "required (docs/trained.md)",
     )
     add("--surrogate-checkpoint", type=Path, metavar="PATH", help="its weights (official file)")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (%(default)s)")
@@ -1028,11 +1029,12 @@ def prepare(args, items: List[Item], targets_needed: bool):
     args.attacks = parse_attacks(args.attacks) if isinstance(args.attacks, str) else args.attacks
     for name in args.attacks:
         attack_config(name, args)  # every flag's value, named as uad.py names it
-    depth = unsegment.models.SAM_ARCHS[args.surrogate]["depth"]
-    if args.layers is not None and max(args.layers) >= depth:
-        raise uad.UADError(f"--layers: {args.surrogate} has blocks 0..{depth - 1}")
     if args.surrogate_checkpoint is not None:
         unsegment.models.check_checkpoint_file(args.surrogate_checkpoint)
+    depth, _ = unsegment.models.encoder_depth(args.surrogate, args.surrogate_checkpoint)
+    layers = args.layers if args.layers is not None else uad.UADConfig().layers
+    if max(layers) >= depth:
+        raise uad.UADError(f"--layers: {args.surrogate} has blocks 0..{depth - 1}")
     models = ev.parse_models(args.models)
     ev.check_models(models)
     unsegment.images.check_writable(args.out / "table.json", new_folder=True)
@@ -1172,7 +1174,7 @@ def steps_of(config: uad.UADConfig) -> str:
 def run_cost(args) -> int:
     """Times the whole pipeline on one synthetic image; prints seconds per image per stage."""
     models = ev.parse_models(args.models)
-    for name, _ in models:
+    for name in [args.surrogate, *(m for m, _ in models)]:
         if name not in unsegment.models.SAM_ARCHS:
             raise uad.UADError(
                 f"--cost builds {', '.join(unsegment.models.SAM_ARCHS)} only, not {name}"

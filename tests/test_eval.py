@@ -105,6 +105,18 @@ def test_decode_rle_matches_a_string_written_by_pycocotools():
     mask[25, 45] = False
     np.testing.assert_array_equal(ev.decode_rle({"size": [40, 60], "counts": counts}), mask)
     assert ev.mask_bbox(mask) == (5, 3, 53, 36)
+    assert ev.encode_rle(mask) == {"size": [40, 60], "counts": counts}  # and written back
+
+
+def test_encode_rle_round_trips_through_decode_rle():
+    rng = np.random.default_rng(1)
+    masks = [rng.random((h, w)) < p for h, w, p in [(7, 9, 0.5), (1, 1, 1.0), (13, 5, 0.1)]]
+    big = np.zeros((1500, 2250), bool)
+    big[100:1400, 300:2000] = True
+    for mask in [*masks, np.zeros((4, 6), bool), np.ones((6, 4), bool), big]:
+        rle = ev.encode_rle(mask)
+        assert rle["counts"] == encode_string(encode_runs(mask))  # the tests' own encoder agrees
+        np.testing.assert_array_equal(ev.decode_rle(rle), mask)
 
 
 def test_decode_rle_round_trips_compressed_and_uncompressed():

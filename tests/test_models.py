@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import uad
+import unsegment.cli
 import unsegment.models
+from uad import UADError
 
 
 def test_corrupt_checkpoints_are_one_short_line(tiny_archs, tiny_checkpoints, tmp_path):
@@ -120,3 +122,52 @@ def test_offline_download_names_the_url_and_the_flag(tmp_path, monkeypatch):
         unsegment.models.load_sam("vit_b", None, "cpu", quiet=True)
     assert url in str(e.value) and "--checkpoint" in str(e.value) and "\n" not in str(e.value)
     assert f"download it by hand to {tmp_path / 'cache' / 'sam_vit_b_01ec64.pth'}" in str(e.value)
+
+
+SMALL_VIT = dict(
+    img_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=5,
+    num_heads=2,
+    mlp_ratio=2.0,
+    global_attn_indexes=(1, 4),
+    window_size=4,
+    prompt_dim=32,
+    decoder_depth=1,
+    decoder_mlp_dim=48,
+    iou_head_dim=24,
+)
+
+
+def test_sam_vit_loads_any_vit_shape_from_its_checkpoint(tmp_path, no_model, example_image, capsys):
+    torch.manual_seed(0)
+    state = unsegment.models.build_sam_vit(SMALL_VIT).state_dict()
+    path = tmp_path / "small.pth"
+    torch.save(state, path)
+    assert unsegment.models.vit_arch(state, path) == SMALL_VIT  # every knob read back
+    # before anything loads: the depth, from the checkpoint, against --layers; a path is needed
+    code = unsegment.cli.main(
+        [str(example_image), str(tmp_path / "out.png"), "--surrogate", f"sam_vit={path}"]
+    )
+    assert code != 0 and "--layers 3,4,5,6: sam_vit has blocks 0..4" in capsys.readouterr().err
+    code = unsegment.cli.main(
+        [str(example_image), str(tmp_path / "out.png"), "--surrogate", "sam_vit"]
+    )
+    assert code != 0 and "no official checkpoint for model 'sam_vit'" in capsys.readouterr().err
+
+
+def test_sam_vit_is_a_vit_surrogate_of_its_own_input_size(tmp_path):
+    torch.manual_seed(0)
+    state = unsegment.models.build_sam_vit(SMALL_VIT).state_dict()
+    torch.save(state, tmp_path / "small.pth")
+    model = unsegment.models.load_model("sam_vit", tmp_path / "small.pth")
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    surrogate = uad.Surrogate.of(model)
+    assert isinstance(surrogate, uad.ViTSurrogate) and surrogate.input_size == 64
+    feats = surrogate.features(torch.rand(1, 3, 40, 48), uad.UADConfig(layers=(1, 4)))
+    assert [tuple(f.shape) for f in feats] == [(1, 8, 8, 32)] * 2
+    with pytest.raises(UADError, match="unknown architecture .* load it as sam_vit"):
+        unsegment.models.load_model("vit_b", tmp_path / "small.pth")
+    with pytest.raises(UADError, match="not a SAM v1 checkpoint with a windowed ViT"):
+        unsegment.models.vit_arch({k: v for k, v in state.items() if "rel_pos" not in k}, "x")

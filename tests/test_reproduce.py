@@ -302,10 +302,14 @@ def test_fewer_images_than_asked_are_taken_and_noise_loads_no_surrogate(
     """--images 1000 on a folder of 4 takes the 4, saying so in one line; the noise baseline
     draws its noise without the surrogate, which is never loaded (nor downloaded)."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the surrogate was loaded")
+    load_model = unsegment.models.load_model
 
-    monkeypatch.setattr(unsegment.models, "load_sam", refuse)  # scoring loads via load_model
+    def refuse_surrogate(name, *args, **kwargs):  # vit_l, scored, loads; the surrogate vit_b not
+        if name == "vit_b":
+            raise AssertionError("the surrogate was loaded")
+        return load_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(unsegment.models, "load_model", refuse_surrogate)
     out = tmp_path / "run"
     args = command(inputs, out, attacks=("noise",), models=("vit_l",), extra=["--images", "1000"])
     code, stdout, stderr = run(args)

@@ -471,7 +471,7 @@ def test_help_names_every_surrogate_and_says_sam_hq_needs_none(cli):
         for n, s in unsegment.models.MODELS.items()
         if s.family in unsegment.models.SURROGATE_FAMILIES
     ]
-    assert code == 0 and len(names) == 13
+    assert code == 0 and len(names) == 14
     words = set(re.split(r"[\s,;()]+", flat))
     assert all(name in words for name in names), flat
     assert "SAM-HQ needs none of its own" in flat

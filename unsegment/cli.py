@@ -221,9 +221,9 @@ def check_surrogates(args, config: UADConfig) -> List[tuple]:
     specs = args.surrogate or [(args.model_type or "vit_b", args.checkpoint)]
     for name, checkpoint in specs:
         models.import_family(name)
-        uad.check_layers(name, config, *models.encoder_depth(name), cli=True)
-        getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
         models.check_model_checkpoint(name, checkpoint)  # SAM 3's: the cache's, if none
+        uad.check_layers(name, config, *models.encoder_depth(name, checkpoint), cli=True)
+        getattr(uad, models.MODELS[name].info.surrogate).check_settings(name, config, cli=True)
     return specs
 
 

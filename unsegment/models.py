@@ -87,6 +87,86 @@ def build_sam(model_type: str = "vit_b", arch: Optional[dict] = None):
     return sam.eval()
 
 
+ANY_VIT = "any"  # ModelSpec.arch of sam_vit: a SAM v1 of any ViT shape, read from its checkpoint
+
+
+def vit_arch(state: dict, path) -> dict:
+    """The whole shape of a SAM v1 with a windowed ViT encoder (relative positions on), read
+    from its state dict's tensors: what build_sam_vit takes. UADError if it is not such a SAM."""
+    try:
+        _, grid, _, embed_dim = state["image_encoder.pos_embed"].shape  # (1, grid, grid, width)
+        blocks = [k for k in state if k.startswith("image_encoder.blocks.")]
+        depth = 1 + max(int(k.split(".")[2]) for k in blocks)
+        spans = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+        head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+        layers = {k.split(".")[3] for k in state if k.startswith("mask_decoder.transformer.layers")}
+        return dict(
+            img_size=grid * state["image_encoder.patch_embed.proj.weight"].shape[-1],
+            patch_size=state["image_encoder.patch_embed.proj.weight"].shape[-1],
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=embed_dim // head_dim,
+            mlp_ratio=state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
+            # a global block's table spans the whole grid, a windowed one's its window
+            global_attn_indexes=tuple(i for i, s in enumerate(spans) if s == 2 * grid - 1),
+            window_size=max([(s + 1) // 2 for s in spans if s != 2 * grid - 1], default=0),
+            prompt_dim=state["prompt_encoder.no_mask_embed.weight"].shape[1],
+            decoder_depth=len(layers),
+            decoder_mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+            iou_head_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        )
+    except (KeyError, ValueError, AttributeError):
+        raise UADError(f"{path}: not a SAM v1 checkpoint with a windowed ViT encoder") from None
+
+
+def build_sam_vit(arch: dict):
+    """A random-init segment_anything Sam of any shape `arch` (see vit_arch), from the package's
+    own classes as its _build_sam puts them together (decoder attention: SAM's 8 heads)."""
+    from functools import partial
+
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    a, dim, grid = arch, arch["prompt_dim"], arch["img_size"] // arch["patch_size"]
+    encoder = ImageEncoderViT(
+        img_size=a["img_size"],
+        patch_size=a["patch_size"],
+        embed_dim=a["embed_dim"],
+        depth=a["depth"],
+        num_heads=a["num_heads"],
+        mlp_ratio=a["mlp_ratio"],
+        out_chans=dim,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=a["window_size"],
+        global_attn_indexes=tuple(a["global_attn_indexes"]),
+    )
+    transformer = TwoWayTransformer(
+        depth=a["decoder_depth"], embedding_dim=dim, mlp_dim=a["decoder_mlp_dim"], num_heads=8
+    )
+    sam = Sam(
+        image_encoder=encoder,
+        prompt_encoder=PromptEncoder(dim, (grid, grid), (a["img_size"],) * 2, mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            transformer_dim=dim, transformer=transformer, iou_head_hidden_dim=a["iou_head_dim"]
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def _build_vit(spec: ModelSpec) -> torch.nn.Module:
+    if spec.arch == ANY_VIT:
+        raise UADError("sam_vit has no shape of its own: it is built from its checkpoint's")
+    return build_sam(spec.arch)
+
+
 def _build_sam_hq(spec: ModelSpec) -> torch.nn.Module:
     if spec.arch in SAM_ARCHS:  # SAM-HQ's ViTs: its registry's builder, with SAM_ARCHS's shapes
         from segment_anything_hq.build_sam import _build_sam
@@ -182,8 +262,10 @@ MODEL_FAMILIES = {
         "segment_anything",
         "pip install segment-anything",
         _SAM_PIXELS,
-        build=lambda spec: build_sam(spec.arch),
+        build=_build_vit,
         surrogate="ViTSurrogate",
+        # sam_vit: any shape and input size, read from its checkpoint; no official file (the
+        # small models trained on synthetic composites, docs/trained.md)
         models={
             "vit_b": ModelSpec(
                 "sam",
@@ -203,6 +285,7 @@ MODEL_FAMILIES = {
                 _SAM_URL.format("vit_h_4b8939"),
                 "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
             ),
+            "sam_vit": ModelSpec("sam", ANY_VIT),
         },
     ),
     "sam_hq": Family(
@@ -320,12 +403,16 @@ def model_list(text: str, known: Sequence[str], what: str, flag: str = "") -> li
     return specs
 
 
-def encoder_depth(name: str) -> Tuple[int, Optional[int]]:
+def encoder_depth(name: str, checkpoint=None) -> Tuple[int, Optional[int]]:
     """(blocks, first block of the third stage or None for a ViT) of surrogate `name`'s encoder,
-    known before it loads, to check --layers and --stage-layers."""
+    known before it loads (sam_vit's from its `checkpoint`), to check --layers and
+    --stage-layers."""
     stages = MODELS[name].stages
     if stages:
         return sum(stages), sum(stages[:2])
+    if MODELS[name].arch == ANY_VIT:
+        path = checkpoint if checkpoint is not None else find_checkpoint(name)
+        return vit_arch(read_checkpoint(path), path)["depth"], None
     if MODELS[name].family == "sam3":
         return SAM3_DEPTH, None
     return SAM_ARCHS[MODELS[name].arch]["depth"], None
@@ -506,15 +593,18 @@ def check_vit_arch(state: dict, path: Path, name: str, prefix: str = "") -> None
                 how = f"uad.py --surrogate {model}=PATH, " + how
             raise UADError(f"{path}: a {title} checkpoint, not {name}; load it as {model} ({how})")
         raise UADError(f"{path}: not a {MODELS[name].info.title} checkpoint (no image encoder)")
+    if MODELS[name].arch not in SAM_ARCHS:
+        return
     arch, want = checkpoint_arch(state), SAM_ARCHS[MODELS[name].arch]
     if (arch["embed_dim"], arch["depth"]) != (want["embed_dim"], want["depth"]):
         match = [
             t for t, a in SAM_ARCHS.items() if (a["embed_dim"], a["depth"]) == tuple(arch.values())
         ]
         what = f"a {prefix}{match[0]} checkpoint" if match else "of an unknown architecture"
+        cure = "pass the matching model type" if match or prefix else "load it as sam_vit"
         raise UADError(
             f"{path}: checkpoint is {what} (width {arch['embed_dim']}, {arch['depth']} blocks), "
-            f"not {name}; pass the matching model type"
+            f"not {name}; {cure}"
         )
 
 
@@ -642,9 +732,9 @@ def load_model(name: str, checkpoint=None, device="cpu", quiet: bool = False) ->
             raise UADError(f"{path}: not a state dict")
         if spec.family == "sam3":
             state = sam3_state(state)
-        if spec.arch in SAM_ARCHS:
+        if spec.arch in SAM_ARCHS or spec.arch == ANY_VIT:
             check_vit_arch(state, path, name, prefix="hq_" if spec.family == "sam_hq" else "")
-        model = build_model(name)
+        model = build_sam_vit(vit_arch(state, path)) if spec.arch == ANY_VIT else build_model(name)
     load_weights(model, state, path, name)
     return model.eval().requires_grad_(False).to(device)
 
