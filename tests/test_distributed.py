@@ -278,6 +278,34 @@ def test_eval_shards_then_a_plain_run_equal_one_process(
     assert code == 1 and "--shard needs --records DIR" in stderr
 
 
+def test_eval_records_keep_every_probe_and_a_report_draws_what_records_lack(
+    scored, tmp_path, tiny_archs, tiny_checkpoints, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [*eval_args(scored, out, tiny_checkpoints["vit_b"]), "--probes", "none,blur:1"]
+    assert run_eval(args, capsys)[0] == 1
+    one = results(out)
+    assert set(one[0]["images"][0]["probes"]) == {"none", "blur:1"}
+    records = ["--records", tmp_path / "records"]
+    assert run_eval([*args, *records], capsys)[0] == 1  # scores every pair into the records
+    real_score_pair, scored_again = ev.score_pair, []
+
+    def score_pair(pair, *rest):
+        scored_again.append(pair.clean.name)
+        return real_score_pair(pair, *rest)
+
+    monkeypatch.setattr(ev, "score_pair", score_pair)
+    assert run_eval([*args, *records], capsys)[0] == 1
+    assert scored_again == [] and results(out) == one  # every probe's scores from the records
+    report = ["--report", tmp_path / "report"]
+    assert run_eval([*args, *records, *report], capsys)[0] == 1
+    assert sorted(scored_again) == ["a.png", "c.png", "d.png"]  # no picture yet: scored again
+    assert results(out) == one
+    assert run_eval([*args, *records, *report], capsys)[0] == 1
+    assert len(scored_again) == 3  # pictures and records both there
+
+
 # -----------------------------------------------------------------------------------------------
 # benchmarks/reproduce.py
 
