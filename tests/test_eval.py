@@ -892,7 +892,7 @@ def test_size_mismatch_fails_before_loading_any_model(tmp_path):
     [
         (
             "unknown model",
-            "error: unknown model 'vit_x'; choose from vit_b, vit_l, vit_h, hq_vit_b",
+            "error: unknown model 'vit_x'; choose from vit_b, vit_l, vit_h, sam_vit, hq_vit_b",
         ),
         ("missing clean", "error: {tmp}/missing.png: no such file or folder"),
         ("corrupt adversarial", "error: {tmp}/adv.png: not an image file that PIL can read"),
