@@ -10,7 +10,9 @@ a name that holds the digest of their training settings; the two train at once, 
 each. The protection and scoring are benchmarks/reproduce.py's, run once per scored model on
 the same RUN_DIR/run (so the protected images are made once and reused). Prints mIoU (points,
 boxes, all) and ASR@50 (all prompts) per attack and model beside clean, the encoder passes and
-seconds per image of each attack, and writes RUN_DIR/trained.json.
+seconds per image of each attack, and writes RUN_DIR/trained.json. Below clean, two reference
+rows say what "has learnt to segment" means: each model on uniform grey images (the prompts
+alone), and the box prompt itself taken as the mask (what ignoring the image scores).
 
 These are small models trained on synthetic composites, not SAM: the table shows how the attacks
 rank on models that have learnt to segment, not what they do to SAM.
@@ -18,12 +20,18 @@ rank on models that have learnt to segment, not what they do to SAM.
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+import eval as ev
 import unsegment.models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds scripts
@@ -33,6 +41,10 @@ import train_sam  # noqa: E402
 
 ATTACKS = ("paper", "no-fidelity", "authors", "aa", "noise")
 HELDOUT_SEED = 1  # the held-out composites' seed; training draws from the models' own seeds
+# Two rows of reference beside clean: what a model makes of the prompts on a uniform grey image
+# (nothing to segment from), and what the box prompt itself scores as the mask (a model that
+# ignores the image). A model that segments is far above the first and above the second.
+GREY, BOX = "uniform grey", "the box itself"
 
 
 def train_config(model: str, steps: int) -> train_sam.TrainConfig:
@@ -75,13 +87,78 @@ def score(run_dir: Path, heldout: Path, args, surrogate: Path, model: Path) -> d
     return json.loads((run_dir / "table.json").read_text())
 
 
+def heldout_prompts(heldout: Path, count: int, args) -> list:
+    """[(objects, prompts)] of the first `count` held-out composites, drawn as reproduce.py draws
+    them (its --max-masks, --points and --boxes defaults, --seed and the image's name)."""
+    defaults = reproduce.build_parser().parse_args(["--sa1b", str(heldout)])
+    items = []
+    for item in reproduce.sa1b_images(heldout, count):
+        with Image.open(item.image) as im:
+            size = (im.height, im.width)
+        objects = ev.read_annotations(item.annotations, size, defaults.max_masks)
+        prompts = ev.sample_prompts(objects, item.name, args.seed, defaults.points, defaults.boxes)
+        items.append((objects, prompts))
+    return items
+
+
+def box_itself(items) -> dict:
+    """{"box": eval.Metrics} of the masks that are the box prompts themselves (every pixel whose
+    centre lies in the box, its corners' pixels included)."""
+    ious = []
+    for objects, prompts in items:
+        for p in (p for p in prompts if p.kind == "box"):
+            x0, y0, x1, y1 = p.coords
+            mask = np.zeros_like(objects[p.object].mask)
+            mask[y0 : y1 + 1, x0 : x1 + 1] = True
+            ious.append(ev.mask_iou(mask, objects[p.object].mask))
+    return {"box": ev.summarise_ious(ious)}
+
+
+def uniform_grey(items, checkpoint: Path, device: str) -> dict:
+    """{kind: eval.Metrics} of the model at `checkpoint` given the prompts on uniform grey images
+    (128 in every channel) of the composites' size."""
+    model = unsegment.models.load_model("sam_vit", checkpoint, torch.device(device))
+    predictor = ev.segmenter_of("sam_vit", model, torch.device(device)).new_predictor()
+    ious, kinds = [], []
+    for objects, prompts in items:
+        if objects:
+            grey = np.full((*objects[0].mask.shape, 3), 128, np.uint8)
+            ious += reproduce.score_image(predictor, grey, prompts, objects)
+            kinds += [p.kind for p in prompts]
+    by_kind = {k: [i for i, kind in zip(ious, kinds) if kind == k] for k in ev.PROMPT_KINDS}
+    return {k: ev.summarise_ious(v) for k, v in {**by_kind, "all": ious}.items()}
+
+
 def cells(table: dict) -> dict:
     """{(attack, prompts): (mIoU, ASR@50)} of reproduce.py's table.json (one model)."""
     return {(c["attack"], c["prompts"]): (c["miou"], c["asr50"]) for c in table["table"]}
 
 
-def format_table(tables: dict) -> str:
-    """The markdown table: attack x (model a, model b), and the cost of each attack."""
+def as_dicts(metrics: dict) -> dict:
+    return {kind: dataclasses.asdict(m) for kind, m in metrics.items()}
+
+
+def reference_rows(references: dict) -> list:
+    """The table's rows of GREY and BOX (see there); "-" where a cell does not apply."""
+
+    def cell(metrics: dict, kind: str, field: str) -> str:
+        value = getattr(metrics[kind], field) if kind in metrics else None
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = []
+    for name in (GREY, BOX):
+        row = [name]
+        for model in ("a", "b"):
+            metrics = references[name][model] if name == GREY else references[name]
+            row.append(" / ".join(cell(metrics, k, "miou") for k in reproduce.KINDS))
+            row.append(cell(metrics, "all", "asr50"))
+        rows.append(row + ["-", "-"])
+    return rows
+
+
+def format_table(tables: dict, references: dict) -> str:
+    """The markdown table: attack x (model a, model b), and the cost of each attack; below clean,
+    the two reference rows (reference_rows)."""
     head = ["attack"]
     for model, role in (("a", "white-box"), ("b", "transfer")):
         head += [f"{model} ({role}) mIoU point / box / all", f"{model} ASR@50"]
@@ -103,6 +180,8 @@ def format_table(tables: dict) -> str:
                 f"{first['seconds_per_image']['protect'][attack]:.1f}",
             ]
         lines.append("| " + " | ".join(row) + " |")
+        if attack == reproduce.CLEAN:
+            lines += ["| " + " | ".join(r) + " |" for r in reference_rows(references)]
     return "\n".join(lines)
 
 
@@ -123,7 +202,12 @@ def main(argv=None) -> int:
     composites.write_split(heldout, "heldout", args.images, HELDOUT_SEED)
     tables = {m: score(args.out / "run", heldout, args, paths["a"], paths[m]) for m in paths}
     trained = {m: json.loads(paths[m].with_suffix(".json").read_text()) for m in paths}
-    table = format_table(tables)
+    items = heldout_prompts(heldout, args.images, args)
+    references = {
+        GREY: {m: uniform_grey(items, paths[m], args.device) for m in paths},
+        BOX: box_itself(items),
+    }
+    table = format_table(tables, references)
     n = tables["a"]["table"][0]["count"]
     print(
         f"{len(tables['a']['images'])} held-out composites, {n} point prompts per attack and "
@@ -137,6 +221,10 @@ def main(argv=None) -> int:
     )
     out = {
         "tables": tables,
+        "references": {
+            GREY: {m: as_dicts(r) for m, r in references[GREY].items()},
+            BOX: as_dicts(references[BOX]),
+        },
         "training": trained,
         "checkpoints": {m: str(p) for m, p in paths.items()},
     }

@@ -80,3 +80,22 @@ def test_the_checkpoint_is_the_tiny_model_and_training_is_deterministic():
     pictures = composites.load_photos("heldout")  # the photos do not matter here
     first, second = (train_sam.train(config, pictures).state_dict() for _ in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_box_itself_scores_what_a_mask_filling_the_prompt_box_scores():
+    """benchmarks/trained.py's reference row: a rectangle is scored near 100 by its jittered
+    boxes, a disc near pi/4 of that, and every pixel of the box, its corners' included, counts."""
+    trained_py = load_script("benchmarks/trained.py")
+    y, x = np.mgrid[0:100, 0:100]
+    rectangle = (x >= 20) & (x < 80) & (y >= 30) & (y < 70)
+    disc = np.hypot(x - 49.5, y - 49.5) < 30
+    objects = [ev.RefObject(m, ev.mask_bbox(m)) for m in (rectangle, disc)]
+    prompts = ev.sample_prompts(objects, "shapes", 0, 0, 20)  # 20 jittered boxes each
+    scores = [
+        trained_py.box_itself([(objects, [p for p in prompts if p.object == i])])["box"]
+        for i in (0, 1)
+    ]
+    assert 85 < scores[0].miou <= 100 and scores[0].asr50 == 0
+    assert abs(scores[1].miou - 100 * np.pi / 4) < 6
+    exact = ev.Prompt(0, "box", (20, 30, 79, 69))  # the rectangle's own corners, inclusive
+    assert trained_py.box_itself([(objects, [exact])])["box"].miou == 100
