@@ -10,6 +10,7 @@ import torch
 import uad
 from unsegment import authors
 import unsegment.images
+import unsegment.models
 import warp_kernel
 from helpers import small_photo
 
@@ -88,6 +89,38 @@ def test_coinciding_destinations_still_give_a_spline():
     flow = authors.spline_flow(source, dest, 16, 16, 64.0)
     assert torch.isfinite(flow).all()
     assert torch.allclose(flow, torch.tensor([3.0, -2.0]).view(1, 2, 1, 1) / 64.0, atol=1e-4)
+
+
+def test_centres_on_one_point_give_the_least_squares_spline_where_lu_misses_it():
+    # clamped into one corner of a 128-pixel canvas, two centres make a singular system that
+    # LU does not flag (no pivot comes out exactly zero): solving it gave weights of 1e30
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.arange(6).float() * 21 + 10
+    dest = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(1, 36, 2)
+    dest = (dest + torch.randn(1, 36, 2, generator=gen) * 8).clamp(0, 127)
+    dest[0, 30] = dest[0, 31] = torch.tensor([0.0, 127.0])
+    values = torch.randn(1, 36, 2, generator=gen) * 20
+    w, v = authors.fit_spline(dest, values)
+    assert w.abs().max() < 100
+    at = authors.eval_spline(dest, dest, w, v)  # the spline at its centres
+    others = [i for i in range(36) if i not in (30, 31)]
+    assert torch.allclose(at[0, others], values[0, others], atol=1e-3)
+    # at the shared point, the mean of its two values: the least-squares compromise
+    assert torch.allclose(at[0, 30], values[0, 30:32].mean(0), atol=1e-3)
+
+
+def test_the_points_live_at_the_1024_scale_whatever_the_surrogates_input_size():
+    # their lr (10 px) and noise (a tenth of a 170 px block) are at SAM's 1024 input: on a
+    # 64-input surrogate they must not become 16 times larger relative to the image
+    small = unsegment.models.load_model("sam_vit", ROOT / "tests" / "data" / "sam_tiny.pth")
+    assert small.image_encoder.img_size == 64
+    config = authors.authors_config(deform_steps=1)  # no step: the points as they start
+    result = authors.deform(
+        uad.to_tensor(small_photo((32, 24))), small, config, torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(result.source[0], block_centres().expand(4, 36, 2))
+    noise = torch.randn((1, 4, 36, 2), generator=torch.Generator().manual_seed(3))[0]
+    assert torch.allclose(result.dest[0], (block_centres() + 17 * noise).clamp(0, 1023), atol=1e-4)
 
 
 def test_a_large_image_takes_the_flow_of_the_1024_grid_resized_to_its_pixels():

@@ -99,8 +99,14 @@ def fit_spline(centres: torch.Tensor, values: torch.Tensor):
     )
     rhs = torch.cat([f, f.new_zeros(batch, 3, k)], 1)
     x, info = torch.linalg.solve_ex(lhs, rhs)  # (N, n + 3, k)
-    if info.any():
-        x = torch.linalg.pinv(lhs) @ rhs
+    # LU flags an exactly singular system only when a pivot comes out exactly zero: with two
+    # centres on one point it often does not, and returns weights of 1e30
+    diagonal = torch.eye(n, dtype=torch.bool)
+    repeated = a.masked_fill(diagonal, torch.inf).flatten(1).amin(1) == 0  # (N,)
+    fallback = (info != 0) | repeated
+    if fallback.any():
+        x = x.clone()
+        x[fallback] = torch.linalg.pinv(lhs[fallback]) @ rhs[fallback]
     x = x.to(values.device, values.dtype)
     return x[:, :n], x[:, n:]
 
@@ -248,15 +254,18 @@ def deform(image: torch.Tensor, sam, config: uad.UADConfig, gen, progress=None) 
 
     Args:
       image: (B, C, H, W) in [0, 1].
-      sam: the surrogate: its input size sets the control points' scale, and the L1 loss is
-        measured on its preprocessing (uad.sam_input).
+      sam: the surrogate: the L1 loss is measured on its preprocessing (uad.sam_input); the
+        control points live at the 1024 scale whatever its input size.
       gen: the CPU generator(s) of the destination points' noise (see uad.per_image).
 
     Returns:
       Target, detached.
     """
     b, _, h, w = image.shape
-    size = sam.image_encoder.img_size
+    # their points live on SAM's 1024 x 1024 input whatever the surrogate's input size, so that
+    # deform_lr and init_std mean what they mean there (on a 128-input surrogate they once moved
+    # the points 8 times further across the image)
+    size = 1024
     scale = size / max(h, w)  # 1024-scale pixels per image pixel
     p, k = config.control_points, config.num_flows
     block = size // p
