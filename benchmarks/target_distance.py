@@ -39,7 +39,7 @@ def variants(overrides: dict):
 
     def aa(x, sam):
         target = torch.roll(x, 1, 0)  # the next image of the set
-        config = uad.preset_config("paper", method="aa", **overrides)
+        config = uad.preset_config("aa", **overrides)
         return uad.attack(x, sam, config, target_image=target)._replace(target=target)
 
     faster = 4 * uad.UADConfig.deform_lr
